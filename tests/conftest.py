@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny models built once, real vLLM servers with the plugin."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from livetrain.client import LivetrainClient
+from livetrain.launch import Server, plugin_env
+from livetrain.tiny_model import build_tiny_model
+
+API_KEY = "test-key-123"
+SERVE_ARGS = [
+    "--enforce-eager",
+    "--max-model-len",
+    "256",
+    "--dtype",
+    "float32",
+    "--enable-prefix-caching",
+    "--max-num-seqs",
+    "16",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_tiny_model(root / arch, arch=arch) for arch in ("llama", "qwen2")}
+
+
+def start_server(model: Path, workdir: Path, api_key: str | None) -> Iterator[LivetrainClient]:
+    """A real vLLM server on `model` with a private state dir; yields a client."""
+    env = plugin_env()
+    env["LIVETRAIN_STATE_DIR"] = str(workdir / "state")
+    env["LIVETRAIN_RUNTIME_DIR"] = str(workdir / "run")
+    args = [*SERVE_ARGS, *(["--api-key", api_key] if api_key else [])]
+    log = workdir / "server.log"
+    with Server(model, free_port(), args, env=env, log_path=log) as server:
+        try:
+            server.wait_healthy()
+            client = LivetrainClient(server.url, api_key=api_key)
+            client.workdir = workdir  # type: ignore[attr-defined]
+            client.server = server  # type: ignore[attr-defined]
+            client.wait_trainer()
+        except Exception:
+            print(log.read_text()[-5000:])
+            raise
+        yield client
+
+
+@pytest.fixture(scope="module")
+def llama_server(models: dict[str, Path], tmp_path_factory) -> Iterator[LivetrainClient]:
+    """Llama (untied, GQA, padded vocab) behind --api-key."""
+    yield from start_server(models["llama"], tmp_path_factory.mktemp("llama"), API_KEY)
+
+
+@pytest.fixture(scope="module")
+def qwen2_server(models: dict[str, Path], tmp_path_factory) -> Iterator[LivetrainClient]:
+    """Qwen2 (tied embeddings, q/k/v bias) on a private copy of the model files."""
+    import shutil
+
+    workdir = tmp_path_factory.mktemp("qwen2")
+    model = shutil.copytree(models["qwen2"], workdir / "model")
+    yield from start_server(model, workdir, None)

@@ -1,0 +1,3 @@
+from livetrain.cli import main
+
+main()

@@ -1,0 +1,153 @@
+"""Endpoint plugin (API server process): the HTTP routes of livetrain.
+
+POST /train          one optimizer step on raw token ids
+POST /train/score    continuation log-probs as the trainer's model sees them
+GET  /train/status   trainer state, weight version, optimizer settings and size
+
+All of them change or reveal training state, so all honour vLLM's --api-key
+(vLLM's own middleware only guards /v1 and a few other prefixes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from livetrain.api_models import ScoreRequest, TrainRequest
+from livetrain.api_supervisor import StepRefused, TrainerSupervisor, TrainerUnavailable
+from livetrain.config import PluginConfig
+
+log = logging.getLogger("livetrain.api")
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None, **extra: Any):
+        super().__init__(message)
+        self.status, self.field, self.extra = status, field, extra
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": str(self), "field": self.field, **self.extra}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def resolve_model_dir(model: str) -> Path:
+    """vLLM's --model as a local directory (a path, or a hub id already cached)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, local_files_only=True))
+
+
+def _api_tokens(args: Namespace) -> list[str]:
+    """The same keys vLLM's AuthenticationMiddleware accepts (--api-key, else VLLM_API_KEY)."""
+    from vllm import envs
+
+    return [key for key in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(413, f"request body is over {limit} bytes", field="body")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"malformed JSON: {exc}", field="body") from None
+
+
+def _validate(model: type[BaseModel], data: Any, context: dict[str, Any]) -> BaseModel:
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        message = f"{field or 'body'}: {first['msg']}"
+        details = [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
+        ]
+        raise RequestError(422, message, field=field, details=details) from None
+
+
+class LivetrainEndpoints:
+    """Entry point of the `vllm.endpoint_plugins` group (see vLLM's EndpointPlugin)."""
+
+    name = "livetrain_api"
+    required_tasks = ("generate",)
+
+    def __init__(self) -> None:
+        self.config = PluginConfig.from_env()
+        self.supervisor: TrainerSupervisor | None = None
+        self.limits: dict[str, int] = {}
+        self.tokens: list[str] = []
+
+    def attach_router(self, app: FastAPI) -> None:
+        router = APIRouter(dependencies=[Depends(self._authorize)])
+        router.add_api_route("/train", self._train, methods=["POST"])
+        router.add_api_route("/train/score", self._score, methods=["POST"])
+        router.add_api_route("/train/status", self._status, methods=["GET"])
+        app.include_router(router)
+        app.add_exception_handler(RequestError, lambda _req, exc: exc.response())
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        self.tokens = _api_tokens(args)
+        if engine_client is None:
+            return
+        model_config = engine_client.model_config
+        self.limits = {
+            "vocab_size": model_config.get_vocab_size(),
+            "max_model_len": model_config.max_model_len,
+        }
+        self.supervisor = TrainerSupervisor(
+            engine_client, resolve_model_dir(model_config.model), self.config
+        )
+        self.supervisor.start()
+
+    async def _authorize(self, request: Request) -> None:
+        if not self.tokens:
+            return
+        from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+        if not AuthenticationMiddleware(None, self.tokens).verify_token(request.headers):
+            raise RequestError(401, "missing or wrong API key (Authorization: Bearer ...)")
+
+    def _ready_supervisor(self) -> TrainerSupervisor:
+        if self.supervisor is None:
+            raise RequestError(503, "livetrain needs a generation engine; none is running")
+        return self.supervisor
+
+    async def _train(self, request: Request) -> JSONResponse:
+        supervisor = self._ready_supervisor()
+        data = await _read_json(request, self.config.max_body_bytes)
+        body = _validate(TrainRequest, data, self.limits)
+        try:
+            result = await supervisor.train(body.sample_list(), body.settings())
+        except TrainerUnavailable as exc:
+            raise RequestError(503, str(exc), state=supervisor.state) from None
+        except StepRefused as exc:
+            raise RequestError(422, f"step refused, weights unchanged: {exc}") from None
+        return JSONResponse(result)
+
+    async def _score(self, request: Request) -> JSONResponse:
+        supervisor = self._ready_supervisor()
+        data = await _read_json(request, self.config.max_body_bytes)
+        body = _validate(ScoreRequest, data, self.limits)
+        try:
+            return JSONResponse(await supervisor.score(body.sample_list()))
+        except TrainerUnavailable as exc:
+            raise RequestError(503, str(exc), state=supervisor.state) from None
+        except StepRefused as exc:
+            raise RequestError(422, str(exc)) from None
+
+    async def _status(self) -> JSONResponse:
+        return JSONResponse(self._ready_supervisor().status())

@@ -1,0 +1,40 @@
+"""Training subprocess: log-probabilities of continuation tokens, batched.
+
+Only continuation tokens are scored: the context conditions the model but is not
+learned. The batch is right-padded with an attention mask, so padding never
+changes a real token's result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Sample = tuple[Sequence[int], Sequence[int]]  # (context_ids, continuation_ids)
+
+
+def continuation_logprobs(model: nn.Module, samples: Sequence[Sample]) -> list[torch.Tensor]:
+    """Per sample, log p(continuation token | everything before it), fp32."""
+    device = next(model.parameters()).device
+    lengths = [len(ctx) + len(cont) for ctx, cont in samples]
+    ids = torch.zeros(len(samples), max(lengths), dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, (ctx, cont) in enumerate(samples):
+        ids[row, : lengths[row]] = torch.tensor([*ctx, *cont], device=device)
+        mask[row, : lengths[row]] = 1
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    out = []
+    for row, (ctx, _) in enumerate(samples):
+        # logits at position p predict token p + 1
+        rows = logits[row, len(ctx) - 1 : lengths[row] - 1].float()
+        targets = ids[row, len(ctx) : lengths[row]]
+        out.append(-F.cross_entropy(rows, targets, reduction="none"))
+    return out
+
+
+def mean_loss(logprobs: list[torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood over all continuation tokens of the batch."""
+    return -torch.cat(logprobs).mean()

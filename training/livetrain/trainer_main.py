@@ -1,0 +1,192 @@
+"""Training subprocess: entry point and request loop.
+
+Started by the API server (`python -m livetrain.trainer_main --connect ipc://...`),
+it holds a Hugging Face model whose parameters are views of vLLM's weights and an
+APOLLO optimizer. A step is split in two so that the API server can pause
+inference only while weights are written:
+  prepare: forward, backward, optimizer math; nothing served changes.
+  apply:   write the prepared update into the shared weights (engine paused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import zmq
+
+from livetrain import protocol, trainer_state
+from livetrain.apollo import Apollo, NonFiniteUpdate, PendingStep
+from livetrain.config import OptimizerSettings, PluginConfig
+from livetrain.trainer_loss import continuation_logprobs, mean_loss
+from livetrain.trainer_model import AttachedModel, AttachError, attach
+
+log = logging.getLogger("livetrain.trainer")
+
+
+def settings_from(message: dict[str, Any]) -> OptimizerSettings:
+    given = message.get("settings", {})
+    known = {f.name for f in fields(OptimizerSettings)}
+    values = {k: (tuple(v) if k == "betas" else v) for k, v in given.items() if k in known}
+    return OptimizerSettings(**values)
+
+
+class Trainer:
+    """Owns the model views, the optimizer and the pending (prepared) step."""
+
+    def __init__(self) -> None:
+        self.attached: AttachedModel | None = None
+        self.optimizer: Apollo | None = None
+        self.pending: PendingStep | None = None
+        self.state_dir: Path | None = None
+        self.weight_version = 0
+
+    def attach(self, msg: dict[str, Any]) -> dict[str, Any]:
+        config = PluginConfig(**msg["config"])
+        self.state_dir = Path(msg["state_dir"])
+        self.weight_version = msg["weight_version"]
+        saved = self._matching_state(self.weight_version)
+        exempt = trainer_state.trained_names(saved["optimizer"]) if saved else set()
+        self.attached = attach(Path(msg["model_dir"]), msg["export"], config, exempt)
+        self.optimizer = Apollo(self.attached.apollo_params, self.attached.adamw_params)
+        if saved:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        return {
+            "ok": True,
+            "apollo_tensors": len(self.attached.apollo_params),
+            "adamw_tensors": len(self.attached.adamw_params),
+            "trainable_params": sum(p.numel() for p in self.attached.trainable.values()),
+            "frozen_tensors": len(self.attached.frozen),
+            "resumed": saved is not None,
+            **self._optimizer_status(),
+        }
+
+    def _matching_state(self, version: int) -> dict[str, Any] | None:
+        """The saved optimizer state if it belongs to the weights vLLM serves now."""
+        saved = trainer_state.load(self.state_dir)
+        if saved is not None and saved["weight_version"] == version:
+            return saved
+        if version > 0:
+            raise AttachError(
+                f"vLLM serves trained weights (version {version}) but the optimizer "
+                f"state in {self.state_dir} is for version "
+                f"{saved['weight_version'] if saved else 'none'}; restart vLLM to train again"
+            )
+        if saved is not None:
+            moved = trainer_state.set_aside(self.state_dir, "stale")
+            log.warning("optimizer state was for other weights; moved to %s", moved)
+        return None
+
+    def _optimizer_status(self) -> dict[str, Any]:
+        return {
+            "optimizer_steps": self.optimizer.steps,
+            "state_bytes": self.optimizer.state_bytes(),
+        }
+
+    def prepare(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self.discard({})
+        settings = settings_from(msg)
+        model = self.attached.model
+        with torch.enable_grad():
+            loss = mean_loss(continuation_logprobs(model, msg["samples"]))
+            if not torch.isfinite(loss):
+                return protocol.failure(protocol.REFUSED, f"non-finite loss ({loss.item()})")
+            loss.backward()
+        try:
+            self.pending = self.optimizer.prepare(settings)
+        except NonFiniteUpdate as exc:
+            self.discard({})
+            return protocol.failure(protocol.REFUSED, str(exc))
+        return {
+            "ok": True,
+            "loss": loss.item(),
+            "tokens": sum(len(cont) for _, cont in msg["samples"]),
+            "moments_reset": list(self.pending.moments_reset),
+        }
+
+    def apply(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.pending is None:
+            return protocol.failure(protocol.REFUSED, "no prepared step to apply")
+        with torch.no_grad():
+            self.optimizer.apply(self.pending)
+        self.weight_version = msg["weight_version"]
+        self.discard({})
+        if next(self.attached.model.parameters()).is_cuda:
+            torch.cuda.synchronize()  # the write must land before vLLM resumes
+        return {"ok": True, **self._optimizer_status()}
+
+    def save(self, msg: dict[str, Any]) -> dict[str, Any]:
+        trainer_state.save(self.state_dir, self.weight_version, self.optimizer.state_dict())
+        return {"ok": True}
+
+    def discard(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self.pending = None
+        if self.attached is not None:
+            for param in self.attached.trainable.values():
+                param.grad = None
+        return {"ok": True}
+
+    def score(self, msg: dict[str, Any]) -> dict[str, Any]:
+        with torch.no_grad():
+            logprobs = continuation_logprobs(self.attached.model, msg["samples"])
+        return {
+            "ok": True,
+            "token_logprobs": [lp.tolist() for lp in logprobs],
+            "loss": mean_loss(logprobs).item(),
+        }
+
+
+def handle(trainer: Trainer, msg: dict[str, Any]) -> dict[str, Any]:
+    op = msg.get("op")
+    if op not in ("attach", "prepare", "apply", "save", "discard", "score"):
+        return protocol.failure(protocol.REFUSED, f"unknown op {op!r}")
+    if op != "attach" and trainer.attached is None:
+        return protocol.failure(protocol.REFUSED, "trainer is not attached")
+    try:
+        return getattr(trainer, op)(msg)
+    except AttachError as exc:
+        return protocol.failure(protocol.FATAL, str(exc))
+    except Exception as exc:  # reported to the API server, which decides what to do
+        log.exception("op %s failed", op)
+        kind = protocol.FATAL if op in ("attach", "apply") else protocol.REFUSED
+        trainer.discard({})
+        return protocol.failure(kind, f"{type(exc).__name__}: {exc}")
+
+
+def serve(endpoint: str) -> None:
+    """Answer requests until the API server (our parent) goes away."""
+    parent = os.getppid()
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(endpoint)
+    trainer = Trainer()
+    while os.getppid() == parent:
+        if not socket.poll(1000):
+            continue
+        msg = protocol.decode(socket.recv())
+        started = time.perf_counter()
+        reply = handle(trainer, msg)
+        reply["id"] = msg.get("id")
+        reply["trainer_ms"] = (time.perf_counter() - started) * 1000
+        socket.send(protocol.encode(reply))
+    log.info("parent process exited; trainer stopping")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connect", required=True, help="ZMQ endpoint of the API server")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="livetrain.trainer %(levelname)s %(message)s")
+    torch.set_grad_enabled(False)
+    serve(args.connect)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""General plugin: runs in every vLLM process (API server, engine core, workers).
+
+Two changes, both idempotent because vLLM may load general plugins more than once:
+- On CPU, vLLM prepacks each linear weight into a kernel-specific layout and frees
+  the original, so writes to `layer.weight` would never reach inference. We keep
+  the plain weight and run `F.linear` on it (the cost is measured in bench/).
+- Every worker gains `livetrain_export_weights`, reachable through
+  `engine_client.collective_rpc`, which hands out zero-copy views of its weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_registered = False
+
+
+def register() -> None:
+    """Entry point of the `vllm.general_plugins` group."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        _keep_cpu_weights_live()
+    _add_worker_rpc()
+
+
+def _use_plain_weight(self, layer: torch.nn.Module) -> None:
+    # vLLM's CPU `apply` calls `layer.cpu_linear(x, layer.weight, bias)`; pointing
+    # it at F.linear makes inference read the very tensor the trainer updates.
+    layer.cpu_linear = torch.nn.functional.linear
+
+
+def _keep_cpu_weights_live() -> None:
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    UnquantizedLinearMethod.process_weights_after_loading = _use_plain_weight
+    UnquantizedEmbeddingMethod.process_weights_after_loading = _use_plain_weight
+
+
+def _add_worker_rpc() -> None:
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from livetrain.worker_export import export_weights
+
+    def livetrain_export_weights(self, hf_names: list[str]) -> dict:
+        return export_weights(
+            self.model_runner.get_model(), hf_names, self.parallel_config.world_size
+        )
+
+    WorkerBase.livetrain_export_weights = livetrain_export_weights
