@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from livetrain.client import LivetrainClient
 from livetrain.launch import Server, plugin_env
 from livetrain.tiny_model import build_tiny_model

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
 from livetrain.apollo import Apollo, NonFiniteUpdate, projection
 from livetrain.config import OptimizerSettings
 

