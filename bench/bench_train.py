@@ -1,0 +1,135 @@
+"""Training through vLLM: memory, optimizer state, HTTP + ZMQ overhead, weight latency.
+
+    python bench/bench_train.py [--steps 8]
+
+Every figure is printed next to a baseline measured in the same run:
+- memory the trainer holds for weights, against the size of the weights;
+- optimizer bytes per parameter, against 8r/min(m,n) (APOLLO) and 8 (AdamW);
+- /train tokens/s through HTTP + ZMQ + the engine pause, against the same step run
+  directly in one process (`Trainer.prepare` + `apply`, no server);
+- latency from /train returning to the first completion that uses the new weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import bench_model, random_samples, shared_weight_memory  # noqa: E402
+
+from livetrain.apollo import Apollo  # noqa: E402
+from livetrain.client import LivetrainClient  # noqa: E402
+from livetrain.config import OptimizerSettings, PluginConfig  # noqa: E402
+from livetrain.launch import Server, plugin_env  # noqa: E402
+from livetrain.trainer_main import Trainer  # noqa: E402
+from livetrain.trainer_model import classify  # noqa: E402
+
+SETTINGS = {"lr": 1e-4}
+
+
+def in_process_tokens_per_s(model_dir: Path, samples, steps: int) -> float:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    trainer = Trainer()
+    trainer.attached = classify(model, PluginConfig())
+    trainer.optimizer = Apollo(trainer.attached.apollo_params, trainer.attached.adamw_params)
+    msg = {"samples": samples, "settings": SETTINGS}
+    times = []
+    for step in range(steps + 2):  # two warm-up steps
+        started = time.perf_counter()
+        assert trainer.prepare(msg)["ok"] and trainer.apply({"weight_version": step + 1})["ok"]
+        times.append(time.perf_counter() - started)
+    tokens = sum(len(c) for _, c in samples)
+    return tokens / statistics.median(times[2:])
+
+
+def http_tokens_per_s(client: LivetrainClient, samples, steps: int) -> tuple[float, float]:
+    body = {"samples": [{"context_ids": c, "continuation_ids": t} for c, t in samples]}
+    times, pauses = [], []
+    for _ in range(steps + 2):
+        started = time.perf_counter()
+        reply = client.http.post("/train", json={**body, **SETTINGS}).raise_for_status().json()
+        times.append(time.perf_counter() - started)
+        pauses.append(reply["pause_ms"])
+    tokens = sum(len(c) for _, c in samples)
+    return tokens / statistics.median(times[2:]), statistics.median(pauses[2:])
+
+
+def weight_latency(client: LivetrainClient, sample, trials: int) -> dict[str, float]:
+    """ms from /train returning until a completion that reflects the new weights."""
+    context, continuation = sample
+    fresh, plain = [], []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        client.continuation_logprobs(context, continuation)
+        plain.append((time.perf_counter() - t0) * 1000)
+        old = client.continuation_logprobs(context, continuation)
+        client.train(context, continuation, lr=1e-3).raise_for_status()
+        t0 = time.perf_counter()
+        new = client.continuation_logprobs(context, continuation)
+        fresh.append((time.perf_counter() - t0) * 1000)
+        assert new != old, "the first completion after /train must see the new weights"
+    return {"first_completion_ms": statistics.median(fresh),
+            "same_completion_no_train_ms": statistics.median(plain),
+            "trials_with_new_weights": trials}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64, help="context and continuation each")
+    args = parser.parse_args()
+    model_dir = bench_model()
+    config = json.loads((model_dir / "config.json").read_text())
+    samples = random_samples(args.batch, args.tokens, args.tokens, config["vocab_size"])
+    results: dict[str, object] = {"model": str(model_dir), "batch": args.batch,
+                                  "tokens_per_sample": 2 * args.tokens}
+
+    results["in_process_tokens_per_s"] = in_process_tokens_per_s(model_dir, samples, args.steps)
+
+    work = Path(tempfile.mkdtemp(prefix="livetrain-bench-"))
+    env = plugin_env()
+    env["LIVETRAIN_STATE_DIR"] = str(work / "state")
+    vllm_args = ["--enforce-eager", "--max-model-len", "512", "--dtype", "float32"]
+    with Server(model_dir, 8311, vllm_args, env=env, log_path=work / "server.log") as server:
+        server.wait_healthy()
+        client = LivetrainClient(server.url)
+        status = client.wait_trainer()
+        http_tps, pause_ms = http_tokens_per_s(client, samples, args.steps)
+        results["http_tokens_per_s"], results["median_pause_ms"] = http_tps, pause_ms
+        results["http_over_in_process"] = http_tps / results["in_process_tokens_per_s"]
+        status = client.status()
+        results["trainer_memory"] = shared_weight_memory(status["trainer_pid"])
+        results["weight_bytes"] = (model_dir / "model.safetensors").stat().st_size
+        trainable = status["trainer"]["trainable_params"]
+        results["optimizer_bytes_per_param"] = status["optimizer_state_bytes"] / trainable
+        rank = OptimizerSettings().rank
+        hidden, inter = config["hidden_size"], config["intermediate_size"]
+        results["apollo_formula_bytes_per_param"] = _apollo_formula(config, rank)
+        results["adamw_bytes_per_param"] = 8.0
+        results["shapes"] = f"hidden {hidden}, intermediate {inter}, rank {rank}"
+        results["weight_latency"] = weight_latency(client, samples[0], trials=5)
+    print(json.dumps(results, indent=2))
+
+
+def _apollo_formula(config: dict, rank: int) -> float:
+    """8 r / min(m, n) bytes per parameter, averaged over the model's linear weights."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    hd, nq, nkv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
+    shapes = [(nq * hd, h), (nkv * hd, h), (nkv * hd, h), (h, nq * hd), (i, h), (i, h), (h, i)]
+    state = sum(8 * min(rank, m, n) * max(m, n) for m, n in shapes)
+    return state / sum(m * n for m, n in shapes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmarks: the bench model, samples, memory accounting."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+from livetrain.tiny_model import build_tiny_model
+
+BENCH_MODEL_DIR = Path.home() / ".cache" / "livetrain" / "models" / "bench-llama"
+# ~12M parameters: big enough that a step is not all fixed costs, small enough for 2 cores.
+BENCH_CONFIG = dict(
+    hidden_size=512,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+)
+
+
+def bench_model() -> Path:
+    if not (BENCH_MODEL_DIR / "model.safetensors").exists():
+        build_tiny_model(BENCH_MODEL_DIR, config_overrides=BENCH_CONFIG)
+    return BENCH_MODEL_DIR
+
+
+def random_samples(n: int, context: int, continuation: int, vocab: int, seed: int = 0):
+    rng = random.Random(seed)
+    ids = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
+    return [(ids(context), ids(continuation)) for _ in range(n)]
+
+
+def shared_weight_memory(pid: int) -> dict[str, int]:
+    """Bytes of a process's memory, split into shared-weight mappings and the rest.
+
+    Weight views are mappings of torch's shared-memory segments (unlinked
+    /dev/shm/torch_* files). `Private_*` inside them would be a private copy.
+    """
+    totals = {"weights_mapped": 0, "weights_private": 0, "process_private": 0}
+    in_weights = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            in_weights = "/torch_" in line
+            continue
+        key, _, value = line.partition(":")
+        if key not in ("Size", "Private_Clean", "Private_Dirty"):
+            continue
+        kib = int(value.split()[0]) * 1024
+        if key == "Size" and in_weights:
+            totals["weights_mapped"] += kib
+        elif key != "Size":
+            totals["process_private"] += kib
+            if in_weights:
+                totals["weights_private"] += kib
+    return totals
