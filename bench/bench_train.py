@@ -78,9 +78,11 @@ def weight_latency(client: LivetrainClient, sample, trials: int) -> dict[str, fl
         new = client.continuation_logprobs(context, continuation)
         fresh.append((time.perf_counter() - t0) * 1000)
         assert new != old, "the first completion after /train must see the new weights"
-    return {"first_completion_ms": statistics.median(fresh),
-            "same_completion_no_train_ms": statistics.median(plain),
-            "trials_with_new_weights": trials}
+    return {
+        "first_completion_ms": statistics.median(fresh),
+        "same_completion_no_train_ms": statistics.median(plain),
+        "trials_with_new_weights": trials,
+    }
 
 
 def main() -> None:
@@ -92,8 +94,11 @@ def main() -> None:
     model_dir = bench_model()
     config = json.loads((model_dir / "config.json").read_text())
     samples = random_samples(args.batch, args.tokens, args.tokens, config["vocab_size"])
-    results: dict[str, object] = {"model": str(model_dir), "batch": args.batch,
-                                  "tokens_per_sample": 2 * args.tokens}
+    results: dict[str, object] = {
+        "model": str(model_dir),
+        "batch": args.batch,
+        "tokens_per_sample": 2 * args.tokens,
+    }
 
     results["in_process_tokens_per_s"] = in_process_tokens_per_s(model_dir, samples, args.steps)
 

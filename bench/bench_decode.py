@@ -1,0 +1,99 @@
+"""Decode speed with livetrain's live CPU weights against vLLM's default prepacking.
+
+    python bench/bench_decode.py [--rounds 2] [--dtype float32]
+
+On CPU vLLM prepacks linear weights for oneDNN/SGL kernels and frees the plain
+ones; livetrain keeps the plain weights (so training reaches inference) and runs
+F.linear on them. Servers alternate A/B/A/B so machine drift hits both sides.
+Prints decode tokens/s for one stream and for a batch, and livetrain/default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import bench_model  # noqa: E402
+
+from livetrain.launch import Server, plugin_env  # noqa: E402
+
+MODES = {"vllm_default": "", "livetrain": "livetrain"}  # VLLM_PLUGINS per mode
+
+
+def decode_tokens_per_s(url: str, streams: int, tokens: int) -> float:
+    body = {
+        "model": _model_name(url),
+        "prompt": "In the morning the harbour",
+        "temperature": 0,
+        "max_tokens": tokens,
+        "ignore_eos": True,
+    }
+
+    def one(_: int) -> int:
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=600).raise_for_status()
+        return reply.json()["usage"]["completion_tokens"]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        generated = sum(pool.map(one, range(streams)))
+    return generated / (time.perf_counter() - started)
+
+
+def _model_name(url: str) -> str:
+    return httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+
+
+def measure(model: Path, mode: str, dtype: str, work: Path) -> dict[str, float]:
+    env = plugin_env()
+    env["VLLM_PLUGINS"] = MODES[mode]
+    env["LIVETRAIN_STATE_DIR"] = str(work / "state")
+    args = ["--enforce-eager", "--max-model-len", "512", "--dtype", dtype]
+    with Server(model, 8312, args, env=env, log_path=work / f"{mode}.log") as server:
+        server.wait_healthy()
+        decode_tokens_per_s(server.url, 1, 16)  # warm-up
+        return {
+            "single_stream": statistics.median(
+                decode_tokens_per_s(server.url, 1, 128) for _ in range(3)
+            ),
+            "batch_8": statistics.median(decode_tokens_per_s(server.url, 8, 128) for _ in range(3)),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = parser.parse_args()
+    model, work = bench_model(), Path(tempfile.mkdtemp(prefix="livetrain-decode-"))
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    for _ in range(args.rounds):
+        for mode in MODES:
+            runs[mode].append(measure(model, mode, args.dtype, work))
+    summary = {
+        mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()
+    }
+    ratios = {k: summary["livetrain"][k] / summary["vllm_default"][k] for k in summary["livetrain"]}
+    print(
+        json.dumps(
+            {
+                "dtype": args.dtype,
+                "tokens_per_s": summary,
+                "livetrain_over_default": ratios,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
