@@ -6,7 +6,9 @@ Every figure is printed next to a baseline measured in the same run:
 - memory the trainer holds for weights, against the size of the weights;
 - optimizer bytes per parameter, against 8r/min(m,n) (APOLLO) and 8 (AdamW);
 - /train tokens/s through HTTP + ZMQ + the engine pause, against the same step run
-  directly in one process (`Trainer.prepare` + `apply`, no server);
+  directly in one process (`Trainer.prepare` + `apply`, no IPC). The baseline runs
+  while the same vLLM server is up and idle, so both sides share the machine's load
+  (vLLM's CPU worker polls even when idle), in alternating rounds;
 - latency from /train returning to the first completion that uses the new weights.
 """
 
@@ -36,12 +38,17 @@ from livetrain.trainer_model import classify  # noqa: E402
 SETTINGS = {"lr": 1e-4}
 
 
-def in_process_tokens_per_s(model_dir: Path, samples, steps: int) -> float:
+def in_process_trainer(model_dir: Path, state_dir: Path) -> Trainer:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.requires_grad_(False)
     trainer = Trainer()
     trainer.attached = classify(model, PluginConfig())
     trainer.optimizer = Apollo(trainer.attached.apollo_params, trainer.attached.adamw_params)
+    trainer.state_dir = state_dir  # it saves its state after each step, as the server does
+    return trainer
+
+
+def in_process_tokens_per_s(trainer: Trainer, samples, steps: int) -> float:
     msg = {"samples": samples, "settings": SETTINGS}
     times = []
     for step in range(steps + 2):  # two warm-up steps
@@ -88,6 +95,7 @@ def weight_latency(client: LivetrainClient, sample, trials: int) -> dict[str, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64, help="context and continuation each")
     args = parser.parse_args()
@@ -100,8 +108,6 @@ def main() -> None:
         "tokens_per_sample": 2 * args.tokens,
     }
 
-    results["in_process_tokens_per_s"] = in_process_tokens_per_s(model_dir, samples, args.steps)
-
     work = Path(tempfile.mkdtemp(prefix="livetrain-bench-"))
     env = plugin_env()
     env["LIVETRAIN_STATE_DIR"] = str(work / "state")
@@ -109,10 +115,18 @@ def main() -> None:
     with Server(model_dir, 8311, vllm_args, env=env, log_path=work / "server.log") as server:
         server.wait_healthy()
         client = LivetrainClient(server.url)
-        status = client.wait_trainer()
-        http_tps, pause_ms = http_tokens_per_s(client, samples, args.steps)
-        results["http_tokens_per_s"], results["median_pause_ms"] = http_tps, pause_ms
-        results["http_over_in_process"] = http_tps / results["in_process_tokens_per_s"]
+        client.wait_trainer()
+        direct, http, pauses = [], [], []
+        trainer = in_process_trainer(model_dir, work)
+        for _ in range(args.rounds):
+            direct.append(in_process_tokens_per_s(trainer, samples, args.steps))
+            tps, pause_ms = http_tokens_per_s(client, samples, args.steps)
+            http.append(tps)
+            pauses.append(pause_ms)
+        results["in_process_tokens_per_s"] = statistics.median(direct)
+        results["http_tokens_per_s"] = statistics.median(http)
+        results["median_pause_ms"] = statistics.median(pauses)
+        results["http_over_in_process"] = results["http_tokens_per_s"] / statistics.median(direct)
         status = client.status()
         results["trainer_memory"] = shared_weight_memory(status["trainer_pid"])
         results["weight_bytes"] = (model_dir / "model.safetensors").stat().st_size

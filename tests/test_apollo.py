@@ -633,3 +633,18 @@ def test_state_bytes_is_8r_per_channel_for_apollo() -> None:
     for name, (m, n) in shapes.items():
         moments = state[f"apollo/{name}/exp_avg"].nbytes + state[f"apollo/{name}/exp_avg_sq"].nbytes
         assert moments / (m * n) == pytest.approx(8 * rank / min(m, n))
+
+
+def test_state_dict_snapshot_survives_later_steps():
+    """The trainer saves a snapshot in the background while the next step runs."""
+    w = torch.nn.Parameter(torch.randn(8, 16))
+    b = torch.nn.Parameter(torch.randn(8))
+    opt = Apollo({"w": w}, {"b": b})
+    for _ in range(3):
+        w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+        if opt.steps == 2:
+            snapshot = opt.state_dict()
+            frozen = {k: v.clone() for k, v in snapshot.items()}
+        opt.step(OptimizerSettings(rank=4))
+    assert all(torch.equal(snapshot[k], frozen[k]) for k in snapshot)
+    assert not torch.equal(opt.state_dict()["apollo/w/exp_avg"], frozen["apollo/w/exp_avg"])

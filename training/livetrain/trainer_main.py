@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -47,41 +48,48 @@ class Trainer:
         self.pending: PendingStep | None = None
         self.state_dir: Path | None = None
         self.weight_version = 0
+        self.saved_version: int | None = None
+        self.save_error: str | None = None
+        self._saver: threading.Thread | None = None
 
     def attach(self, msg: dict[str, Any]) -> dict[str, Any]:
         config = PluginConfig(**msg["config"])
         self.state_dir = Path(msg["state_dir"])
         self.weight_version = msg["weight_version"]
-        saved = self._matching_state(self.weight_version)
-        exempt = trainer_state.trained_names(saved["optimizer"]) if saved else set()
-        self.attached = attach(Path(msg["model_dir"]), msg["export"], config, exempt)
+        self.attached = attach(
+            Path(msg["model_dir"]), msg["export"], config, weights_trained=self.weight_version > 0
+        )
         self.optimizer = Apollo(self.attached.apollo_params, self.attached.adamw_params)
-        if saved:
-            self.optimizer.load_state_dict(saved["optimizer"])
+        resumed_from = self._resume()
         return {
             "ok": True,
             "apollo_tensors": len(self.attached.apollo_params),
             "adamw_tensors": len(self.attached.adamw_params),
             "trainable_params": sum(p.numel() for p in self.attached.trainable.values()),
             "frozen_tensors": len(self.attached.frozen),
-            "resumed": saved is not None,
+            "resumed_from_version": resumed_from,
+            "torch_threads": torch.get_num_threads(),
             **self._optimizer_status(),
         }
 
-    def _matching_state(self, version: int) -> dict[str, Any] | None:
-        """The saved optimizer state if it belongs to the weights vLLM serves now."""
+    def _resume(self) -> int | None:
+        """Load the saved optimizer state if it was written for the weights vLLM serves."""
         saved = trainer_state.load(self.state_dir)
-        if saved is not None and saved["weight_version"] == version:
-            return saved
-        if version > 0:
-            raise AttachError(
-                f"vLLM serves trained weights (version {version}) but the optimizer "
-                f"state in {self.state_dir} is for version "
-                f"{saved['weight_version'] if saved else 'none'}; restart vLLM to train again"
-            )
-        if saved is not None:
-            moved = trainer_state.set_aside(self.state_dir, "stale")
-            log.warning("optimizer state was for other weights; moved to %s", moved)
+        if saved is None:
+            return None
+        version = saved["weight_version"]
+        if 0 < version <= self.weight_version:
+            try:
+                self.optimizer.load_state_dict(saved["optimizer"])
+            except ValueError as exc:
+                log.warning("saved optimizer state does not fit this model: %s", exc)
+            else:
+                self.saved_version = version
+                return version
+        moved = trainer_state.set_aside(self.state_dir, "stale")
+        log.warning(
+            "optimizer state (version %s) is not for these weights; moved to %s", version, moved
+        )
         return None
 
     def _optimizer_status(self) -> dict[str, Any]:
@@ -89,6 +97,32 @@ class Trainer:
             "optimizer_steps": self.optimizer.steps,
             "state_bytes": self.optimizer.state_bytes(),
         }
+
+    def _start_save(self) -> None:
+        """Save the state in the background, overlapping the next step's forward/backward.
+
+        The snapshot stays valid while the thread runs: Apollo commits new state by
+        swapping tensors, never by writing into them, and every op other than
+        `prepare` waits for the save first (`finish_save`).
+        """
+        self.finish_save()
+        snapshot, version = self.optimizer.state_dict(), self.weight_version
+
+        def run() -> None:
+            try:
+                trainer_state.save(self.state_dir, version, snapshot)
+                self.saved_version, self.save_error = version, None
+            except Exception as exc:  # surfaced in every reply and in /train/status
+                log.exception("optimizer state not saved")
+                self.save_error = f"{type(exc).__name__}: {exc}"
+
+        self._saver = threading.Thread(target=run, name="livetrain-save")
+        self._saver.start()
+
+    def finish_save(self) -> None:
+        if self._saver is not None:
+            self._saver.join()
+            self._saver = None
 
     def prepare(self, msg: dict[str, Any]) -> dict[str, Any]:
         self.discard({})
@@ -118,13 +152,10 @@ class Trainer:
             self.optimizer.apply(self.pending)
         self.weight_version = msg["weight_version"]
         self.discard({})
+        self._start_save()
         if next(self.attached.model.parameters()).is_cuda:
             torch.cuda.synchronize()  # the write must land before vLLM resumes
         return {"ok": True, **self._optimizer_status()}
-
-    def save(self, msg: dict[str, Any]) -> dict[str, Any]:
-        trainer_state.save(self.state_dir, self.weight_version, self.optimizer.state_dict())
-        return {"ok": True}
 
     def discard(self, msg: dict[str, Any]) -> dict[str, Any]:
         self.pending = None
@@ -145,10 +176,12 @@ class Trainer:
 
 def handle(trainer: Trainer, msg: dict[str, Any]) -> dict[str, Any]:
     op = msg.get("op")
-    if op not in ("attach", "prepare", "apply", "save", "discard", "score"):
+    if op not in ("attach", "prepare", "apply", "discard", "score"):
         return protocol.failure(protocol.REFUSED, f"unknown op {op!r}")
     if op != "attach" and trainer.attached is None:
         return protocol.failure(protocol.REFUSED, "trainer is not attached")
+    if op != "prepare":
+        trainer.finish_save()
     try:
         return getattr(trainer, op)(msg)
     except AttachError as exc:
@@ -175,7 +208,9 @@ def serve(endpoint: str) -> None:
         reply = handle(trainer, msg)
         reply["id"] = msg.get("id")
         reply["trainer_ms"] = (time.perf_counter() - started) * 1000
+        reply["saved_version"], reply["save_error"] = trainer.saved_version, trainer.save_error
         socket.send(protocol.encode(reply))
+    trainer.finish_save()
     log.info("parent process exited; trainer stopping")
 
 

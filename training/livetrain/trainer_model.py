@@ -94,11 +94,12 @@ def place_views(model: nn.Module, export: dict[str, Any], importer: TensorImport
         raise AttachError(f"parameters left without a view: {leftovers}")
 
 
-def verify_against_files(model: nn.Module, model_dir: Path, exempt: set[str]) -> None:
-    """Refuse views that differ from the checkpoint (other than tensors we trained).
+def verify_against_files(model: nn.Module, model_dir: Path, exempt: set[int]) -> None:
+    """Refuse views that differ from the checkpoint, except parameters in `exempt` (ids).
 
-    Every checkpoint tensor must name a model parameter, and each parameter must
-    equal its file tensor bit for bit after casting to the served dtype.
+    Every checkpoint tensor must name a model parameter of the same shape, and each
+    non-exempt parameter must equal its file tensor bit for bit after casting to the
+    served dtype.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, entry in list_tensors(model_dir).items():
@@ -109,7 +110,7 @@ def verify_against_files(model: nn.Module, model_dir: Path, exempt: set[str]) ->
         view = params[name].detach()
         if tuple(view.shape) != entry.shape:
             raise AttachError(f"{name}: served shape {tuple(view.shape)} != file {entry.shape}")
-        if name in exempt:
+        if id(params[name]) in exempt:
             continue
         on_disk = load_tensor(entry).to(device=view.device, dtype=view.dtype)
         if not torch.equal(view, on_disk):
@@ -152,9 +153,13 @@ def classify(model: nn.Module, config: PluginConfig) -> AttachedModel:
 
 
 def attach(
-    model_dir: Path, export: dict[str, Any], config: PluginConfig, exempt: set[str]
+    model_dir: Path, export: dict[str, Any], config: PluginConfig, weights_trained: bool
 ) -> AttachedModel:
-    """Build the model on vLLM's memory, verify it against the files, classify it."""
+    """Build the model on vLLM's memory, classify it, verify it against the files.
+
+    Once vLLM serves trained weights (`weights_trained`), the trainable tensors
+    legitimately differ from the files; the frozen ones must still match.
+    """
     importer = TensorImporter()
     first = next(iter(export["params"].values()))
     dtype = getattr(torch, first["dtype"])
@@ -162,5 +167,7 @@ def attach(
     place_views(model, export, importer)
     device = next(model.parameters()).device
     model.to(device)  # buffers (RoPE tables) follow the weights' device
+    attached = classify(model, config)
+    exempt = {id(p) for p in attached.trainable.values()} if weights_trained else set()
     verify_against_files(model, model_dir, exempt)
-    return classify(model, config)
+    return attached
