@@ -127,6 +127,7 @@ def main() -> None:
         results["http_tokens_per_s"] = statistics.median(http)
         results["median_pause_ms"] = statistics.median(pauses)
         results["http_over_in_process"] = results["http_tokens_per_s"] / statistics.median(direct)
+        results["per_round_ratio"] = [h / d for h, d in zip(http, direct, strict=True)]
         status = client.status()
         results["trainer_memory"] = shared_weight_memory(status["trainer_pid"])
         results["weight_bytes"] = (model_dir / "model.safetensors").stat().st_size

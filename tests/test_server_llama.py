@@ -228,9 +228,17 @@ def test_trainer_restart_keeps_state(llama_server, sample):
     assert before["saved_version"] == before["weight_version"] > 0
     os.kill(before["trainer_pid"], signal.SIGKILL)
     deadline = time.monotonic() + 120
-    while llama_server.status()["trainer_pid"] == before["trainer_pid"]:
+    while (pid := llama_server.status()["trainer_pid"]) == before["trainer_pid"]:
         assert time.monotonic() < deadline
-        time.sleep(0.2)
+        time.sleep(0.05)
+    # Freeze the new trainer while it is still importing torch: the route must say why.
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert llama_server.status()["state"] == "starting"
+        reply = llama_server.train(*sample)
+        assert reply.status_code == 503 and "starting" in reply.json()["error"]["message"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
     after = llama_server.wait_trainer()
     assert after["restarts"] == before["restarts"] + 1
     assert after["trainer"]["resumed_from_version"] == before["weight_version"]

@@ -95,7 +95,9 @@ def test_state_for_other_weights_is_set_aside(models, tmp_path):
         trainer = saved_trainer(models, tmp_path, saved_version=3, served_version=served)
         assert trainer._resume() is None and trainer.optimizer.steps == 0
         assert not (tmp_path / trainer_state.STATE_FILE).exists()
-    assert len(list(tmp_path.glob(f"{trainer_state.STATE_FILE}.stale.*"))) >= 1
+    assert list(tmp_path.glob(f"{trainer_state.STATE_FILE}*")) == [
+        tmp_path / f"{trainer_state.STATE_FILE}.stale"
+    ]
 
 
 def test_background_save_writes_the_applied_state(models, tmp_path):

@@ -79,7 +79,6 @@ class TrainerSupervisor:
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future] = {}
         self._lock = asyncio.Lock()
-        self._closing = False
         self._writing = False  # True while the trainer writes into the served weights
         self._tasks: set[asyncio.Task] = set()
 
@@ -117,16 +116,15 @@ class TrainerSupervisor:
             sys.executable, "-m", "livetrain.trainer_main", "--connect", endpoint
         )
         self._spawn(self._watch(self.process))
-        config = {
-            k: (str(v) if isinstance(v, Path) else v)
-            for k, v in dataclasses.asdict(self.config).items()
+        families = {
+            k: v for k, v in dataclasses.asdict(self.config).items() if k.startswith("train_")
         }
         reply = await self._call(
             {
                 "op": "attach",
                 "model_dir": str(self.model_dir),
                 "export": export,
-                "config": config,
+                "families": families,
                 "state_dir": str(self._state_dir),
                 "weight_version": self.weight_version,
             },
@@ -139,7 +137,7 @@ class TrainerSupervisor:
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
-        if self._closing or process is not self.process:
+        if process is not self.process:
             return
         for future in self._pending.values():
             if not future.done():
@@ -169,12 +167,6 @@ class TrainerSupervisor:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
-
-    def close(self) -> None:
-        self._closing = True
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-        self._close_socket()
 
     # ---- request/reply -----------------------------------------------------------
 

@@ -53,7 +53,7 @@ class Trainer:
         self._saver: threading.Thread | None = None
 
     def attach(self, msg: dict[str, Any]) -> dict[str, Any]:
-        config = PluginConfig(**msg["config"])
+        config = PluginConfig(**msg["families"])
         self.state_dir = Path(msg["state_dir"])
         self.weight_version = msg["weight_version"]
         self.attached = attach(
@@ -125,7 +125,7 @@ class Trainer:
             self._saver = None
 
     def prepare(self, msg: dict[str, Any]) -> dict[str, Any]:
-        self.discard({})
+        self.discard()
         settings = settings_from(msg)
         model = self.attached.model
         with torch.enable_grad():
@@ -136,7 +136,7 @@ class Trainer:
         try:
             self.pending = self.optimizer.prepare(settings)
         except NonFiniteUpdate as exc:
-            self.discard({})
+            self.discard()
             return protocol.failure(protocol.REFUSED, str(exc))
         return {
             "ok": True,
@@ -150,19 +150,19 @@ class Trainer:
             return protocol.failure(protocol.REFUSED, "no prepared step to apply")
         with torch.no_grad():
             self.optimizer.apply(self.pending)
-        self.weight_version = msg["weight_version"]
-        self.discard({})
-        self._start_save()
         if next(self.attached.model.parameters()).is_cuda:
             torch.cuda.synchronize()  # the write must land before vLLM resumes
+        self.weight_version = msg["weight_version"]
+        self.discard()
+        self._start_save()
         return {"ok": True, **self._optimizer_status()}
 
-    def discard(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def discard(self) -> None:
+        """Forget a prepared step and its gradients (a refused or failed step)."""
         self.pending = None
         if self.attached is not None:
             for param in self.attached.trainable.values():
                 param.grad = None
-        return {"ok": True}
 
     def score(self, msg: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad():
@@ -176,7 +176,7 @@ class Trainer:
 
 def handle(trainer: Trainer, msg: dict[str, Any]) -> dict[str, Any]:
     op = msg.get("op")
-    if op not in ("attach", "prepare", "apply", "discard", "score"):
+    if op not in ("attach", "prepare", "apply", "score"):
         return protocol.failure(protocol.REFUSED, f"unknown op {op!r}")
     if op != "attach" and trainer.attached is None:
         return protocol.failure(protocol.REFUSED, "trainer is not attached")
@@ -189,12 +189,16 @@ def handle(trainer: Trainer, msg: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # reported to the API server, which decides what to do
         log.exception("op %s failed", op)
         kind = protocol.FATAL if op in ("attach", "apply") else protocol.REFUSED
-        trainer.discard({})
+        trainer.discard()
         return protocol.failure(kind, f"{type(exc).__name__}: {exc}")
 
 
 def serve(endpoint: str) -> None:
-    """Answer requests until the API server (our parent) goes away."""
+    """Answer requests until the API server (our parent) goes away.
+
+    Polling the parent pid is the shutdown signal: vLLM owns the server's lifespan,
+    and its engine processes are killed, not asked, when it stops.
+    """
     parent = os.getppid()
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)

@@ -4,13 +4,13 @@ The file records the weight version it was written at. vLLM owns the weights and
 keeps its weight version across trainer restarts, so a restarted trainer resumes a
 state written at or before the version vLLM now serves (it is saved in the
 background, so a killed trainer may leave one step behind). A state from other
-weights (vLLM restarted from the files) is set aside, renamed, never deleted.
+weights (vLLM restarted from the files) is set aside under a fixed name, so the
+latest one can still be inspected but they do not pile up.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,6 @@ def load(state_dir: Path) -> dict[str, Any] | None:
 def set_aside(state_dir: Path, reason: str) -> Path:
     """Keep a state file that no longer matches the served weights, out of the way."""
     path = state_dir / STATE_FILE
-    target = state_dir / f"{STATE_FILE}.{reason}.{int(time.time())}"
+    target = state_dir / f"{STATE_FILE}.{reason}"
     os.replace(path, target)
     return target
