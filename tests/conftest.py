@@ -17,8 +17,6 @@ SERVE_ARGS = [
     "--enforce-eager",
     "--max-model-len",
     "256",
-    "--dtype",
-    "float32",
     "--enable-prefix-caching",
     "--max-num-seqs",
     "16",
@@ -37,12 +35,14 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: build_tiny_model(root / arch, arch=arch) for arch in ("llama", "qwen2")}
 
 
-def start_server(model: Path, workdir: Path, api_key: str | None) -> Iterator[LivetrainClient]:
+def start_server(
+    model: Path, workdir: Path, api_key: str | None, dtype: str = "float32"
+) -> Iterator[LivetrainClient]:
     """A real vLLM server on `model` with a private state dir; yields a client."""
     env = plugin_env()
     env["LIVETRAIN_STATE_DIR"] = str(workdir / "state")
     env["LIVETRAIN_RUNTIME_DIR"] = str(workdir / "run")
-    args = [*SERVE_ARGS, *(["--api-key", api_key] if api_key else [])]
+    args = [*SERVE_ARGS, "--dtype", dtype, *(["--api-key", api_key] if api_key else [])]
     log = workdir / "server.log"
     with Server(model, free_port(), args, env=env, log_path=log) as server:
         try:
@@ -71,3 +71,9 @@ def qwen2_server(models: dict[str, Path], tmp_path_factory) -> Iterator[Livetrai
     workdir = tmp_path_factory.mktemp("qwen2")
     model = shutil.copytree(models["qwen2"], workdir / "model")
     yield from start_server(model, workdir, None)
+
+
+@pytest.fixture(scope="module")
+def bf16_server(models: dict[str, Path], tmp_path_factory) -> Iterator[LivetrainClient]:
+    """Qwen2 served in bfloat16 from fp32 files: vLLM casts, the trainer must agree."""
+    yield from start_server(models["qwen2"], tmp_path_factory.mktemp("bf16"), None, "bfloat16")
