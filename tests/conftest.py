@@ -36,13 +36,17 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def start_server(
-    model: Path, workdir: Path, api_key: str | None, dtype: str = "float32"
+    model: Path, workdir: Path, api_key: str | None, dtype: str = "float32", eager: bool = True
 ) -> Iterator[LivetrainClient]:
-    """A real vLLM server on `model` with a private state dir; yields a client."""
+    """A real vLLM server on `model` with a private state dir; yields a client.
+
+    `eager=False` keeps vLLM's default torch.compile path, which users get by default.
+    """
     env = plugin_env()
     env["LIVETRAIN_STATE_DIR"] = str(workdir / "state")
     env["LIVETRAIN_RUNTIME_DIR"] = str(workdir / "run")
-    args = [*SERVE_ARGS, "--dtype", dtype, *(["--api-key", api_key] if api_key else [])]
+    args = [*SERVE_ARGS, "--dtype", dtype, *(["--enforce-eager"] if eager else [])]
+    args += ["--api-key", api_key] if api_key else []
     log = workdir / "server.log"
     with Server(model, free_port(), args, env=env, log_path=log) as server:
         try:
@@ -59,8 +63,8 @@ def start_server(
 
 @pytest.fixture(scope="module")
 def llama_server(models: dict[str, Path], tmp_path_factory) -> Iterator[LivetrainClient]:
-    """Llama (untied, GQA, padded vocab) behind --api-key."""
-    yield from start_server(models["llama"], tmp_path_factory.mktemp("llama"), API_KEY)
+    """Llama (untied, GQA, padded vocab) behind --api-key, compiled as vLLM defaults to."""
+    yield from start_server(models["llama"], tmp_path_factory.mktemp("llama"), API_KEY, eager=False)
 
 
 @pytest.fixture(scope="module")
