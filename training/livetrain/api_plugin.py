@@ -89,7 +89,7 @@ class LivetrainEndpoints:
         self.config = PluginConfig.from_env()
         self.supervisor: TrainerSupervisor | None = None
         self.limits: dict[str, int] = {}
-        self.tokens: list[str] = []
+        self.auth: Any = None  # vLLM's AuthenticationMiddleware, when keys are configured
 
     def attach_router(self, app: FastAPI) -> None:
         router = APIRouter(dependencies=[Depends(self._authorize)])
@@ -100,7 +100,11 @@ class LivetrainEndpoints:
         app.add_exception_handler(RequestError, lambda _req, exc: exc.response())
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
-        self.tokens = _api_tokens(args)
+        tokens = _api_tokens(args)
+        if tokens:
+            from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+            self.auth = AuthenticationMiddleware(None, tokens)  # only its verify_token is used
         if engine_client is None:
             return
         model_config = engine_client.model_config
@@ -114,11 +118,7 @@ class LivetrainEndpoints:
         self.supervisor.start()
 
     async def _authorize(self, request: Request) -> None:
-        if not self.tokens:
-            return
-        from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
-
-        if not AuthenticationMiddleware(None, self.tokens).verify_token(request.headers):
+        if self.auth is not None and not self.auth.verify_token(request.headers):
             raise RequestError(401, "missing or wrong API key (Authorization: Bearer ...)")
 
     def _ready_supervisor(self) -> TrainerSupervisor:
