@@ -36,13 +36,18 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def start_server(
-    model: Path, workdir: Path, api_key: str | None, dtype: str = "float32", eager: bool = True
+    model: Path,
+    workdir: Path,
+    api_key: str | None,
+    dtype: str = "float32",
+    eager: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Iterator[LivetrainClient]:
     """A real vLLM server on `model` with a private state dir; yields a client.
 
     `eager=False` keeps vLLM's default torch.compile path, which users get by default.
     """
-    env = plugin_env()
+    env = {**plugin_env(), **(env or {})}
     env["LIVETRAIN_STATE_DIR"] = str(workdir / "state")
     env["LIVETRAIN_RUNTIME_DIR"] = str(workdir / "run")
     args = [*SERVE_ARGS, "--dtype", dtype, *(["--enforce-eager"] if eager else [])]

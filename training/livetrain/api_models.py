@@ -125,3 +125,9 @@ class TrainRequest(_Samples):
         values = {f.name: getattr(self, f.name) for f in fields(OptimizerSettings)}
         assert all(math.isfinite(v) for v in values.values() if isinstance(v, float))
         return values
+
+
+class CheckpointRequest(BaseModel):
+    """POST /checkpoint takes no settings today; an empty object (or no body) is fine."""
+
+    model_config = ConfigDict(extra="forbid")

@@ -3,6 +3,7 @@
 POST /train          one optimizer step on raw token ids
 POST /train/score    continuation log-probs as the trainer's model sees them
 GET  /train/status   trainer state, weight version, optimizer settings and size
+POST /checkpoint     write the trained weights into the model's safetensors now
 
 All of them change or reveal training state, so all honour vLLM's --api-key
 (vLLM's own middleware only guards /v1 and a few other prefixes).
@@ -20,7 +21,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from livetrain.api_models import ScoreRequest, TrainRequest
+from livetrain.api_models import CheckpointRequest, ScoreRequest, TrainRequest
 from livetrain.api_supervisor import StepRefused, TrainerSupervisor, TrainerUnavailable
 from livetrain.config import PluginConfig
 
@@ -54,12 +55,15 @@ def _api_tokens(args: Namespace) -> list[str]:
     return [key for key in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _read_json(request: Request, limit: int, empty: Any = None) -> Any:
+    """The parsed JSON body; `empty` stands in for a missing body where one is optional."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
             raise RequestError(413, f"request body is over {limit} bytes", field="body")
+    if not body and empty is not None:
+        return empty
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -96,6 +100,7 @@ class LivetrainEndpoints:
         router.add_api_route("/train", self._train, methods=["POST"])
         router.add_api_route("/train/score", self._score, methods=["POST"])
         router.add_api_route("/train/status", self._status, methods=["GET"])
+        router.add_api_route("/checkpoint", self._checkpoint, methods=["POST"])
         app.include_router(router)
         app.add_exception_handler(RequestError, lambda _req, exc: exc.response())
 
@@ -148,6 +153,17 @@ class LivetrainEndpoints:
             raise RequestError(503, str(exc), state=supervisor.state) from None
         except StepRefused as exc:
             raise RequestError(422, str(exc)) from None
+
+    async def _checkpoint(self, request: Request) -> JSONResponse:
+        supervisor = self._ready_supervisor()
+        data = await _read_json(request, self.config.max_body_bytes, empty={})
+        _validate(CheckpointRequest, data, self.limits)
+        try:
+            return JSONResponse(await supervisor.checkpoint())
+        except TrainerUnavailable as exc:
+            raise RequestError(503, str(exc), state=supervisor.state) from None
+        except StepRefused as exc:
+            raise RequestError(500, f"{exc}; the previous checkpoint is intact") from None
 
     async def _status(self) -> JSONResponse:
         return JSONResponse(self._ready_supervisor().status())

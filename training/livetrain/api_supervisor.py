@@ -80,6 +80,10 @@ class TrainerSupervisor:
         self._pending: dict[int, asyncio.Future] = {}
         self._lock = asyncio.Lock()
         self._writing = False  # True while the trainer writes into the served weights
+        self.last_sync: dict[str, Any] | None = None
+        self.bytes_synced = 0
+        self.syncs = 0
+        self._sync_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
 
     # ---- lifecycle -------------------------------------------------------------
@@ -127,12 +131,16 @@ class TrainerSupervisor:
                 "families": families,
                 "state_dir": str(self._state_dir),
                 "weight_version": self.weight_version,
+                "sync_block_bytes": self.config.sync_block_bytes,
             },
             timeout=self.config.trainer_start_timeout_s,
         )
         if not reply["ok"]:
             raise TrainerUnavailable(reply["error"])
-        skip = ("ok", "id", "trainer_ms", "saved_version", "save_error")
+        if reply["weight_version"] != self.weight_version:  # resumed from a checkpoint
+            self.weight_version = reply["weight_version"]
+            await self.engine.update_weight_version(str(self.weight_version))
+        skip = ("ok", "id", "trainer_ms", "saved_version", "save_error", "weight_version")
         self.info = {k: v for k, v in reply.items() if k not in skip}
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
@@ -239,6 +247,7 @@ class TrainerSupervisor:
             await self.engine.resume_generation()
         pause_ms = (time.perf_counter() - paused) * 1000
         self.last_loss, self.last_settings = prepared["loss"], settings
+        self._schedule_sync()
         self.info.update(
             optimizer_steps=applied["optimizer_steps"], state_bytes=applied["state_bytes"]
         )
@@ -269,6 +278,56 @@ class TrainerSupervisor:
         if reply.get("kind") == protocol.FATAL:
             await self._fail(reply["error"])
 
+    def _schedule_sync(self) -> None:
+        """(Re)arm the automatic sync: a burst of steps produces one sync, after the last."""
+        if self.config.sync_delay_s <= 0:
+            return
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._sync_timer = loop.call_later(
+            self.config.sync_delay_s, lambda: self._spawn(self._automatic_sync())
+        )
+
+    async def _automatic_sync(self) -> None:
+        self._sync_timer = None
+        try:
+            await self.checkpoint()
+        except (TrainerUnavailable, StepRefused) as exc:
+            log.error("automatic checkpoint sync failed: %s", exc)
+
+    async def checkpoint(self) -> dict[str, Any]:
+        """Write the live weights into the model files now (shielded like a step)."""
+        return await asyncio.shield(asyncio.ensure_future(self._checkpoint()))
+
+    async def _checkpoint(self) -> dict[str, Any]:
+        async with self._lock:
+            self._require_ready()
+            if self._sync_timer is not None:  # this sync covers every step so far
+                self._sync_timer.cancel()
+                self._sync_timer = None
+            started = time.perf_counter()
+            reply = await self._call({"op": "checkpoint"})
+            if not reply["ok"]:
+                await self._escalate(reply)
+                raise StepRefused(reply["error"])
+            result = {
+                k: reply[k]
+                for k in (
+                    "weight_version",
+                    "files",
+                    "bytes_written",
+                    "blocks_changed",
+                    "blocks_total",
+                    "tensors_skipped",
+                )
+            }
+            result["elapsed_ms"] = (time.perf_counter() - started) * 1000
+            self.bytes_synced += result["bytes_written"]
+            self.syncs += 1
+            self.last_sync = {**result, "at": time.time()}
+            return result
+
     async def score(self, samples: list) -> dict[str, Any]:
         async with self._lock:
             self._require_ready()
@@ -293,6 +352,15 @@ class TrainerSupervisor:
             "optimizer_state_bytes": self.info.get("state_bytes", 0),
             **self.saved,
             "restarts": self.restarts,
+            "last_sync": self.last_sync,
+            "sync_pending": self._sync_timer is not None,
+            "sync_due_in_s": (
+                max(0.0, self._sync_timer.when() - asyncio.get_running_loop().time())
+                if self._sync_timer is not None
+                else None
+            ),
+            "bytes_synced": self.bytes_synced,
+            "syncs": self.syncs,
             "model_dir": str(self.model_dir),
             "trainer": self.info,
         }

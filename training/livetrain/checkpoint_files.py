@@ -22,6 +22,8 @@ class FileTensor:
     file: Path
     dtype: str  # safetensors dtype code, e.g. "F32", "BF16"
     shape: tuple[int, ...]
+    begin: int  # absolute byte offset of the tensor's data in the file
+    end: int
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -36,24 +38,35 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_header(path: Path) -> dict:
-    """The JSON header of one safetensors file (8-byte length prefix, then JSON)."""
+def read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of one safetensors file and where its data section starts.
+
+    Layout: an 8-byte little-endian header length, the JSON header, then the data;
+    tensor `data_offsets` are relative to the data section.
+    """
     with path.open("rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + length
 
 
 def list_tensors(model_dir: Path) -> dict[str, FileTensor]:
     """Every tensor in the model directory, keyed by its Hugging Face name."""
     tensors: dict[str, FileTensor] = {}
     for path in safetensors_files(model_dir):
-        for name, info in read_header(path).items():
-            tensors[name] = FileTensor(name, path, info["dtype"], tuple(info["shape"]))
+        header, data_start = read_header(path)
+        for name, info in header.items():
+            begin, end = (data_start + offset for offset in info["data_offsets"])
+            tensors[name] = FileTensor(name, path, info["dtype"], tuple(info["shape"]), begin, end)
     return tensors
 
 
 def load_tensor(entry: FileTensor) -> torch.Tensor:
     with safe_open(str(entry.file), framework="pt") as f:
         return f.get_tensor(entry.name)
+
+
+def fingerprint(model_dir: Path) -> dict[str, list[int]]:
+    """Size and modification time of each weight file: cheap, and any rewrite changes it."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in safetensors_files(model_dir)}

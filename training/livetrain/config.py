@@ -58,6 +58,10 @@ class PluginConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     trainer_start_timeout_s: float = 600.0
     trainer_max_restarts: int = 3
+    # Checkpoint sync: automatic sync this long after the last step (0 disables it),
+    # comparing and writing the files in blocks of this many bytes.
+    sync_delay_s: float = 600.0
+    sync_block_bytes: int = 4096
     # Which tensor families may change. Linear weights are APOLLO's job; the others
     # are large (embeddings) or sensitive (norms) and stay frozen unless asked for.
     train_linear: bool = True

@@ -11,20 +11,21 @@ inference only while weights are written:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import threading
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import zmq
 
-from livetrain import protocol, trainer_state
+from livetrain import checkpoint_sync, protocol, trainer_state
 from livetrain.apollo import Apollo, NonFiniteUpdate, PendingStep
+from livetrain.checkpoint_files import fingerprint
 from livetrain.config import OptimizerSettings, PluginConfig
 from livetrain.trainer_loss import continuation_logprobs, mean_loss
 from livetrain.trainer_model import AttachedModel, AttachError, attach
@@ -34,7 +35,7 @@ log = logging.getLogger("livetrain.trainer")
 
 def settings_from(message: dict[str, Any]) -> OptimizerSettings:
     given = message.get("settings", {})
-    known = {f.name for f in fields(OptimizerSettings)}
+    known = {f.name for f in dataclasses.fields(OptimizerSettings)}
     values = {k: (tuple(v) if k == "betas" else v) for k, v in given.items() if k in known}
     return OptimizerSettings(**values)
 
@@ -51,17 +52,23 @@ class Trainer:
         self.saved_version: int | None = None
         self.save_error: str | None = None
         self._saver: threading.Thread | None = None
+        self.model_dir: Path | None = None
+        self.block_bytes = PluginConfig().sync_block_bytes
+        self.dirty: set[int] = set()  # ids of parameters changed since the files were synced
 
     def attach(self, msg: dict[str, Any]) -> dict[str, Any]:
         config = PluginConfig(**msg["families"])
-        self.state_dir = Path(msg["state_dir"])
+        self.state_dir, self.model_dir = Path(msg["state_dir"]), Path(msg["model_dir"])
+        self.block_bytes = msg["sync_block_bytes"]
         self.weight_version = msg["weight_version"]
-        self.attached = attach(
-            Path(msg["model_dir"]), msg["export"], config, weights_trained=self.weight_version > 0
-        )
+        trained = self.weight_version > 0
+        self.attached = attach(self.model_dir, msg["export"], config, weights_trained=trained)
         self.optimizer = Apollo(self.attached.apollo_params, self.attached.adamw_params)
+        # After a restart we cannot know what the files already hold: compare everything.
+        self.dirty = {id(p) for p in self.attached.trainable.values()} if trained else set()
         resumed_from = self._resume()
         return {
+            "weight_version": self.weight_version,
             "ok": True,
             "apollo_tensors": len(self.attached.apollo_params),
             "adamw_tensors": len(self.attached.adamw_params),
@@ -74,6 +81,8 @@ class Trainer:
 
     def _resume(self) -> int | None:
         """Load the saved optimizer state if it was written for the weights vLLM serves."""
+        if self.weight_version == 0 and self._resume_checkpoint():
+            return self.weight_version
         saved = trainer_state.load(self.state_dir)
         if saved is None:
             return None
@@ -91,6 +100,24 @@ class Trainer:
             "optimizer state (version %s) is not for these weights; moved to %s", version, moved
         )
         return None
+
+    def _resume_checkpoint(self) -> bool:
+        """vLLM loaded the files: resume the state synced with them, if they are unchanged.
+
+        The weight version continues from the checkpoint's, so the next step is the one
+        an uninterrupted run would take.
+        """
+        saved = trainer_state.load(self.state_dir, trainer_state.CHECKPOINT_FILE)
+        if saved is None or saved.get("files") != fingerprint(self.model_dir):
+            return False
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as exc:
+            log.warning("checkpoint optimizer state does not fit this model: %s", exc)
+            return False
+        self.weight_version = self.saved_version = saved["weight_version"]
+        trainer_state.save(self.state_dir, self.weight_version, saved["optimizer"])
+        return True
 
     def _optimizer_status(self) -> dict[str, Any]:
         return {
@@ -153,9 +180,32 @@ class Trainer:
         if next(self.attached.model.parameters()).is_cuda:
             torch.cuda.synchronize()  # the write must land before vLLM resumes
         self.weight_version = msg["weight_version"]
+        self.dirty.update(id(p) for p in self.attached.trainable.values())
         self.discard()
         self._start_save()
         return {"ok": True, **self._optimizer_status()}
+
+    def checkpoint(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Write the live weights into the model's safetensors (changed blocks only)."""
+        params = dict(self.attached.model.named_parameters(remove_duplicate=False))
+        try:
+            result = checkpoint_sync.sync(
+                self.model_dir,
+                live=params.__getitem__,
+                dirty=lambda name: id(params[name]) in self.dirty,
+                block_size=self.block_bytes,
+            )
+        except (OSError, checkpoint_sync.JournalCorrupt) as exc:
+            return protocol.failure(protocol.REFUSED, f"checkpoint failed: {exc}")
+        self.dirty.clear()
+        trainer_state.save(
+            self.state_dir,
+            self.weight_version,
+            self.optimizer.state_dict(),
+            files=fingerprint(self.model_dir),
+            name=trainer_state.CHECKPOINT_FILE,
+        )
+        return {"ok": True, "weight_version": self.weight_version, **dataclasses.asdict(result)}
 
     def discard(self) -> None:
         """Forget a prepared step and its gradients (a refused or failed step)."""
@@ -176,7 +226,7 @@ class Trainer:
 
 def handle(trainer: Trainer, msg: dict[str, Any]) -> dict[str, Any]:
     op = msg.get("op")
-    if op not in ("attach", "prepare", "apply", "score"):
+    if op not in ("attach", "prepare", "apply", "score", "checkpoint"):
         return protocol.failure(protocol.REFUSED, f"unknown op {op!r}")
     if op != "attach" and trainer.attached is None:
         return protocol.failure(protocol.REFUSED, "trainer is not attached")

@@ -17,26 +17,35 @@ from typing import Any
 import torch
 
 STATE_FILE = "trainer_state.pt"
+CHECKPOINT_FILE = "checkpoint_state.pt"  # the state that goes with the synced files
 FORMAT = 1
 
 
-def save(state_dir: Path, weight_version: int, optimizer: dict[str, torch.Tensor]) -> None:
+def save(
+    state_dir: Path,
+    weight_version: int,
+    optimizer: dict[str, torch.Tensor],
+    files: dict[str, list[int]] | None = None,
+    name: str = STATE_FILE,
+) -> None:
     """Write to a temp file and rename: a killed trainer leaves the old file or the new.
 
     No fsync: the state is only valid together with the weights in vLLM's memory, which
     a machine crash loses too (vLLM then reloads from disk and this file is set aside).
     """
-    final = state_dir / STATE_FILE
-    tmp = state_dir / f".{STATE_FILE}.{os.getpid()}.tmp"
+    final = state_dir / name
+    tmp = state_dir / f".{name}.{os.getpid()}.tmp"
     payload = {"format": FORMAT, "weight_version": weight_version, "optimizer": optimizer}
+    if files is not None:
+        payload["files"] = files
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         torch.save(payload, f)
     os.replace(tmp, final)
 
 
-def load(state_dir: Path) -> dict[str, Any] | None:
-    path = state_dir / STATE_FILE
+def load(state_dir: Path, name: str = STATE_FILE) -> dict[str, Any] | None:
+    path = state_dir / name
     if not path.exists():
         return None
     payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,11 +1,13 @@
 """General plugin: runs in every vLLM process (API server, engine core, workers).
 
-Two changes, both idempotent because vLLM may load general plugins more than once:
+Three changes, all idempotent because vLLM may load general plugins more than once:
 - On CPU, vLLM prepacks each linear weight into a kernel-specific layout and frees
   the original, so writes to `layer.weight` would never reach inference. We keep
   the plain weight and run `F.linear` on it (the cost is measured in bench/).
 - Every worker gains `livetrain_export_weights`, reachable through
   `engine_client.collective_rpc`, which hands out zero-copy views of its weights.
+- Before vLLM reads a model directory, an interrupted checkpoint sync in it is
+  finished or discarded (checkpoint_sync.recover), so vLLM never loads a torn file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def register() -> None:
     if current_platform.is_cpu():
         _keep_cpu_weights_live()
     _add_worker_rpc()
+    _recover_before_loading()
 
 
 def _use_plain_weight(self, layer: torch.nn.Module) -> None:
@@ -54,3 +57,20 @@ def _add_worker_rpc() -> None:
         )
 
     WorkerBase.livetrain_export_weights = livetrain_export_weights
+
+
+def _recover_before_loading() -> None:
+    from pathlib import Path
+
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    from livetrain.checkpoint_sync import recover
+
+    load_model = BaseModelLoader.load_model
+
+    def load_model_after_recovery(self, vllm_config, model_config, *args, **kwargs):
+        if Path(model_config.model).is_dir():
+            recover(Path(model_config.model))
+        return load_model(self, vllm_config, model_config, *args, **kwargs)
+
+    BaseModelLoader.load_model = load_model_after_recovery

@@ -1,0 +1,556 @@
+"""checkpoint_sync: block diff, in-place write-back, and crash safety under kill -9.
+
+Expected bytes are computed independently of livetrain: headers are parsed here from the
+raw files, and the bytes a live tensor should have on disk come from safetensors' own
+serializer, so a shared bug in livetrain's parser or cast path cannot hide itself.
+
+The fault-injection test runs `sync` in real child processes that SIGKILL themselves at
+a chosen I/O call. Importing torch costs about a second per process, so this file doubles
+as a fork server (`python test_checkpoint_sync.py JOBS.json`): it imports once and forks
+one child per kill point.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import torch
+from safetensors.torch import load_file, save, save_file
+
+from livetrain.checkpoint_sync import (
+    JOURNAL,
+    JournalCorrupt,
+    apply_journal,
+    plan,
+    recover,
+    sync,
+    write_journal,
+)
+
+TMP_JOURNAL = f"{JOURNAL}.tmp"
+FAULT_BLOCK = 256  # small blocks: many pwrite calls, so many kill points inside step 2
+Change = Literal["dense", "one", "same", "clean"]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One checkpoint tensor and what training did to it.
+
+    change: "dense" (most elements differ), "one" (a single element differs), "same"
+    (unchanged but reported dirty), "clean" (unchanged and not dirty: must not be read).
+    """
+
+    name: str
+    dtype: torch.dtype  # dtype in the file
+    shape: tuple[int, ...]
+    change: Change
+    live_dtype: torch.dtype  # dtype the trainer holds it in; sync casts to the file's
+    shard: int
+
+
+# Byte sizes are deliberately not multiples of 4096 (or of 256/512), so blocks straddle
+# tensor boundaries; the float32 live copies of bf16/fp16 tensors exercise the cast.
+SPECS = [
+    Spec("model.embed_tokens.weight", torch.float32, (37, 29), "dense", torch.float32, 0),
+    Spec(
+        "model.layers.0.self_attn.q_proj.weight", torch.bfloat16, (61, 45), "one", torch.bfloat16, 0
+    ),  # noqa: E501
+    Spec("model.layers.0.input_layernorm.weight", torch.float16, (777,), "clean", torch.float16, 0),
+    Spec("model.layers.0.mlp.up_proj.weight", torch.float32, (50, 33), "same", torch.float32, 0),
+    Spec("model.layers.0.scale", torch.float32, (), "dense", torch.float32, 0),
+    Spec(
+        "model.layers.1.self_attn.q_proj.weight", torch.bfloat16, (3001,), "dense", torch.float32, 1
+    ),  # noqa: E501
+    Spec("model.layers.1.mlp.down_proj.weight", torch.float16, (41, 67), "one", torch.float16, 1),
+    Spec(
+        "model.layers.1.post_attention_layernorm.weight",
+        torch.bfloat16,
+        (517,),
+        "same",
+        torch.float32,
+        1,
+    ),  # noqa: E501
+    Spec("model.layers.1.empty", torch.float32, (0, 4), "dense", torch.float32, 1),
+    Spec("model.norm.weight", torch.float16, (123,), "clean", torch.float16, 1),
+    Spec("lm_head.weight", torch.float32, (2, 3), "one", torch.float32, 1),
+]
+SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
+@dataclass
+class Model:
+    dir: Path
+    files: list[str]
+    old: dict[str, torch.Tensor]  # what the files hold, in the file dtype
+    new: dict[str, torch.Tensor]  # live tensors, in the live dtype
+    dirty: set[str]
+
+    def live(self, name: str) -> torch.Tensor:
+        assert name in self.dirty, f"{name} is not dirty and must not be read"
+        return self.new[name]
+
+
+def build_model(model_dir: Path, sharded: bool) -> Model:
+    """A model directory holding the old weights, and the live (new) weights beside it."""
+    gen = torch.Generator().manual_seed(1234)
+    old: dict[str, torch.Tensor] = {}
+    new: dict[str, torch.Tensor] = {}
+    for spec in SPECS:
+        base = torch.randn(spec.shape, generator=gen).to(spec.dtype)
+        live = base.to(spec.live_dtype, copy=True)  # never an alias of the old value
+        if spec.change == "dense":
+            live = live + torch.randn(spec.shape, generator=gen).to(spec.live_dtype)
+        elif spec.change == "one":
+            i = int(torch.randint(base.numel(), (1,), generator=gen))
+            live.view(-1)[i] += 1.0
+        old[spec.name], new[spec.name] = base, live
+    model_dir.mkdir(parents=True)
+    if sharded:
+        files = SHARDS
+        for shard, file in enumerate(files):
+            part = {s.name: old[s.name] for s in SPECS if s.shard == shard}
+            save_file(part, model_dir / file, metadata={"format": "pt"})
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in old.values())},
+            "weight_map": {s.name: files[s.shard] for s in SPECS},
+        }
+        (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        files = ["model.safetensors"]
+        save_file(old, model_dir / files[0], metadata={"format": "pt"})
+    dirty = {s.name for s in SPECS if s.change != "clean"}
+    return Model(model_dir, files, old, new, dirty)
+
+
+@pytest.fixture(params=[False, True], ids=["single", "sharded"])
+def model(request: pytest.FixtureRequest, tmp_path: Path) -> Model:
+    return build_model(tmp_path / "model", sharded=request.param)
+
+
+def as_file_bytes(tensor: torch.Tensor, dtype: torch.dtype) -> bytes:
+    """The data bytes safetensors itself writes for `tensor` stored as `dtype`."""
+    raw = save({"t": tensor.to(dtype).contiguous()})
+    (length,) = struct.unpack("<Q", raw[:8])
+    return raw[8 + length :]
+
+
+def layout(raw: bytes) -> tuple[int, dict[str, tuple[torch.dtype, int, int]]]:
+    """Header end and each tensor's (dtype, begin, end) absolute byte range, parsed here."""
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    header.pop("__metadata__", None)
+    codes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    data = 8 + length
+    tensors = {
+        name: (codes[info["dtype"]], data + info["data_offsets"][0], data + info["data_offsets"][1])
+        for name, info in header.items()
+    }
+    return data, tensors
+
+
+def snapshot(model: Model, model_dir: Path | None = None) -> dict[str, bytes]:
+    """The raw bytes of the model's weight files (in `model_dir` if given)."""
+    return {f: ((model_dir or model.dir) / f).read_bytes() for f in model.files}
+
+
+def expected_new_files(model: Model, old_files: dict[str, bytes]) -> dict[str, bytes]:
+    """The old files with every dirty tensor's data replaced by its live value."""
+    result = {}
+    for file, raw in old_files.items():
+        buf = bytearray(raw)
+        for name, (dtype, begin, end) in layout(raw)[1].items():
+            if name in model.dirty:
+                buf[begin:end] = as_file_bytes(model.new[name], dtype)
+        result[file] = bytes(buf)
+    return result
+
+
+def assert_holds(model: Model, which: Literal["old", "new"], context: object = "") -> None:
+    """The directory loads, and every tensor is bitwise the old or the new value."""
+    want = model.old if which == "old" else model.new
+    for file in model.files:
+        for name, tensor in load_file(model.dir / file).items():
+            expected = want[name] if name in model.dirty else model.old[name]
+            assert tensor.dtype == model.old[name].dtype and tensor.shape == expected.shape
+            assert as_file_bytes(tensor, tensor.dtype) == as_file_bytes(expected, tensor.dtype), (
+                f"{file}:{name} is not the {which} value {context}"
+            )
+
+
+def no_journal(model_dir: Path) -> bool:
+    return not (model_dir / JOURNAL).exists() and not (model_dir / TMP_JOURNAL).exists()
+
+
+# 1. The block diff ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [4096, 512])
+def test_plan_writes_exactly_the_differing_file_aligned_blocks(model: Model, block: int) -> None:
+    old_files = snapshot(model)
+    new_files = expected_new_files(model, old_files)
+    expected: list[tuple[str, int, bytes]] = []
+    windows = 0
+    for file, raw in old_files.items():
+        for begin, end in (span[1:] for span in layout(raw)[1].values()):
+            # Every file-aligned window [k*B, (k+1)*B) the tensor overlaps, clipped to it
+            # (an empty tensor overlaps none).
+            for k in range(begin // block, -(-end // block) if end > begin else 0):
+                lo, hi = max(begin, k * block), min(end, (k + 1) * block)
+                windows += 1
+                if raw[lo:hi] != new_files[file][lo:hi]:
+                    expected.append((file, lo, new_files[file][lo:hi]))
+    assert 0 < len(expected) < windows  # the diff is neither empty nor everything
+
+    read: list[str] = []
+
+    def live(name: str) -> torch.Tensor:
+        read.append(name)
+        return model.live(name)  # raises for a tensor that is not dirty
+
+    writes, result = plan(model.dir, live, model.dirty.__contains__, block)
+
+    assert sorted((w.file, w.offset, w.data) for w in writes) == sorted(expected)
+    assert result.blocks_total == windows
+    assert result.blocks_changed == len(expected)
+    assert result.bytes_written == sum(len(data) for _, _, data in expected)
+    assert result.files == sorted({file for file, _, _ in expected})
+    assert set(read) <= model.dirty and len(read) == len(set(read))
+    assert snapshot(model) == old_files  # planning never writes
+
+
+# 2. A complete sync ---------------------------------------------------------------------
+
+
+def test_sync_writes_the_new_weights_in_place(model: Model) -> None:
+    old_files = snapshot(model)
+    new_files = expected_new_files(model, old_files)
+
+    first = sync(model.dir, model.live, model.dirty.__contains__, block_size=512)
+
+    assert first.blocks_changed > 0 and first.files
+    assert_holds(model, "new")
+    after = snapshot(model)
+    for file, raw in after.items():
+        header_end = layout(old_files[file])[0]
+        assert raw[:header_end] == old_files[file][:header_end]  # names, shapes, offsets
+        assert len(raw) == len(old_files[file])
+        assert raw == new_files[file]  # nothing outside the tensors' data moved either
+    assert no_journal(model.dir)
+
+    second = sync(model.dir, model.live, model.dirty.__contains__, block_size=512)
+    assert (second.blocks_changed, second.bytes_written, second.files) == (0, 0, [])
+    assert snapshot(model) == after and no_journal(model.dir)
+
+
+# 3. Crash safety under kill -9 -------------------------------------------------------------
+
+
+def test_kill_at_any_io_call_then_recover_gives_all_old_or_all_new(
+    model: Model, tmp_path: Path
+) -> None:
+    template = model.dir
+    old_files = snapshot(model)
+    new_path = tmp_path / "new.safetensors"
+    save_file({n: t.contiguous() for n, t in model.new.items() if n in model.dirty}, new_path)
+
+    def run_children(jobs: list[dict[str, Any]]) -> list[int]:
+        """Each job: a fresh copy of the old directory, synced in a forked child."""
+        for job in jobs:
+            shutil.copytree(template, job["dir"])
+        spec = {"new": str(new_path), "block_size": FAULT_BLOCK, "jobs": jobs}
+        spec["results"] = str(tmp_path / "results.json")
+        spec_path = tmp_path / "jobs.json"
+        spec_path.write_text(json.dumps(spec))
+        subprocess.run([sys.executable, __file__, str(spec_path)], check=True, timeout=120)
+        return json.loads(Path(spec["results"]).read_text())
+
+    # Counting run: no kill, learn the sequence of injectable I/O calls.
+    counted = tmp_path / "counted"
+    trace_path = tmp_path / "trace.json"
+    job = {"dir": str(counted), "kill_at": None, "torn": False, "seed": 0, "trace": str(trace_path)}
+    assert run_children([job]) == [0]
+    trace: list[str] = json.loads(trace_path.read_text())
+    k = len(trace)
+    assert k >= 40 and trace.count("replace") == 1
+    assert snapshot(model, counted) == expected_new_files(model, old_files)
+
+    # Every point, clean (killed just before the call); the writes also torn (a random
+    # prefix of the data reaches the file, then the kill).
+    jobs = [
+        {"dir": str(tmp_path / f"kill-{i}-{torn}"), "kill_at": i, "torn": torn, "seed": i}
+        for i, kind in enumerate(trace)
+        for torn in ([False, True] if kind in ("pwrite", "journal.write") else [False])
+    ]
+    statuses = run_children(jobs)
+    assert statuses == [-signal.SIGKILL] * len(jobs), "a child did not die at its kill point"
+
+    commit = trace.index("replace")  # rename of the journal: the commit point
+    outcomes: Counter[str] = Counter()
+    for job in jobs:
+        killed = Model(Path(job["dir"]), model.files, model.old, model.new, model.dirty)
+        recover(killed.dir)
+        # Killed before the rename ran: old weights; after it: new ones (module docstring).
+        which: Literal["old", "new"] = "old" if job["kill_at"] <= commit else "new"
+        context = {**job, "call": trace[job["kill_at"]]}
+        assert_holds(killed, which, context)
+        assert no_journal(killed.dir), context
+        outcomes[which] += 1
+    assert outcomes["old"] > 0 and outcomes["new"] > 0
+    print(f"K={k} injection points {dict(Counter(trace))}, {len(jobs)} kills: {dict(outcomes)}")
+
+
+def _sync_with_faults(job: dict[str, Any], new: dict[str, torch.Tensor], block: int) -> list[str]:
+    """Run one sync, SIGKILLing this process before injectable I/O call `kill_at`.
+
+    Returns the calls made (only reached when the sync is not killed).
+    """
+    trace: list[str] = []
+    rng = random.Random(job["seed"])
+
+    def point(kind: str, tear: Callable[[Callable[[int], int]], object]) -> None:
+        if len(trace) == job["kill_at"]:
+            if job["torn"]:
+                tear(lambda n: rng.randrange(1, n) if n > 1 else 0)
+            os.kill(os.getpid(), signal.SIGKILL)
+        trace.append(kind)
+
+    def no_tear(_: Callable[[int], int]) -> None:
+        pass
+
+    real_pwrite, real_fsync = os.pwrite, os.fsync
+    real_replace, real_unlink = os.replace, os.unlink
+    real_path_open = pathlib.Path.open
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        point("pwrite", lambda cut: real_pwrite(fd, data[: cut(len(data))], offset))
+        return real_pwrite(fd, data, offset)
+
+    def fsync(fd: int) -> None:
+        point("fsync", no_tear)
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        point("replace", no_tear)
+        real_replace(src, dst)
+
+    def unlink(path: Any) -> None:
+        point("unlink", no_tear)
+        real_unlink(path)
+
+    class FaultyFile:
+        """The journal's file object: its writes and flush are kill points too."""
+
+        def __init__(self, f: Any) -> None:
+            self._f = f
+
+        def write(self, data: bytes) -> int:
+            def tear(cut: Callable[[int], int]) -> None:
+                self._f.write(data[: cut(len(data))])
+                self._f.flush()  # the prefix reaches the OS; the kill loses the rest
+
+            point("journal.write", tear)
+            return self._f.write(data)
+
+        def flush(self) -> None:
+            point("journal.flush", no_tear)
+            self._f.flush()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._f, name)
+
+        def __enter__(self) -> FaultyFile:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._f.__exit__(*exc)
+
+    def path_open(self: pathlib.Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = real_path_open(self, mode, *args, **kwargs)
+        return FaultyFile(f) if self.name == TMP_JOURNAL and "w" in mode else f
+
+    os.pwrite, os.fsync, os.replace, os.unlink = pwrite, fsync, replace, unlink
+    pathlib.Path.open = path_open  # type: ignore[method-assign]
+    sync(Path(job["dir"]), new.__getitem__, new.__contains__, block_size=block)
+    return trace
+
+
+def _fork_server(spec_path: str) -> None:
+    """Run each job in a forked child; record how each child ended (-9: SIGKILL)."""
+    torch.set_num_threads(1)  # no intra-op thread pool to inherit across fork()
+    spec = json.loads(Path(spec_path).read_text())
+    new = load_file(spec["new"])
+    results = []
+    for job in spec["jobs"]:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.alarm(60)  # a hung child dies rather than hanging the test
+                trace = _sync_with_faults(job, new, spec["block_size"])
+                if job.get("trace"):
+                    Path(job["trace"]).write_text(json.dumps(trace))
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        results.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    Path(spec["results"]).write_text(json.dumps(results))
+
+
+# 4. recover on its own ---------------------------------------------------------------------
+
+
+def test_recover_discards_an_uncommitted_journal(model: Model) -> None:
+    before = snapshot(model)
+    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
+    write_journal(model.dir, writes)
+    # A fully written journal that was never renamed is still uncommitted.
+    os.replace(model.dir / JOURNAL, model.dir / TMP_JOURNAL)
+
+    assert recover(model.dir) == "discarded an uncommitted sync"
+    assert snapshot(model) == before and no_journal(model.dir)
+    assert recover(model.dir) is None
+
+
+def test_recover_replays_a_committed_journal_idempotently(model: Model) -> None:
+    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
+    journal = write_journal(model.dir, writes)
+    committed = journal.read_bytes()
+    apply_journal(model.dir)
+    assert_holds(model, "new")
+    # As if killed after the blocks were written but before the journal was unlinked.
+    journal.write_bytes(committed)
+
+    assert recover(model.dir) == "completed a committed sync"
+    assert_holds(model, "new")
+    assert no_journal(model.dir)
+    assert recover(model.dir) is None
+
+
+# 5. A damaged journal is refused ----------------------------------------------------------
+
+
+def test_recover_refuses_a_journal_with_a_flipped_payload_byte(model: Model) -> None:
+    before = snapshot(model)
+    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
+    journal = write_journal(model.dir, writes)
+    raw = bytearray(journal.read_bytes())
+    raw[-1 - len(writes[-1].data) // 2] ^= 0x01  # a byte inside the last block's payload
+    journal.write_bytes(bytes(raw))
+
+    with pytest.raises(JournalCorrupt):
+        recover(model.dir)
+    assert snapshot(model) == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the journal's SHA-256 covers only the payload, not the header that says "
+    "where each block goes; a flipped digit in an offset passes the check and recover() "
+    "writes the blocks at the wrong offsets",
+)
+def test_recover_refuses_a_journal_with_a_flipped_offset(model: Model) -> None:
+    before = snapshot(model)
+    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
+    journal = write_journal(model.dir, writes)
+    raw = journal.read_bytes()
+    field = f'"offset": {writes[0].offset}'.encode()
+    at = raw.index(field) + len(field) - 1  # last digit: still valid JSON, another offset
+    journal.write_bytes(raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1 :])
+
+    with pytest.raises(JournalCorrupt):
+        recover(model.dir)
+    assert snapshot(model) == before
+
+
+# 6. A model directory that cannot be written ---------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["file", "directory"])
+def test_sync_on_read_only_model_raises_and_changes_nothing(model: Model, target: str) -> None:
+    paths = [model.dir / f for f in model.files] if target == "file" else [model.dir]
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in paths}
+    for p in paths:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    try:
+        if all(os.access(p, os.W_OK) for p in paths):
+            pytest.skip("permissions do not bind this user (root): see the simulated test")
+        before = snapshot(model)
+        with pytest.raises(OSError):
+            sync(model.dir, model.live, model.dirty.__contains__)
+        assert snapshot(model) == before
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+
+
+def deny_writes(monkeypatch: pytest.MonkeyPatch, model: Model, target: str) -> None:
+    """EACCES on writing the weight files or creating files in the directory, as a
+    read-only file or directory would give an unprivileged user; works as root too."""
+    if target == "file":
+        real_open = os.open
+
+        def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if Path(path).name in model.files and flags & (os.O_WRONLY | os.O_RDWR):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", os_open)
+    else:
+        real_path_open = pathlib.Path.open
+
+        def path_open(self: pathlib.Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            if self.parent == model.dir and not self.exists() and "w" in mode:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return real_path_open(self, mode, *args, **kwargs)
+
+        monkeypatch.setattr(pathlib.Path, "open", path_open)
+
+
+@pytest.mark.parametrize("target", ["file", "directory"])
+def test_sync_with_writes_denied_raises_and_changes_nothing(
+    model: Model, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    before = snapshot(model)
+    deny_writes(monkeypatch, model, target)
+    with pytest.raises(OSError):
+        sync(model.dir, model.live, model.dirty.__contains__)
+    assert snapshot(model) == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: sync commits the journal before opening the weight files for writing; "
+    "when that open fails (read-only file) sync raises but leaves a committed journal, so "
+    "every later recover()/sync() raises until the file is writable, and then recover() "
+    "applies the weights of the sync that reported failure",
+)
+def test_failed_sync_on_read_only_file_leaves_no_committed_journal(
+    model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deny_writes(monkeypatch, model, "file")
+    with pytest.raises(OSError):
+        sync(model.dir, model.live, model.dirty.__contains__)
+    assert no_journal(model.dir)
+
+
+if __name__ == "__main__":
+    _fork_server(sys.argv[1])
