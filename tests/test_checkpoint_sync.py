@@ -67,29 +67,19 @@ class Spec:
 
 # Byte sizes are deliberately not multiples of 4096 (or of 256/512), so blocks straddle
 # tensor boundaries; the float32 live copies of bf16/fp16 tensors exercise the cast.
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 SPECS = [
-    Spec("model.embed_tokens.weight", torch.float32, (37, 29), "dense", torch.float32, 0),
-    Spec(
-        "model.layers.0.self_attn.q_proj.weight", torch.bfloat16, (61, 45), "one", torch.bfloat16, 0
-    ),  # noqa: E501
-    Spec("model.layers.0.input_layernorm.weight", torch.float16, (777,), "clean", torch.float16, 0),
-    Spec("model.layers.0.mlp.up_proj.weight", torch.float32, (50, 33), "same", torch.float32, 0),
-    Spec("model.layers.0.scale", torch.float32, (), "dense", torch.float32, 0),
-    Spec(
-        "model.layers.1.self_attn.q_proj.weight", torch.bfloat16, (3001,), "dense", torch.float32, 1
-    ),  # noqa: E501
-    Spec("model.layers.1.mlp.down_proj.weight", torch.float16, (41, 67), "one", torch.float16, 1),
-    Spec(
-        "model.layers.1.post_attention_layernorm.weight",
-        torch.bfloat16,
-        (517,),
-        "same",
-        torch.float32,
-        1,
-    ),  # noqa: E501
-    Spec("model.layers.1.empty", torch.float32, (0, 4), "dense", torch.float32, 1),
-    Spec("model.norm.weight", torch.float16, (123,), "clean", torch.float16, 1),
-    Spec("lm_head.weight", torch.float32, (2, 3), "one", torch.float32, 1),
+    Spec("model.embed_tokens.weight", F32, (37, 29), "dense", F32, 0),
+    Spec("model.layers.0.self_attn.q_proj.weight", BF16, (61, 45), "one", BF16, 0),
+    Spec("model.layers.0.input_layernorm.weight", F16, (777,), "clean", F16, 0),
+    Spec("model.layers.0.mlp.up_proj.weight", F32, (50, 33), "same", F32, 0),
+    Spec("model.layers.0.scale", F32, (), "dense", F32, 0),
+    Spec("model.layers.1.self_attn.q_proj.weight", BF16, (3001,), "dense", F32, 1),
+    Spec("model.layers.1.mlp.down_proj.weight", F16, (41, 67), "one", F16, 1),
+    Spec("model.layers.1.post_attention_layernorm.weight", BF16, (517,), "same", F32, 1),
+    Spec("model.layers.1.empty", F32, (0, 4), "dense", F32, 1),
+    Spec("model.norm.weight", F16, (123,), "clean", F16, 1),
+    Spec("lm_head.weight", F32, (2, 3), "one", F32, 1),
 ]
 SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 
@@ -156,7 +146,7 @@ def layout(raw: bytes) -> tuple[int, dict[str, tuple[torch.dtype, int, int]]]:
     (length,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + length])
     header.pop("__metadata__", None)
-    codes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    codes = {"F32": F32, "BF16": BF16, "F16": F16}
     data = 8 + length
     tensors = {
         name: (codes[info["dtype"]], data + info["data_offsets"][0], data + info["data_offsets"][1])
@@ -461,12 +451,6 @@ def test_recover_refuses_a_journal_with_a_flipped_payload_byte(model: Model) -> 
     assert snapshot(model) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the journal's SHA-256 covers only the payload, not the header that says "
-    "where each block goes; a flipped digit in an offset passes the check and recover() "
-    "writes the blocks at the wrong offsets",
-)
 def test_recover_refuses_a_journal_with_a_flipped_offset(model: Model) -> None:
     before = snapshot(model)
     writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
@@ -536,13 +520,6 @@ def test_sync_with_writes_denied_raises_and_changes_nothing(
     assert snapshot(model) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sync commits the journal before opening the weight files for writing; "
-    "when that open fails (read-only file) sync raises but leaves a committed journal, so "
-    "every later recover()/sync() raises until the file is writable, and then recover() "
-    "applies the weights of the sync that reported failure",
-)
 def test_failed_sync_on_read_only_file_leaves_no_committed_journal(
     model: Model, monkeypatch: pytest.MonkeyPatch
 ) -> None:

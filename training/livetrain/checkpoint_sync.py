@@ -5,8 +5,10 @@ in file-aligned blocks (4 KiB by default); only differing blocks are written. Te
 that training never touched are skipped without being read.
 
 Crash safety, without copying whole files (ext4 has no reflinks): a redo journal.
-  1. the changed blocks and a SHA-256 of them go to `<dir>/.livetrain-sync.journal.tmp`,
-     which is fsynced and renamed to `.livetrain-sync.journal`  <- commit point
+  0. every file to be patched is opened for writing (fail before committing anything)
+  1. the changed blocks, where they go, and a SHA-256 over both go to
+     `<dir>/.livetrain-sync.journal.tmp`, which is fsynced and renamed to
+     `.livetrain-sync.journal`  <- commit point
   2. the blocks are written in place and the files fsynced
   3. the journal is deleted
 `recover(dir)` (run before anything loads the directory and before every sync)
@@ -121,13 +123,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _digest(table: list[dict], payload: bytes) -> str:
+    """Covers where every block goes as well as its bytes: a flipped offset is corruption.
+
+    The table is hashed in a canonical form, so the digest is checked against what
+    the reader actually parsed.
+    """
+    canonical = json.dumps(table, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(struct.pack("<Q", len(canonical)) + canonical + payload).hexdigest()
+
+
+def _check_writable(model_dir: Path, writes: list[BlockWrite]) -> None:
+    """Fail before the commit point: a committed journal that cannot be applied would
+    block every later load of the directory."""
+    for name in sorted({w.file for w in writes}):
+        os.close(os.open(model_dir / name, os.O_WRONLY))
+
+
 def write_journal(model_dir: Path, writes: list[BlockWrite]) -> Path:
     """Step 1: the journal, durable and then committed by rename."""
     payload = b"".join(w.data for w in writes)
-    header = json.dumps({
-        "writes": [{"file": w.file, "offset": w.offset, "length": len(w.data)} for w in writes],
-        "sha256": hashlib.sha256(payload).hexdigest(),
-    }).encode()  # fmt: skip
+    table = [{"file": w.file, "offset": w.offset, "length": len(w.data)} for w in writes]
+    header = json.dumps({"writes": table, "sha256": _digest(table, payload)}).encode()
     tmp = model_dir / f"{JOURNAL}.tmp"
     try:
         with tmp.open("wb") as f:
@@ -148,16 +165,19 @@ def _read_journal(path: Path) -> list[BlockWrite]:
     raw = path.read_bytes()
     if not raw.startswith(_MAGIC):
         raise JournalCorrupt(f"{path}: not a livetrain journal")
-    (length,) = struct.unpack("<Q", raw[len(_MAGIC) : len(_MAGIC) + 8])
-    start = len(_MAGIC) + 8
-    header = json.loads(raw[start : start + length])
-    payload = raw[start + length :]
-    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
-        raise JournalCorrupt(f"{path}: checksum mismatch; refusing to apply it")
-    writes, pos = [], 0
-    for w in header["writes"]:
-        writes.append(BlockWrite(w["file"], w["offset"], payload[pos : pos + w["length"]]))
-        pos += w["length"]
+    try:
+        (length,) = struct.unpack("<Q", raw[len(_MAGIC) : len(_MAGIC) + 8])
+        start = len(_MAGIC) + 8
+        header = json.loads(raw[start : start + length])
+        table, payload = header["writes"], raw[start + length :]
+        if _digest(table, payload) != header["sha256"]:
+            raise ValueError("checksum mismatch")
+        writes, pos = [], 0
+        for w in table:
+            writes.append(BlockWrite(w["file"], w["offset"], payload[pos : pos + w["length"]]))
+            pos += w["length"]
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
+        raise JournalCorrupt(f"{path}: {exc}; refusing to apply it") from None
     return writes
 
 
@@ -205,6 +225,7 @@ def sync(
     recover(model_dir)
     writes, result = plan(model_dir, live, dirty, block_size)
     if writes:
+        _check_writable(model_dir, writes)
         write_journal(model_dir, writes)
         apply_journal(model_dir)
     result.elapsed_ms = (time.perf_counter() - started) * 1000
