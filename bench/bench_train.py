@@ -64,7 +64,11 @@ def http_tokens_per_s(client: LivetrainClient, samples, steps: int) -> tuple[flo
     times, pauses = [], []
     for _ in range(steps + 2):
         started = time.perf_counter()
-        reply = client.http.post("/train", json={**body, **SETTINGS}).raise_for_status().json()
+        reply = (
+            client.http.post("/train", json={**body, **SETTINGS, "retrain": True})
+            .raise_for_status()
+            .json()
+        )
         times.append(time.perf_counter() - started)
         pauses.append(reply["pause_ms"])
     tokens = sum(len(c) for _, c in samples)
@@ -80,7 +84,7 @@ def weight_latency(client: LivetrainClient, sample, trials: int) -> dict[str, fl
         client.continuation_logprobs(context, continuation)
         plain.append((time.perf_counter() - t0) * 1000)
         old = client.continuation_logprobs(context, continuation)
-        client.train(context, continuation, lr=1e-3).raise_for_status()
+        client.train(context, continuation, lr=1e-3, retrain=True).raise_for_status()
         t0 = time.perf_counter()
         new = client.continuation_logprobs(context, continuation)
         fresh.append((time.perf_counter() - t0) * 1000)

@@ -24,7 +24,11 @@ def test_bf16_views_attach_match_and_learn(bf16_server):
         before = before if before is not None else sum(served)
         scored = bf16_server.http.post("/train/score", json=body).raise_for_status().json()
         np.testing.assert_allclose(scored["token_logprobs"][0], served, atol=BF16_LOGPROB_ATOL)
-        reply = bf16_server.train(context, continuation, lr=3e-3).raise_for_status().json()
+        reply = (
+            bf16_server.train(context, continuation, lr=3e-3, retrain=True)
+            .raise_for_status()
+            .json()
+        )
         assert reply["weight_version"] == step + 1
     after = sum(bf16_server.continuation_logprobs(context, continuation))
     assert after > before + 3.0, (before, after)

@@ -30,7 +30,7 @@ def test_train_sync_restart_continue(models, tmp_path_factory):
         context = first.tokenize("Snow fell on the station roof and")
         continuation = first.tokenize(" the last train waited with its doors open.")
         for _ in range(3):
-            first.train(context, continuation, lr=3e-3).raise_for_status()
+            first.train(context, continuation, lr=3e-3, retrain=True).raise_for_status()
         synced = first.continuation_logprobs(context, continuation)
         reply = first.http.post("/checkpoint").raise_for_status().json()
         assert reply["weight_version"] == 3 and reply["files"] == ["model.safetensors"]
@@ -39,7 +39,7 @@ def test_train_sync_restart_continue(models, tmp_path_factory):
         again = first.http.post("/checkpoint", json={}).raise_for_status().json()
         assert again["blocks_changed"] == 0 and again["bytes_written"] == 0
         # The uninterrupted run's next step, to compare with the restarted one.
-        first.train(context, continuation, lr=3e-3).raise_for_status()
+        first.train(context, continuation, lr=3e-3, retrain=True).raise_for_status()
         uninterrupted = first.continuation_logprobs(context, continuation)
 
     assert {n: (e.dtype, e.shape, e.begin, e.end) for n, e in list_tensors(model).items()} == (
@@ -54,8 +54,12 @@ def test_train_sync_restart_continue(models, tmp_path_factory):
         np.testing.assert_allclose(
             second.continuation_logprobs(context, continuation), synced, atol=RESTART_ATOL
         )
+        # The trained-sample record came back with the checkpoint.
+        assert second.train(context, continuation, lr=3e-3).status_code == 409
         for _ in range(3):  # a burst: the automatic sync fires once, after the last step
-            reply = second.train(context, continuation, lr=3e-3).raise_for_status().json()
+            reply = (
+                second.train(context, continuation, lr=3e-3, retrain=True).raise_for_status().json()
+            )
             if reply["weight_version"] == 4:
                 resumed = second.continuation_logprobs(context, continuation)
         np.testing.assert_allclose(resumed, uninterrupted, atol=RESTART_ATOL)

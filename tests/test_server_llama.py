@@ -45,7 +45,7 @@ def test_training_raises_served_logprob_in_place(llama_server, sample):
     before = sum(llama_server.continuation_logprobs(*sample))
     versions = []
     for _ in range(4):
-        reply = llama_server.train(*sample, lr=3e-3).raise_for_status().json()
+        reply = llama_server.train(*sample, lr=3e-3, retrain=True).raise_for_status().json()
         versions.append(reply["weight_version"])
         assert reply["tokens"] == len(sample[1]) and reply["elapsed_ms"] > 0
         # The very next completion already sees the new weights, exactly as trained.
@@ -58,7 +58,7 @@ def test_training_raises_served_logprob_in_place(llama_server, sample):
 
 def test_first_reply_loss_is_the_served_loss(llama_server, sample):
     served = llama_server.continuation_logprobs(*sample)
-    reply = llama_server.train(*sample, lr=1e-3).raise_for_status().json()
+    reply = llama_server.train(*sample, lr=1e-3, retrain=True).raise_for_status().json()
     assert reply["loss"] == pytest.approx(-np.mean(served), abs=LOGPROB_ATOL)
     assert reply["weight_version"] == 5
 
@@ -67,7 +67,7 @@ def test_prefix_cache_never_serves_old_weights(llama_server, sample):
     # Same prompt twice warms the prefix cache; a step in between must invalidate it.
     first = llama_server.continuation_logprobs(*sample)
     assert llama_server.continuation_logprobs(*sample) == first
-    llama_server.train(*sample, lr=3e-3).raise_for_status()
+    llama_server.train(*sample, lr=3e-3, retrain=True).raise_for_status()
     again = llama_server.continuation_logprobs(*sample)
     np.testing.assert_allclose(again, score(llama_server, *sample), atol=LOGPROB_ATOL)
     assert sum(again) > sum(first)
@@ -96,7 +96,7 @@ def test_completions_succeed_while_training(llama_server, sample):
         w.start()
     before = llama_server.status()["weight_version"]
     for _ in range(3):
-        llama_server.train(*sample, lr=1e-3).raise_for_status()
+        llama_server.train(*sample, lr=1e-3, retrain=True).raise_for_status()
     done.set()
     for w in workers:
         w.join()
@@ -112,7 +112,12 @@ def test_concurrent_train_requests_queue(llama_server, sample):
         with httpx.Client(
             base_url=llama_server.http.base_url, headers=llama_server.http.headers, timeout=120
         ) as http:
-            body = {"context_ids": sample[0], "continuation_ids": sample[1], "lr": 1e-4}
+            body = {
+                "context_ids": sample[0],
+                "continuation_ids": sample[1],
+                "lr": 1e-4,
+                "retrain": True,
+            }
             replies.append(http.post("/train", json=body).raise_for_status().json())
 
     threads = [threading.Thread(target=train) for _ in range(4)]
@@ -124,6 +129,27 @@ def test_concurrent_train_requests_queue(llama_server, sample):
     steps = sorted(r["optimizer_steps"] for r in replies)
     assert versions == [before["weight_version"] + i for i in range(1, 5)]
     assert steps == [before["steps"] + i for i in range(1, 5)]
+
+
+def test_a_sample_is_not_trained_twice_unless_asked(llama_server):
+    old = (
+        llama_server.tokenize("The ferry left at dawn;"),
+        llama_server.tokenize(" gulls followed."),
+    )
+    new = (llama_server.tokenize("At noon the market"), llama_server.tokenize(" smelled of bread."))
+    first = llama_server.train(*old, lr=1e-4).raise_for_status().json()
+    assert first["skipped_samples"] == 0
+    before = _state(llama_server, old)
+    again = llama_server.train(*old, lr=1e-4)
+    assert again.status_code == 409 and "retrain" in again.json()["error"]["message"]
+    assert _state(llama_server, old) == before
+    mixed = {"samples": [{"context_ids": c, "continuation_ids": t} for c, t in (old, new)]}
+    reply = llama_server.http.post("/train", json={**mixed, "lr": 1e-4}).raise_for_status().json()
+    assert reply["skipped_samples"] == 1 and reply["tokens"] == len(new[1])
+    forced = llama_server.train(*old, lr=1e-4, retrain=True).raise_for_status().json()
+    assert (
+        forced["skipped_samples"] == 0 and forced["weight_version"] == reply["weight_version"] + 1
+    )
 
 
 def _state(client, sample):
@@ -182,7 +208,7 @@ def test_bad_input_is_refused_and_changes_nothing(llama_server, sample, case):
 
 def test_overflowing_update_is_refused_and_changes_nothing(llama_server, sample):
     before = _state(llama_server, sample)
-    reply = llama_server.train(*sample, lr=1e300)
+    reply = llama_server.train(*sample, lr=1e300, retrain=True)
     assert reply.status_code == 422, reply.text
     assert "weights unchanged" in reply.json()["error"]["message"]
     assert _state(llama_server, sample) == before
@@ -247,6 +273,7 @@ def test_trainer_restart_keeps_state(llama_server, sample):
         before["steps"],
         before["optimizer_state_bytes"],
     )
-    reply = llama_server.train(*sample, lr=1e-3).raise_for_status().json()
+    assert llama_server.train(*sample, lr=1e-3).status_code == 409  # the record survived
+    reply = llama_server.train(*sample, lr=1e-3, retrain=True).raise_for_status().json()
     assert reply["optimizer_steps"] == before["steps"] + 1
     assert reply["weight_version"] == before["weight_version"] + 1

@@ -31,7 +31,9 @@ def test_views_give_vllm_logprobs_before_and_after_training(qwen2_server):
                 sample["context_ids"], sample["continuation_ids"]
             )
             np.testing.assert_allclose(trainer_view, served, atol=LOGPROB_ATOL)
-        reply = qwen2_server.http.post("/train", json={**body, "lr": 3e-3}).raise_for_status()
+        reply = qwen2_server.http.post(
+            "/train", json={**body, "lr": 3e-3, "retrain": True}
+        ).raise_for_status()
         assert reply.json()["weight_version"] == step + 1
         assert reply.json()["tokens"] == len(continuation) + 5
 

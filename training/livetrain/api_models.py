@@ -120,6 +120,7 @@ class TrainRequest(_Samples):
     proj_refresh: int = Field(_DEFAULTS.proj_refresh, ge=1)
     norm_growth_limit: float = Field(_DEFAULTS.norm_growth_limit, ge=1)
     seed: int = Field(_DEFAULTS.seed, ge=0, lt=2**63)
+    retrain: bool = False  # train samples even if an earlier step already trained them
 
     def settings(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(OptimizerSettings)}

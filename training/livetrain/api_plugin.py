@@ -136,11 +136,12 @@ class LivetrainEndpoints:
         data = await _read_json(request, self.config.max_body_bytes)
         body = _validate(TrainRequest, data, self.limits)
         try:
-            result = await supervisor.train(body.sample_list(), body.settings())
+            result = await supervisor.train(body.sample_list(), body.settings(), body.retrain)
         except TrainerUnavailable as exc:
             raise RequestError(503, str(exc), state=supervisor.state) from None
         except StepRefused as exc:
-            raise RequestError(422, f"step refused, weights unchanged: {exc}") from None
+            status = exc.status or 422
+            raise RequestError(status, f"step refused, weights unchanged: {exc}") from None
         return JSONResponse(result)
 
     async def _score(self, request: Request) -> JSONResponse:

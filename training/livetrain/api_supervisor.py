@@ -37,6 +37,10 @@ class TrainerUnavailable(RuntimeError):
 class StepRefused(RuntimeError):
     """The trainer refused a step (e.g. non-finite loss); nothing was changed."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 def model_state_dir(config: PluginConfig, model_dir: Path) -> Path:
     """Per-model state directory, private to the user."""
@@ -203,28 +207,35 @@ class TrainerSupervisor:
 
     # ---- operations ----------------------------------------------------------------
 
-    async def train(self, samples: list, settings: dict[str, Any]) -> dict[str, Any]:
+    async def train(
+        self, samples: list, settings: dict[str, Any], retrain: bool = False
+    ) -> dict[str, Any]:
         """One optimizer step; shielded so a client hang-up cannot split a step."""
-        return await asyncio.shield(asyncio.ensure_future(self._train(samples, settings)))
+        step = self._train(samples, settings, retrain)
+        return await asyncio.shield(asyncio.ensure_future(step))
 
-    async def _train(self, samples: list, settings: dict[str, Any]) -> dict[str, Any]:
+    async def _train(
+        self, samples: list, settings: dict[str, Any], retrain: bool
+    ) -> dict[str, Any]:
         async with self._lock:
             self._require_ready()
             started = time.perf_counter()
             self.state = "training"
             try:
-                result = await self._step(samples, settings)
+                result = await self._step(samples, settings, retrain)
             finally:
                 if self.state == "training":
                     self.state = "idle"
             result["elapsed_ms"] = (time.perf_counter() - started) * 1000
             return result
 
-    async def _step(self, samples: list, settings: dict[str, Any]) -> dict[str, Any]:
-        prepared = await self._call({"op": "prepare", "samples": samples, "settings": settings})
+    async def _step(self, samples: list, settings: dict[str, Any], retrain: bool) -> dict[str, Any]:
+        prepared = await self._call(
+            {"op": "prepare", "samples": samples, "settings": settings, "retrain": retrain}
+        )
         if not prepared["ok"]:
             await self._escalate(prepared)
-            raise StepRefused(prepared["error"])
+            raise StepRefused(prepared["error"], prepared.get("status"))
         version = self.weight_version + 1
         paused = time.perf_counter()
         await self._pause()
@@ -254,6 +265,7 @@ class TrainerSupervisor:
         return {
             "loss": prepared["loss"],
             "tokens": prepared["tokens"],
+            "skipped_samples": prepared["skipped_samples"],
             "weight_version": version,
             "optimizer_steps": applied["optimizer_steps"],
             "moments_reset": prepared["moments_reset"],

@@ -28,7 +28,9 @@ def run_demo(port: int, steps: int) -> None:
         print(f"\ncontinuation: {CONTINUATION!r} ({len(continuation)} tokens)")
         print(f"log p(continuation | context) served before training: {before:9.3f}")
         for _ in range(steps):
-            reply = client.train(context, continuation, lr=3e-3).raise_for_status().json()
+            reply = (
+                client.train(context, continuation, lr=3e-3, retrain=True).raise_for_status().json()
+            )
             after = sum(client.continuation_logprobs(context, continuation))
             print(
                 f"  /train -> loss {reply['loss']:.3f}, weight_version "

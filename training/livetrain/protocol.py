@@ -27,5 +27,6 @@ def decode(frame: bytes) -> dict[str, Any]:
     return _decoder.decode(frame)
 
 
-def failure(kind: str, error: str) -> dict[str, Any]:
-    return {"ok": False, "kind": kind, "error": error}
+def failure(kind: str, error: str, status: int | None = None) -> dict[str, Any]:
+    """A failed reply; `status` is the HTTP status the API server should answer with."""
+    return {"ok": False, "kind": kind, "error": error, "status": status}

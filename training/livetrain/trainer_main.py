@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import logging
 import os
 import sys
@@ -31,6 +32,14 @@ from livetrain.trainer_loss import continuation_logprobs, mean_loss
 from livetrain.trainer_model import AttachedModel, AttachError, attach
 
 log = logging.getLogger("livetrain.trainer")
+
+
+def sample_key(context: list[int], continuation: list[int]) -> bytes:
+    """SHA-256 of a sample's token ids (the split point included)."""
+    digest = hashlib.sha256(len(context).to_bytes(8, "little"))
+    for token in (*context, *continuation):
+        digest.update(token.to_bytes(8, "little"))
+    return digest.digest()
 
 
 def settings_from(message: dict[str, Any]) -> OptimizerSettings:
@@ -55,6 +64,8 @@ class Trainer:
         self.model_dir: Path | None = None
         self.block_bytes = PluginConfig().sync_block_bytes
         self.dirty: set[int] = set()  # ids of parameters changed since the files were synced
+        self.trained: set[bytes] = set()  # sample_key of every sample a step was applied to
+        self.pending_keys: set[bytes] = set()
 
     def attach(self, msg: dict[str, Any]) -> dict[str, Any]:
         config = PluginConfig(**msg["families"])
@@ -94,6 +105,7 @@ class Trainer:
                 log.warning("saved optimizer state does not fit this model: %s", exc)
             else:
                 self.saved_version = version
+                self.trained = trainer_state.samples_set(saved.get("trained_samples"))
                 return version
         moved = trainer_state.set_aside(self.state_dir, "stale")
         log.warning(
@@ -116,7 +128,8 @@ class Trainer:
             log.warning("checkpoint optimizer state does not fit this model: %s", exc)
             return False
         self.weight_version = self.saved_version = saved["weight_version"]
-        trainer_state.save(self.state_dir, self.weight_version, saved["optimizer"])
+        self.trained = trainer_state.samples_set(saved.get("trained_samples"))
+        self._save_now(self.weight_version)
         return True
 
     def _optimizer_status(self) -> dict[str, Any]:
@@ -134,10 +147,11 @@ class Trainer:
         """
         self.finish_save()
         snapshot, version = self.optimizer.state_dict(), self.weight_version
+        trained = trainer_state.samples_tensor(self.trained)
 
         def run() -> None:
             try:
-                trainer_state.save(self.state_dir, version, snapshot)
+                trainer_state.save(self.state_dir, version, snapshot, trained_samples=trained)
                 self.saved_version, self.save_error = version, None
             except Exception as exc:  # surfaced in every reply and in /train/status
                 log.exception("optimizer state not saved")
@@ -145,6 +159,14 @@ class Trainer:
 
         self._saver = threading.Thread(target=run, name="livetrain-save")
         self._saver.start()
+
+    def _save_now(self, version: int) -> None:
+        trainer_state.save(
+            self.state_dir,
+            version,
+            self.optimizer.state_dict(),
+            trained_samples=trainer_state.samples_tensor(self.trained),
+        )
 
     def finish_save(self) -> None:
         if self._saver is not None:
@@ -154,9 +176,20 @@ class Trainer:
     def prepare(self, msg: dict[str, Any]) -> dict[str, Any]:
         self.discard()
         settings = settings_from(msg)
+        samples = msg["samples"]
+        keys = [sample_key(ctx, cont) for ctx, cont in samples]
+        if not msg.get("retrain", False):
+            fresh = [i for i, key in enumerate(keys) if key not in self.trained]
+            if not fresh:
+                return protocol.failure(
+                    protocol.REFUSED,
+                    "every sample was already trained; send retrain: true to train on it again",
+                    status=409,
+                )
+            samples, keys = [samples[i] for i in fresh], [keys[i] for i in fresh]
         model = self.attached.model
         with torch.enable_grad():
-            loss = mean_loss(continuation_logprobs(model, msg["samples"]))
+            loss = mean_loss(continuation_logprobs(model, samples))
             if not torch.isfinite(loss):
                 return protocol.failure(protocol.REFUSED, f"non-finite loss ({loss.item()})")
             loss.backward()
@@ -165,10 +198,12 @@ class Trainer:
         except NonFiniteUpdate as exc:
             self.discard()
             return protocol.failure(protocol.REFUSED, str(exc))
+        self.pending_keys = set(keys)
         return {
             "ok": True,
             "loss": loss.item(),
-            "tokens": sum(len(cont) for _, cont in msg["samples"]),
+            "tokens": sum(len(cont) for _, cont in samples),
+            "skipped_samples": len(msg["samples"]) - len(samples),
             "moments_reset": list(self.pending.moments_reset),
         }
 
@@ -181,6 +216,7 @@ class Trainer:
             torch.cuda.synchronize()  # the write must land before vLLM resumes
         self.weight_version = msg["weight_version"]
         self.dirty.update(id(p) for p in self.attached.trainable.values())
+        self.trained |= self.pending_keys
         self.discard()
         self._start_save()
         return {"ok": True, **self._optimizer_status()}
@@ -204,12 +240,13 @@ class Trainer:
             self.optimizer.state_dict(),
             files=fingerprint(self.model_dir),
             name=trainer_state.CHECKPOINT_FILE,
+            trained_samples=trainer_state.samples_tensor(self.trained),
         )
         return {"ok": True, "weight_version": self.weight_version, **dataclasses.asdict(result)}
 
     def discard(self) -> None:
         """Forget a prepared step and its gradients (a refused or failed step)."""
-        self.pending = None
+        self.pending, self.pending_keys = None, set()
         if self.attached is not None:
             for param in self.attached.trainable.values():
                 param.grad = None

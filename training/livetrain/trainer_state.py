@@ -27,6 +27,7 @@ def save(
     optimizer: dict[str, torch.Tensor],
     files: dict[str, list[int]] | None = None,
     name: str = STATE_FILE,
+    trained_samples: torch.Tensor | None = None,
 ) -> None:
     """Write to a temp file and rename: a killed trainer leaves the old file or the new.
 
@@ -38,6 +39,8 @@ def save(
     payload = {"format": FORMAT, "weight_version": weight_version, "optimizer": optimizer}
     if files is not None:
         payload["files"] = files
+    if trained_samples is not None:
+        payload["trained_samples"] = trained_samples
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         torch.save(payload, f)
@@ -60,3 +63,15 @@ def set_aside(state_dir: Path, reason: str) -> Path:
     target = state_dir / f"{STATE_FILE}.{reason}"
     os.replace(path, target)
     return target
+
+
+def samples_tensor(keys: set[bytes]) -> torch.Tensor:
+    """The trained-sample record as a tensor ([n, 32] SHA-256 digests), sorted."""
+    rows = sorted(keys)
+    if not rows:
+        return torch.zeros((0, 32), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(b"".join(rows)), dtype=torch.uint8).reshape(-1, 32)
+
+
+def samples_set(tensor: torch.Tensor | None) -> set[bytes]:
+    return set() if tensor is None else {bytes(row.tolist()) for row in tensor}
