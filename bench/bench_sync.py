@@ -130,7 +130,8 @@ def blocks_per_step(
             trained = set(params)
             done = 0
             for steps in checkpoints:
-                train(model, optimizer, params, lr, range(done, steps), args)
+                if steps > done:  # the untrained baseline has no lr
+                    train(model, optimizer, params, lr, range(done, steps), args)
                 done = steps
                 live = model.state_dict()
                 for file_dtype in file_dtypes:
@@ -235,7 +236,8 @@ def diff_throughput(model_dir: Path, work: Path, args: argparse.Namespace) -> di
     """plan over every tensor, nothing changed, against comparing the same bytes in memory.
 
     The file stays in the page cache throughout (it was just copied), so plan's reads
-    are memory copies too: the ratio is the cost of its mmap copy, cast and block sums.
+    are memory copies too: the ratio is the cost of its per-tensor mmap and copy, its
+    cast (a no-op here, fp32 on both sides) and its per-block sums.
     """
     copy = fresh_copy(model_dir, work)
     live = load_file(copy / WEIGHTS)
