@@ -1,7 +1,8 @@
 """Write live weights back into a model's safetensors: changed blocks only, crash-safe.
 
 Diff: each checkpoint tensor is compared with the live one (cast to the file's dtype)
-in file-aligned blocks (4 KiB by default); only differing blocks are written. Tensors
+in file-aligned blocks (4 KiB by default); only differing blocks are written, adjacent
+ones merged into a single write. Tensors
 that training never touched are skipped without being read.
 
 Crash safety, without copying whole files (ext4 has no reflinks): a redo journal.
@@ -26,7 +27,7 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class JournalCorrupt(RuntimeError):
 
 @dataclass(frozen=True)
 class BlockWrite:
+    """A run of one or more adjacent changed blocks."""
+
     file: str  # name inside the model directory
     offset: int  # absolute byte offset in the file
     data: bytes
@@ -79,14 +82,16 @@ def _block_edges(start: int, nbytes: int, block: int) -> np.ndarray:
     return np.unique(np.clip(edges, 0, nbytes))
 
 
-def _changed_blocks(
+def _changed_runs(
     old: np.ndarray, new: np.ndarray, start: int, block: int
-) -> Iterator[tuple[int, int]]:
-    """(begin, end) byte ranges, relative to the tensor, of the blocks that differ."""
+) -> tuple[list[tuple[int, int]], int]:
+    """Byte ranges (relative to the tensor) of differing blocks, adjacent ones merged into
+    one run (one pwrite, one journal entry), and how many blocks differ in all."""
     edges = _block_edges(start, len(new), block)
-    differing = np.add.reduceat(old != new, edges[:-1])
-    for i in np.flatnonzero(differing):
-        yield int(edges[i]), int(edges[i + 1])
+    changed = np.add.reduceat(old != new, edges[:-1]) > 0
+    flips = np.flatnonzero(np.diff(np.concatenate(([False], changed, [False]))))
+    runs = [(int(edges[i]), int(edges[j])) for i, j in zip(flips[::2], flips[1::2], strict=True)]
+    return runs, int(changed.sum())
 
 
 def plan(
@@ -107,9 +112,10 @@ def plan(
         new = _live_bytes(live(name), entry)
         with entry.file.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             old = np.frombuffer(m, dtype=np.uint8, count=nbytes, offset=entry.begin).copy()
-        for lo, hi in _changed_blocks(old, new, entry.begin, block_size):
+        runs, blocks = _changed_runs(old, new, entry.begin, block_size)
+        result.blocks_changed += blocks
+        for lo, hi in runs:
             writes.append(BlockWrite(entry.file.name, entry.begin + lo, new[lo:hi].tobytes()))
-    result.blocks_changed = len(writes)
     result.bytes_written = sum(len(w.data) for w in writes)
     result.files = sorted({w.file for w in writes})
     return writes, result
@@ -181,10 +187,15 @@ def _read_journal(path: Path) -> list[BlockWrite]:
     return writes
 
 
-def apply_journal(model_dir: Path) -> None:
-    """Steps 2 and 3: write the committed blocks in place, make them durable, forget them."""
+def apply_journal(model_dir: Path, writes: list[BlockWrite] | None = None) -> None:
+    """Steps 2 and 3: write the committed blocks in place, make them durable, forget them.
+
+    `writes` are the blocks just journaled, when the caller still holds them; recovery
+    passes None and reads (and checks) them from the journal.
+    """
     path = model_dir / JOURNAL
-    writes = _read_journal(path)
+    if writes is None:
+        writes = _read_journal(path)
     by_file: dict[str, list[BlockWrite]] = {}
     for w in writes:
         by_file.setdefault(w.file, []).append(w)
@@ -227,6 +238,6 @@ def sync(
     if writes:
         _check_writable(model_dir, writes)
         write_journal(model_dir, writes)
-        apply_journal(model_dir)
+        apply_journal(model_dir, writes)
     result.elapsed_ms = (time.perf_counter() - started) * 1000
     return result
