@@ -530,6 +530,25 @@ def test_sync_with_writes_denied_raises_and_changes_nothing(
     assert snapshot(model) == before
 
 
+def test_full_disk_while_journaling_changes_nothing(
+    model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC before the commit point: no journal (not even a .tmp), files untouched."""
+    before = snapshot(model)
+    real_fsync = os.fsync
+
+    def full_disk(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".journal.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        sync(model.dir, model.live, model.dirty.__contains__)
+    assert snapshot(model) == before and no_journal(model.dir)
+    assert not list(model.dir.glob(".livetrain-sync.journal*"))
+
+
 def test_failed_sync_on_read_only_file_leaves_no_committed_journal(
     model: Model, monkeypatch: pytest.MonkeyPatch
 ) -> None:

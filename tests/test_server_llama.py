@@ -216,7 +216,13 @@ def test_overflowing_update_is_refused_and_changes_nothing(llama_server, sample)
 
 
 @pytest.mark.parametrize(
-    "route", [("POST", "/train"), ("POST", "/train/score"), ("GET", "/train/status")]
+    "route",
+    [
+        ("POST", "/train"),
+        ("POST", "/train/score"),
+        ("GET", "/train/status"),
+        ("POST", "/checkpoint"),
+    ],
 )
 @pytest.mark.parametrize("key", [None, "wrong-key"])
 def test_routes_demand_the_api_key(llama_server, sample, route, key):

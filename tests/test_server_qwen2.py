@@ -63,3 +63,6 @@ def test_trainer_refuses_views_that_differ_from_the_files(qwen2_server):
     reply = qwen2_server.http.post("/train", json={"context_ids": [1], "continuation_ids": [2]})
     assert reply.status_code == 503
     assert "model.norm.weight" in reply.json()["error"]["message"]
+    before = path.read_bytes()
+    assert qwen2_server.http.post("/checkpoint").status_code == 503
+    assert path.read_bytes() == before
