@@ -73,7 +73,9 @@ def saved_trainer(models, tmp_path, saved_version: int, served_version: int) -> 
     msg = {"samples": [([5, 6, 7], [8, 9])], "settings": {"lr": 1e-3}}
     assert writer.prepare(msg)["ok"] and writer.apply({"weight_version": 1})["ok"]
     writer.finish_save()
-    trainer_state.save(tmp_path, saved_version, writer.optimizer.state_dict())
+    trainer_state.save(
+        tmp_path, {"weight_version": saved_version, "optimizer": writer.optimizer.state_dict()}
+    )
     trainer = make_trainer(models["llama"])
     trainer.state_dir, trainer.weight_version = tmp_path, served_version
     return trainer

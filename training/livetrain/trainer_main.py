@@ -97,19 +97,13 @@ class Trainer:
         saved = trainer_state.load(self.state_dir)
         if saved is None:
             return None
-        version = saved["weight_version"]
-        if 0 < version <= self.weight_version:
-            try:
-                self.optimizer.load_state_dict(saved["optimizer"])
-            except ValueError as exc:
-                log.warning("saved optimizer state does not fit this model: %s", exc)
-            else:
-                self.saved_version = version
-                self.trained = trainer_state.samples_set(saved.get("trained_samples"))
-                return version
+        if 0 < saved["weight_version"] <= self.weight_version and self._adopt(saved):
+            return saved["weight_version"]
         moved = trainer_state.set_aside(self.state_dir, "stale")
         log.warning(
-            "optimizer state (version %s) is not for these weights; moved to %s", version, moved
+            "optimizer state (version %s) is not for these weights; moved to %s",
+            saved["weight_version"],
+            moved,
         )
         return None
 
@@ -122,15 +116,30 @@ class Trainer:
         saved = trainer_state.load(self.state_dir, trainer_state.CHECKPOINT_FILE)
         if saved is None or saved.get("files") != fingerprint(self.model_dir):
             return False
+        if not self._adopt(saved):
+            return False
+        self.weight_version = saved["weight_version"]
+        trainer_state.save(self.state_dir, self._snapshot())
+        return True
+
+    def _adopt(self, saved: dict[str, Any]) -> bool:
+        """Take over a saved optimizer state and trained-sample record, if they fit."""
         try:
             self.optimizer.load_state_dict(saved["optimizer"])
         except ValueError as exc:
-            log.warning("checkpoint optimizer state does not fit this model: %s", exc)
+            log.warning("saved optimizer state does not fit this model: %s", exc)
             return False
-        self.weight_version = self.saved_version = saved["weight_version"]
+        self.saved_version = saved["weight_version"]
         self.trained = trainer_state.samples_set(saved.get("trained_samples"))
-        self._save_now(self.weight_version)
         return True
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What a state file holds; the tensors are never written to afterwards."""
+        return {
+            "weight_version": self.weight_version,
+            "optimizer": self.optimizer.state_dict(),
+            "trained_samples": trainer_state.samples_tensor(self.trained),
+        }
 
     def _optimizer_status(self) -> dict[str, Any]:
         return {
@@ -146,27 +155,18 @@ class Trainer:
         `prepare` waits for the save first (`finish_save`).
         """
         self.finish_save()
-        snapshot, version = self.optimizer.state_dict(), self.weight_version
-        trained = trainer_state.samples_tensor(self.trained)
+        snapshot = self._snapshot()
 
         def run() -> None:
             try:
-                trainer_state.save(self.state_dir, version, snapshot, trained_samples=trained)
-                self.saved_version, self.save_error = version, None
+                trainer_state.save(self.state_dir, snapshot)
+                self.saved_version, self.save_error = snapshot["weight_version"], None
             except Exception as exc:  # surfaced in every reply and in /train/status
                 log.exception("optimizer state not saved")
                 self.save_error = f"{type(exc).__name__}: {exc}"
 
         self._saver = threading.Thread(target=run, name="livetrain-save")
         self._saver.start()
-
-    def _save_now(self, version: int) -> None:
-        trainer_state.save(
-            self.state_dir,
-            version,
-            self.optimizer.state_dict(),
-            trained_samples=trainer_state.samples_tensor(self.trained),
-        )
 
     def finish_save(self) -> None:
         if self._saver is not None:
@@ -234,14 +234,8 @@ class Trainer:
         except (OSError, checkpoint_sync.JournalCorrupt) as exc:
             return protocol.failure(protocol.REFUSED, f"checkpoint failed: {exc}")
         self.dirty.clear()
-        trainer_state.save(
-            self.state_dir,
-            self.weight_version,
-            self.optimizer.state_dict(),
-            files=fingerprint(self.model_dir),
-            name=trainer_state.CHECKPOINT_FILE,
-            trained_samples=trainer_state.samples_tensor(self.trained),
-        )
+        snapshot = {**self._snapshot(), "files": fingerprint(self.model_dir)}
+        trainer_state.save(self.state_dir, snapshot, trainer_state.CHECKPOINT_FILE)
         return {"ok": True, "weight_version": self.weight_version, **dataclasses.asdict(result)}
 
     def discard(self) -> None:

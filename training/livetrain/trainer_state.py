@@ -21,29 +21,18 @@ CHECKPOINT_FILE = "checkpoint_state.pt"  # the state that goes with the synced f
 FORMAT = 1
 
 
-def save(
-    state_dir: Path,
-    weight_version: int,
-    optimizer: dict[str, torch.Tensor],
-    files: dict[str, list[int]] | None = None,
-    name: str = STATE_FILE,
-    trained_samples: torch.Tensor | None = None,
-) -> None:
-    """Write to a temp file and rename: a killed trainer leaves the old file or the new.
+def save(state_dir: Path, snapshot: dict[str, Any], name: str = STATE_FILE) -> None:
+    """Write `snapshot` (see Trainer._snapshot) to a temp file and rename it into place.
 
-    No fsync: the state is only valid together with the weights in vLLM's memory, which
-    a machine crash loses too (vLLM then reloads from disk and this file is set aside).
+    A killed trainer leaves the old file or the new. No fsync: the state is only valid
+    together with the weights in vLLM's memory, which a machine crash loses too (vLLM
+    then reloads from disk and this file is set aside).
     """
     final = state_dir / name
     tmp = state_dir / f".{name}.{os.getpid()}.tmp"
-    payload = {"format": FORMAT, "weight_version": weight_version, "optimizer": optimizer}
-    if files is not None:
-        payload["files"] = files
-    if trained_samples is not None:
-        payload["trained_samples"] = trained_samples
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        torch.save(payload, f)
+        torch.save({"format": FORMAT, **snapshot}, f)
     os.replace(tmp, final)
 
 
