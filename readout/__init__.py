@@ -1,0 +1,1 @@
+"""Offline concept-readout tools: the story corpus and (later) direction extraction."""
