@@ -39,7 +39,13 @@ from common import BENCH_CONFIG, bench_model, random_samples  # noqa: E402
 
 from livetrain.apollo import Apollo  # noqa: E402
 from livetrain.checkpoint_files import list_tensors  # noqa: E402
-from livetrain.checkpoint_sync import apply_journal, plan, sync, write_journal  # noqa: E402
+from livetrain.checkpoint_sync import (  # noqa: E402
+    apply_journal,
+    fsync_path,
+    plan,
+    sync,
+    write_journal,
+)
 from livetrain.config import OptimizerSettings, PluginConfig  # noqa: E402
 from livetrain.tiny_model import DTYPES, build_tiny_model  # noqa: E402
 from livetrain.trainer_model import classify  # noqa: E402
@@ -48,14 +54,6 @@ LRS = (1e-4, 1e-5)
 STEPS = (1, 5)  # measured after this many steps, on one model
 WEIGHTS = "model.safetensors"
 Tensors = dict[str, torch.Tensor]
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fresh_copy(model_dir: Path, work: Path) -> Path:

@@ -121,7 +121,8 @@ def plan(
     return writes, result
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path (a rename is durable once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -163,7 +164,7 @@ def write_journal(model_dir: Path, writes: list[BlockWrite]) -> Path:
         raise
     final = model_dir / JOURNAL
     os.replace(tmp, final)
-    _fsync_dir(model_dir)
+    fsync_path(model_dir)
     return final
 
 
@@ -208,7 +209,7 @@ def apply_journal(model_dir: Path, writes: list[BlockWrite] | None = None) -> No
         finally:
             os.close(fd)
     os.unlink(path)
-    _fsync_dir(model_dir)
+    fsync_path(model_dir)
 
 
 def recover(model_dir: Path) -> str | None:
