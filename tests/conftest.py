@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+from livetrain import readout_format
 from livetrain.client import LivetrainClient
 from livetrain.launch import Server, plugin_env
 from livetrain.tiny_model import build_tiny_model
 
 API_KEY = "test-key-123"
 SERVE_ARGS = [
-    "--enforce-eager",
     "--max-model-len",
     "256",
     "--enable-prefix-caching",
@@ -42,6 +46,7 @@ def start_server(
     dtype: str = "float32",
     eager: bool = True,
     env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
 ) -> Iterator[LivetrainClient]:
     """A real vLLM server on `model` with a private state dir; yields a client.
 
@@ -52,6 +57,7 @@ def start_server(
     env["LIVETRAIN_RUNTIME_DIR"] = str(workdir / "run")
     args = [*SERVE_ARGS, "--dtype", dtype, *(["--enforce-eager"] if eager else [])]
     args += ["--api-key", api_key] if api_key else []
+    args += extra_args or []
     log = workdir / "server.log"
     with Server(model, free_port(), args, env=env, log_path=log) as server:
         try:
@@ -86,3 +92,70 @@ def qwen2_server(models: dict[str, Path], tmp_path_factory) -> Iterator[Livetrai
 def bf16_server(models: dict[str, Path], tmp_path_factory) -> Iterator[LivetrainClient]:
     """Qwen2 served in bfloat16 from fp32 files: vLLM casts, the trainer must agree."""
     yield from start_server(models["qwen2"], tmp_path_factory.mktemp("bf16"), None, "bfloat16")
+
+
+@dataclass
+class ReadoutServer:
+    url: str
+    api_key: str
+    concepts: list[str]
+    readout_dir: Path
+    model: Path
+    workdir: Path
+    client: LivetrainClient
+
+
+def write_readout(
+    folder: Path, concepts: list[str], layers: list[int], hidden: int, seed: int
+) -> Path:
+    """A readout with random unit directions and a calibration, in the trainers' format."""
+    gen = torch.Generator().manual_seed(seed)
+    readout_format.save(
+        folder,
+        readout_format.Readout(
+            concepts=concepts,
+            layers=layers,
+            vectors={
+                i: F.normalize(torch.randn(len(concepts), hidden, generator=gen), dim=1)
+                for i in layers
+            },
+            calibration=readout_format.Calibration(
+                mean={i: torch.randn(len(concepts), generator=gen).tolist() for i in layers},
+                std={i: (torch.rand(len(concepts), generator=gen) + 0.5).tolist() for i in layers},
+            ),
+        ),
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def readout_server(models: dict[str, Path], tmp_path_factory) -> Iterator[ReadoutServer]:
+    """Llama compiled (as vLLM defaults to) with a 100-concept readout on both blocks,
+    prefix caching, and chunked prefill forced by a small token budget per step."""
+    workdir = tmp_path_factory.mktemp("readout")
+    concepts = list(
+        json.loads(
+            (Path(__file__).parent.parent / "amygdala_stories" / "manifest.json").read_text()
+        )["concepts"]
+    )[:100]
+    folder = write_readout(workdir / "readout", concepts, [0, 1], 128, seed=0)
+    env = {"LIVETRAIN_READOUT": str(folder), "LIVETRAIN_READOUT_MAX_REQUESTS": "40"}
+    template = workdir / "chat_template.jinja"  # the tiny tokenizer has none of its own
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    for client in start_server(
+        models["llama"],
+        workdir,
+        API_KEY,
+        eager=False,
+        env=env,
+        extra_args=["--max-num-batched-tokens", "64", "--chat-template", str(template)],
+    ):
+        yield ReadoutServer(
+            client.http.base_url.__str__().rstrip("/"),
+            API_KEY,
+            concepts,
+            folder,
+            models["llama"],
+            workdir,
+            client,
+        )

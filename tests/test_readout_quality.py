@@ -563,8 +563,9 @@ def test_a_concept_without_signal_is_weak_against_neutral_text():
     acts_t = f32(acts)
     concept = ConceptData("c", None, list(range(8)), [(i, 8 + i) for i in range(8)], [], [])
     refit = _mean_diff_refit(acts_t)
-    layer = LayerData(0, refit("c", 0, concept.pairs)[None], acts_t, torch.zeros(HIDDEN),
-                      None, None, None, 1)
+    layer = LayerData(
+        0, refit("c", 0, concept.pairs)[None], acts_t, torch.zeros(HIDDEN), None, None, None, 1
+    )
     names = [str(i) for i in range(24)]
     entry = quality_report([concept], [layer], names, refit=refit, reference=list(range(16, 24)))
     entry = entry["concepts"]["c"]["layers"]["0"]

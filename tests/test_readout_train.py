@@ -21,8 +21,11 @@ from tests import planted
 REPO = Path(__file__).resolve().parent.parent
 STRONG = ["alpha", "zeta", "eta", "theta"]
 PLANTED_TRIAGE = {
-    "sign-flipped": ["epsilon"], "weak": ["delta"], "redundant": ["beta", "gamma"],
-    "fragmented": [], "clean": ["alpha", "zeta", "eta", "theta"],
+    "sign-flipped": ["epsilon"],
+    "weak": ["delta"],
+    "redundant": ["beta", "gamma"],
+    "fragmented": [],
+    "clean": ["alpha", "zeta", "eta", "theta"],
 }
 
 
@@ -138,8 +141,16 @@ def test_same_seed_same_bytes_other_seed_other_pairs(pca_run, corpus_and_model, 
 @pytest.mark.parametrize("aggregator", ["mean", "logistic", "logistic_l1"])
 def test_other_aggregators_recover_the_plant(corpus_and_model, tmp_path, aggregator):
     out = tmp_path / aggregator
-    readout = train("train_with_library.py", corpus_and_model, out,
-                    "--aggregator", aggregator, "--layers", "1", "--quality-report")
+    readout = train(
+        "train_with_library.py",
+        corpus_and_model,
+        out,
+        "--aggregator",
+        aggregator,
+        "--layers",
+        "1",
+        "--quality-report",
+    )
     cosines = _cosines(readout, corpus_and_model)
     if aggregator != "logistic_l1":
         assert min(cosines[c][0] for c in STRONG) > 0.8, (aggregator, cosines)

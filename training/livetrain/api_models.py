@@ -132,3 +132,17 @@ class CheckpointRequest(BaseModel):
     """POST /checkpoint takes no settings today; an empty object (or no body) is fine."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class ReadoutLoadRequest(BaseModel):
+    """POST /readout/load: a readout folder on the server's filesystem."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Annotated[str, Field(min_length=1)]
+
+
+class ReadoutQuery(BaseModel):
+    """Query of GET /readout/{id}: which choice (for n > 1 or several prompts)."""
+
+    model_config = ConfigDict(extra="forbid")
+    choice: Annotated[int, Field(ge=0)] = 0

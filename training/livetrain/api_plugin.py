@@ -4,6 +4,7 @@ POST /train          one optimizer step on raw token ids
 POST /train/score    continuation log-probs as the trainer's model sees them
 GET  /train/status   trainer state, weight version, optimizer settings and size
 POST /checkpoint     write the trained weights into the model's safetensors now
+/readout...          the live readout (api_readout.py)
 
 All of them change or reveal training state, so all honour vLLM's --api-key
 (vLLM's own middleware only guards /v1 and a few other prefixes).
@@ -11,7 +12,6 @@ All of them change or reveal training state, so all honour vLLM's --api-key
 
 from __future__ import annotations
 
-import json
 import logging
 from argparse import Namespace
 from pathlib import Path
@@ -19,23 +19,14 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
 
+from livetrain.api_http import RequestError, read_json, validate
 from livetrain.api_models import CheckpointRequest, ScoreRequest, TrainRequest
+from livetrain.api_readout import ReadoutRoutes
 from livetrain.api_supervisor import StepRefused, TrainerSupervisor, TrainerUnavailable
 from livetrain.config import PluginConfig
 
 log = logging.getLogger("livetrain.api")
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None, **extra: Any):
-        super().__init__(message)
-        self.status, self.field, self.extra = status, field, extra
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": str(self), "field": self.field, **self.extra}}
-        return JSONResponse(body, status_code=self.status)
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -55,34 +46,6 @@ def _api_tokens(args: Namespace) -> list[str]:
     return [key for key in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
 
 
-async def _read_json(request: Request, limit: int, empty: Any = None) -> Any:
-    """The parsed JSON body; `empty` stands in for a missing body where one is optional."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(413, f"request body is over {limit} bytes", field="body")
-    if not body and empty is not None:
-        return empty
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"malformed JSON: {exc}", field="body") from None
-
-
-def _validate(model: type[BaseModel], data: Any, context: dict[str, Any]) -> BaseModel:
-    try:
-        return model.model_validate(data, context=context)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
-        message = f"{field or 'body'}: {first['msg']}"
-        details = [
-            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
-        ]
-        raise RequestError(422, message, field=field, details=details) from None
-
-
 class LivetrainEndpoints:
     """Entry point of the `vllm.endpoint_plugins` group (see vLLM's EndpointPlugin)."""
 
@@ -94,6 +57,7 @@ class LivetrainEndpoints:
         self.supervisor: TrainerSupervisor | None = None
         self.limits: dict[str, int] = {}
         self.auth: Any = None  # vLLM's AuthenticationMiddleware, when keys are configured
+        self.readout = ReadoutRoutes(self.config)
 
     def attach_router(self, app: FastAPI) -> None:
         router = APIRouter(dependencies=[Depends(self._authorize)])
@@ -102,6 +66,7 @@ class LivetrainEndpoints:
         router.add_api_route("/train/status", self._status, methods=["GET"])
         router.add_api_route("/checkpoint", self._checkpoint, methods=["POST"])
         app.include_router(router)
+        self.readout.attach(app, self._authorize)
         app.add_exception_handler(RequestError, lambda _req, exc: exc.response())
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
@@ -121,6 +86,7 @@ class LivetrainEndpoints:
             engine_client, resolve_model_dir(model_config.model), self.config
         )
         self.supervisor.start()
+        await self.readout.start(engine_client)
 
     async def _authorize(self, request: Request) -> None:
         if self.auth is not None and not self.auth.verify_token(request.headers):
@@ -133,8 +99,8 @@ class LivetrainEndpoints:
 
     async def _train(self, request: Request) -> JSONResponse:
         supervisor = self._ready_supervisor()
-        data = await _read_json(request, self.config.max_body_bytes)
-        body = _validate(TrainRequest, data, self.limits)
+        data = await read_json(request, self.config.max_body_bytes)
+        body = validate(TrainRequest, data, self.limits)
         try:
             result = await supervisor.train(body.sample_list(), body.settings(), body.retrain)
         except TrainerUnavailable as exc:
@@ -146,8 +112,8 @@ class LivetrainEndpoints:
 
     async def _score(self, request: Request) -> JSONResponse:
         supervisor = self._ready_supervisor()
-        data = await _read_json(request, self.config.max_body_bytes)
-        body = _validate(ScoreRequest, data, self.limits)
+        data = await read_json(request, self.config.max_body_bytes)
+        body = validate(ScoreRequest, data, self.limits)
         try:
             return JSONResponse(await supervisor.score(body.sample_list()))
         except TrainerUnavailable as exc:
@@ -157,8 +123,8 @@ class LivetrainEndpoints:
 
     async def _checkpoint(self, request: Request) -> JSONResponse:
         supervisor = self._ready_supervisor()
-        data = await _read_json(request, self.config.max_body_bytes, empty={})
-        _validate(CheckpointRequest, data, self.limits)
+        data = await read_json(request, self.config.max_body_bytes, empty={})
+        validate(CheckpointRequest, data, self.limits)
         try:
             return JSONResponse(await supervisor.checkpoint())
         except TrainerUnavailable as exc:

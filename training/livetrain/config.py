@@ -68,6 +68,10 @@ class PluginConfig:
     train_embeddings: bool = False
     train_norms: bool = False
     train_lm_head: bool = False
+    # Live readout: scores of a request are kept this long after its last token, and at
+    # most this many requests are kept (oldest dropped first).
+    readout_ttl_s: float = 600.0
+    readout_max_requests: int = 1000
 
     @classmethod
     def from_env(cls) -> PluginConfig:

@@ -1,6 +1,6 @@
 """General plugin: runs in every vLLM process (API server, engine core, workers).
 
-Three changes, all idempotent because vLLM may load general plugins more than once:
+Four changes, all idempotent because vLLM may load general plugins more than once:
 - On CPU, vLLM prepacks each linear weight into a kernel-specific layout and frees
   the original, so writes to `layer.weight` would never reach inference. We keep
   the plain weight and run `F.linear` on it (the cost is measured in bench/).
@@ -8,6 +8,8 @@ Three changes, all idempotent because vLLM may load general plugins more than on
   `engine_client.collective_rpc`, which hands out zero-copy views of its weights.
 - Before vLLM reads a model directory, an interrupted checkpoint sync in it is
   finished or discarded (checkpoint_sync.recover), so vLLM never loads a torn file.
+- With a readout at launch (LIVETRAIN_READOUT), the model runner reports per-token
+  concept scores for requests that ask (worker_readout.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def register() -> None:
         _keep_cpu_weights_live()
     _add_worker_rpc()
     _recover_before_loading()
+    _enable_live_readout()
 
 
 def _use_plain_weight(self, layer: torch.nn.Module) -> None:
@@ -49,6 +52,7 @@ def _keep_cpu_weights_live() -> None:
 def _add_worker_rpc() -> None:
     from vllm.v1.worker.worker_base import WorkerBase
 
+    from livetrain import worker_readout
     from livetrain.worker_export import export_weights
 
     def livetrain_export_weights(self, hf_names: list[str]) -> dict:
@@ -56,7 +60,22 @@ def _add_worker_rpc() -> None:
             self.model_runner.get_model(), hf_names, self.parallel_config.world_size
         )
 
+    def livetrain_readout_load(self, folder: str, version: int) -> dict:
+        return worker_readout.load_rpc(folder, version)
+
     WorkerBase.livetrain_export_weights = livetrain_export_weights
+    WorkerBase.livetrain_readout_load = livetrain_readout_load
+
+
+def _enable_live_readout() -> None:
+    # The first process (the API server) validates the launch readout and creates the
+    # socket directory; the engine processes inherit both through the environment.
+    from livetrain import worker_readout
+    from livetrain.config import PluginConfig
+
+    worker_readout.prepare_launch(lambda: PluginConfig.from_env().private_runtime_dir())
+    worker_readout.add_layers_to_compile_hash()
+    worker_readout.install()
 
 
 def _recover_before_loading() -> None:

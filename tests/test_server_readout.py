@@ -1,0 +1,319 @@
+"""Live readout in a real vLLM server: parity with Hugging Face, batching, streaming,
+swapping readouts, bad input, auth, bounded memory.
+
+The reference for every score is computed independently: the Hugging Face model run on
+prompt + generated tokens, the output of each decoder block taken with a forward hook
+(HF's own hidden_states[-1] is after the final norm), projected onto the readout's
+vectors in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from livetrain import readout_format
+from livetrain.api_readout import ReadoutStore, client_choice
+from tests.conftest import ReadoutServer, write_readout
+
+pytestmark = pytest.mark.server
+ATOL = 1e-4  # fp32 end to end; measured differences are ~1e-6
+
+
+@pytest.fixture(scope="module")
+def hf(readout_server: ReadoutServer):
+    return AutoModelForCausalLM.from_pretrained(str(readout_server.model)).eval()
+
+
+@pytest.fixture(scope="module")
+def http(readout_server: ReadoutServer) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {readout_server.api_key}"}
+    return httpx.Client(base_url=readout_server.url, headers=headers, timeout=120)
+
+
+def block_outputs(hf, ids: list[int]) -> dict[int, torch.Tensor]:
+    """Output of every decoder block at every position, float64."""
+    outputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        block.register_forward_hook(
+            lambda _m, _a, out, i=i: outputs.__setitem__(
+                i, (out[0] if isinstance(out, tuple) else out)[0].double()
+            )
+        )
+        for i, block in enumerate(hf.model.layers)
+    ]
+    with torch.no_grad():
+        hf(torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    return outputs
+
+
+def complete(http: httpx.Client, prompt, readout: bool = True, **params) -> dict:
+    body = {
+        "model": http.get("/v1/models").json()["data"][0]["id"],
+        "prompt": prompt,
+        "max_tokens": 8,
+        "temperature": 0,
+        "return_token_ids": True,
+        **params,
+    }
+    if readout:
+        body["vllm_xargs"] = {"readout": True}
+    return http.post("/v1/completions", json=body).raise_for_status().json()
+
+
+def check_parity(
+    http,
+    hf,
+    readout: readout_format.Readout,
+    completion: dict,
+    prompt_ids: list[int],
+    choice: int = 0,
+) -> None:
+    got = (
+        http.get(f"/readout/{completion['id']}", params={"choice": choice})
+        .raise_for_status()
+        .json()
+    )
+    assert got["concepts"] == readout.concepts and got["layers"] == readout.layers
+    generated = [t["token_id"] for t in got["tokens"]]
+    assert [t["index"] for t in got["tokens"]] == list(range(len(generated)))
+    # the tokens vLLM returned for this choice (a piece's text alone can be half a character)
+    assert generated == completion["choices"][choice]["token_ids"]
+    blocks = block_outputs(hf, prompt_ids + generated[:-1])
+    for k, token in enumerate(got["tokens"]):
+        position = len(prompt_ids) - 1 + k  # the position whose output is token k
+        for layer in readout.layers:
+            expected = blocks[layer][position] @ readout.vectors[layer].double().T
+            torch.testing.assert_close(
+                torch.tensor(token["scores"][str(layer)], dtype=torch.float64),
+                expected,
+                atol=ATOL,
+                rtol=0,
+            )
+            cal = readout.calibration
+            z = (expected - torch.tensor(cal.mean[layer]).double()) / torch.tensor(
+                cal.std[layer]
+            ).double()
+            torch.testing.assert_close(
+                torch.tensor(token["z"][str(layer)]).double(), z, atol=ATOL * 10, rtol=1e-5
+            )
+
+
+def tokenize(http, text: str) -> list[int]:
+    return http.post("/tokenize", json={"prompt": text}).raise_for_status().json()["tokens"]
+
+
+def test_scores_match_hugging_face(readout_server, http, hf):
+    readout = readout_format.load(readout_server.readout_dir)
+    prompt = "The lamp flickered twice and the room went quiet."
+    completion = complete(http, prompt, max_tokens=10)
+    check_parity(http, hf, readout, completion, tokenize(http, prompt))
+
+
+def test_concurrent_requests_each_get_their_own_rows(readout_server, http, hf):
+    """Continuous batching with chunked prefill (prompts longer than the 64-token step
+    budget), n=2, requests without readout mixed in, then a second wave that hits the
+    prefix cache: every row must belong to its own request."""
+    readout = readout_format.load(readout_server.readout_dir)
+    words = [
+        "river",
+        "stone",
+        "lantern",
+        "window",
+        "quiet",
+        "morning",
+        "bread",
+        "letter",
+        "garden",
+        "engine",
+    ]
+    prompts = [" ".join(words[(k + j) % len(words)] for j in range(3 + 11 * k)) for k in range(8)]
+    results: dict[int, dict] = {}
+    plain: dict[int, dict] = {}
+
+    def run(k: int) -> None:
+        params = {"max_tokens": 4 + k % 5}
+        if k == 3:
+            params |= {"n": 2, "temperature": 1.0, "seed": None}
+        results[k] = complete(http, prompts[k], **params)
+        plain[k] = complete(http, prompts[k], readout=False, max_tokens=3)
+
+    for _wave in range(2):  # the second wave reuses the first wave's cached prefixes
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for k, completion in results.items():
+            for choice in range(len(completion["choices"])):
+                check_parity(http, hf, readout, completion, tokenize(http, prompts[k]), choice)
+        for completion in plain.values():
+            assert http.get(f"/readout/{completion['id']}").status_code == 404
+
+
+def test_stream_delivers_every_token_while_generating(readout_server, http):
+    model = http.get("/v1/models").json()["data"][0]["id"]
+    body = {
+        "model": model,
+        "prompt": "Once upon a time",
+        "max_tokens": 12,
+        "temperature": 0,
+        "stream": True,
+        "vllm_xargs": {"readout": True},
+    }
+    events: list[tuple[str, dict]] = []
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        completion_id = json.loads(first[6:])["id"]
+        with http.stream("GET", f"/readout/{completion_id}/stream") as sse:
+            assert sse.headers["content-type"].startswith("text/event-stream")
+            event = "message"
+            for line in sse.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    events.append((event, json.loads(line[6:])))
+                    event = "message"
+        for _ in lines:
+            pass
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "meta" and kinds[-1] == "done" and kinds.count("message") == 12
+    streamed = [data for kind, data in events if kind == "message"]
+    stored = http.get(f"/readout/{completion_id}").json()["tokens"]
+    assert streamed == stored
+
+
+def test_chat_completions_are_read_out(readout_server, http):
+    model = http.get("/v1/models").json()["data"][0]["id"]
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "vllm_xargs": {"readout": True},
+    }
+    chat = http.post("/v1/chat/completions", json=body).raise_for_status().json()
+    got = http.get(f"/readout/{chat['id']}").raise_for_status().json()
+    assert len(got["tokens"]) == chat["usage"]["completion_tokens"]
+    assert "".join(t["text"] for t in got["tokens"]) == chat["choices"][0]["message"]["content"]
+
+
+def test_swap_readout_and_refuse_bad_ones(readout_server, http, hf, tmp_path):
+    original = readout_format.load(readout_server.readout_dir)
+    prompt = "A gull landed on the rail."
+    bad = {
+        "missing": tmp_path / "nothing-here",
+        "bad-json": write_readout(tmp_path / "bad-json", ["a", "b"], [1], 128, seed=1),
+        "wrong-hidden": write_readout(tmp_path / "wrong-hidden", ["a", "b"], [1], 64, seed=1),
+    }
+    (bad["bad-json"] / readout_format.MANIFEST_FILE).write_text("{")
+    for name, folder in bad.items():
+        response = http.post("/readout/load", json={"path": str(folder)})
+        assert response.status_code == 422, name
+        assert response.json()["error"]["field"] == "path", name
+    uncaptured = write_readout(tmp_path / "layer-5", ["a"], [5], 128, seed=2)
+    response = http.post("/readout/load", json={"path": str(uncaptured)})
+    assert response.status_code == 422 and "not captured" in response.json()["error"]["message"]
+    for body in ({}, {"path": ""}, {"path": "x", "extra": 1}, {"path": 3}):
+        response = http.post("/readout/load", json=body)
+        assert response.status_code == 422 and response.json()["error"]["field"], body
+    # nothing changed: the launch readout still answers, and still scores correctly
+    assert http.get("/readout").json()["path"] == str(readout_server.readout_dir)
+    check_parity(http, hf, original, complete(http, prompt), tokenize(http, prompt))
+
+    swapped = write_readout(tmp_path / "second", ["x", "y", "z"], [1], 128, seed=3)
+    loaded = http.post("/readout/load", json={"path": str(swapped)}).raise_for_status().json()
+    assert loaded["concepts"] == ["x", "y", "z"] and loaded["layers"] == [1]
+    try:
+        check_parity(
+            http, hf, readout_format.load(swapped), complete(http, prompt), tokenize(http, prompt)
+        )
+    finally:
+        http.post(
+            "/readout/load", json={"path": str(readout_server.readout_dir)}
+        ).raise_for_status()
+
+
+def test_every_readout_route_needs_the_key_but_the_page(readout_server):
+    anonymous = httpx.Client(base_url=readout_server.url, timeout=30)
+    assert anonymous.get("/readout").status_code == 401
+    assert anonymous.get("/readout/cmpl-x").status_code == 401
+    assert anonymous.get("/readout/cmpl-x/stream").status_code == 401
+    assert anonymous.post("/readout/load", json={"path": "/"}).status_code == 401
+    page = anonymous.get("/readout/ui")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+def test_unknown_ids_and_bad_queries(http):
+    assert http.get("/readout/cmpl-doesnotexist").status_code == 404
+    response = http.get("/readout/cmpl-x", params={"choice": -1})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "choice"
+
+
+def test_memory_is_bounded(readout_server, http):
+    """The server keeps at most 40 requests' scores (LIVETRAIN_READOUT_MAX_REQUESTS)."""
+    first = complete(http, "first of many", max_tokens=1)
+    assert http.get(f"/readout/{first['id']}").status_code == 200
+    for k in range(41):
+        complete(http, f"filler {k}", max_tokens=1)
+    assert http.get(f"/readout/{first['id']}").status_code == 404
+
+
+def test_store_expires_idle_requests():
+    store = ReadoutStore(ttl_s=0.05, max_requests=10)
+    message = {
+        "v": 0,
+        "req_ids": ["cmpl-abc-0-0123abcd"],
+        "index": [0],
+        "n": [1],
+        "token_ids": [5],
+        "shape": [1, 1, 2],
+        "scores": bytes(8),
+    }
+    store.add(message)
+    assert "cmpl-abc" in store.requests
+    time.sleep(0.1)
+    store.expire()
+    assert not store.requests
+
+
+@pytest.mark.parametrize(
+    ("internal", "n", "expected"),
+    [
+        ("cmpl-99ce57acec5b3963-0-a085133b", 1, ("cmpl-99ce57acec5b3963", 0)),
+        ("1_cmpl-9b83f43086e982ad-1-a6872d17", 2, ("cmpl-9b83f43086e982ad", 3)),
+        ("cmpl-my_id-0-a3802167", 1, ("cmpl-my_id", 0)),
+        ("1_chatcmpl-a7134d7d70cbc1c0-a7d8bbc3", 2, ("chatcmpl-a7134d7d70cbc1c0", 1)),
+        ("not an engine id", 1, None),
+    ],
+)
+def test_engine_ids_map_to_client_ids(internal, n, expected):
+    # Shapes observed on vLLM 0.32: [{child}_]{cmpl-X-{prompt} | chatcmpl-X}-{8 hex}
+    assert client_choice(internal, n) == expected
+
+
+def test_malformed_readout_at_launch_stops_the_server(models, tmp_path):
+    from livetrain.launch import Server, plugin_env
+    from tests.conftest import free_port
+
+    folder = write_readout(tmp_path / "broken", ["a"], [0], 128, seed=0)
+    (folder / readout_format.TENSORS_FILE).write_bytes(b"not safetensors")
+    env = {
+        **plugin_env(),
+        "LIVETRAIN_READOUT": str(folder),
+        "LIVETRAIN_STATE_DIR": str(tmp_path / "state"),
+        "LIVETRAIN_RUNTIME_DIR": str(tmp_path / "run"),
+    }
+    log = tmp_path / "server.log"
+    with Server(models["llama"], free_port(), ["--enforce-eager"], env=env, log_path=log) as server:
+        assert server.process.wait(timeout=240) != 0
+    assert "readout.safetensors: unreadable" in log.read_text()

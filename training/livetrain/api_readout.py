@@ -1,0 +1,323 @@
+"""API server: the live readout's routes, and the collector of the workers' scores.
+
+GET  /readout                the loaded readout (concepts, layers, calibration)
+POST /readout/load           swap in another readout folder; on any error the old one stays
+GET  /readout/{id}           per-token scores of a completion, by the `id` it returned
+GET  /readout/{id}/stream    the same as server-sent events while it generates
+GET  /readout/ui             the playground page (static; it asks for the key itself)
+
+Workers push one message per engine step (worker_readout.py) to a PULL socket bound
+here. Rows arrive keyed by the engine's internal request id, which vLLM derives from the
+id the client sees: `[{child}_]{cmpl-X-{prompt} | chatcmpl-X}-{8 hex}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import zmq
+import zmq.asyncio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
+from livetrain import readout_format
+from livetrain.api_http import RequestError, read_json, validate
+from livetrain.api_models import ReadoutLoadRequest, ReadoutQuery
+from livetrain.config import PluginConfig
+from livetrain.worker_readout import ENV_READOUT, ENV_SOCKET, captured_layers
+
+log = logging.getLogger("livetrain.readout")
+INTERNAL_ID = re.compile(r"(?:(\d+)_)?(.+)-[0-9a-f]{8}")
+STREAM_WAIT_S = 10.0  # how long a stream waits for its completion's first token
+
+
+def client_choice(internal_id: str, n: int) -> tuple[str, int] | None:
+    """(the id the client saw, choice index) of an engine request id, or None."""
+    match = INTERNAL_ID.fullmatch(internal_id)
+    if match is None:
+        return None
+    child, external = int(match[1] or 0), match[2]
+    if external.startswith("cmpl-"):  # completions append the prompt's index
+        client, _, prompt = external.rpartition("-")
+        if prompt.isdigit():
+            return client, int(prompt) * n + child
+    return external, child
+
+
+@dataclass
+class Scored:
+    token_id: int
+    version: int
+    scores: np.ndarray  # [layers, concepts]
+
+
+@dataclass
+class RequestScores:
+    choices: dict[int, dict[int, Scored]] = field(default_factory=dict)  # choice -> index -> row
+    internal_ids: set[str] = field(default_factory=set)
+    updated: float = field(default_factory=time.monotonic)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ReadoutStore:
+    """Scores by client id, bounded: idle entries expire and the oldest go first."""
+
+    def __init__(self, ttl_s: float, max_requests: int) -> None:
+        self.ttl_s, self.max_requests = ttl_s, max_requests
+        self.requests: OrderedDict[str, RequestScores] = OrderedDict()
+
+    def add(self, message: dict) -> None:
+        rows, n_layers, n_concepts = message["shape"]
+        scores = np.frombuffer(message["scores"], np.float32).reshape(rows, n_layers, n_concepts)
+        for k, internal in enumerate(message["req_ids"]):
+            key = client_choice(internal, message["n"][k])
+            if key is None:
+                continue
+            entry = self.requests.get(key[0])
+            if entry is None:
+                entry = self.requests[key[0]] = RequestScores()
+            entry.internal_ids.add(internal)
+            row = Scored(message["token_ids"][k], message["v"], scores[k])
+            entry.choices.setdefault(key[1], {})[message["index"][k]] = row
+            entry.updated = time.monotonic()
+            entry.changed.set()
+        self.expire()
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, e in self.requests.items() if now - e.updated > self.ttl_s]:
+            del self.requests[key]
+        while len(self.requests) > self.max_requests:
+            self.requests.popitem(last=False)
+
+
+@dataclass
+class LoadedReadout:
+    path: str
+    concepts: list[str]
+    layers: list[int]
+    calibration: readout_format.Calibration | None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "loaded": True,
+            "path": self.path,
+            "concepts": self.concepts,
+            "layers": self.layers,
+            "calibrated": self.calibration is not None,
+        }
+
+
+class ReadoutRoutes:
+    """The readout half of the endpoint plugin; LivetrainEndpoints owns auth and startup."""
+
+    def __init__(self, config: PluginConfig) -> None:
+        self.store = ReadoutStore(config.readout_ttl_s, config.readout_max_requests)
+        self.versions: dict[int, LoadedReadout] = {}
+        self.current = -1
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.socket: zmq.asyncio.Socket | None = None
+        self.decoder = msgspec.msgpack.Decoder()
+
+    def attach(self, app: FastAPI, authorize) -> None:
+        app.add_api_route("/readout/ui", self._ui, methods=["GET"])  # static: no data, no key
+        router = APIRouter(dependencies=[Depends(authorize)])
+        router.add_api_route("/readout", self._describe, methods=["GET"])
+        router.add_api_route("/readout/load", self._load, methods=["POST"])
+        router.add_api_route("/readout/{request_id}/stream", self._stream, methods=["GET"])
+        router.add_api_route("/readout/{request_id}", self._get, methods=["GET"])
+        app.include_router(router)
+
+    async def start(self, engine_client: Any) -> None:
+        """Bind the collector (when launched with a readout) and load the launch readout."""
+        socket_path = os.environ.get(ENV_SOCKET)
+        if engine_client is None or not socket_path or not captured_layers():
+            return
+        self.engine = engine_client
+        tokenizer = engine_client.get_tokenizer()
+        self.tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
+        self.socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
+        self.socket.bind(socket_path)
+        if os.environ.get(ENV_READOUT):
+            self._remember(
+                0, os.environ[ENV_READOUT], readout_format.load(Path(os.environ[ENV_READOUT]))
+            )
+        asyncio.get_running_loop().create_task(self._collect())
+
+    def _remember(self, version: int, path: str, readout: readout_format.Readout) -> None:
+        self.versions[version] = LoadedReadout(
+            path, readout.concepts, readout.layers, readout.calibration
+        )
+        self.current = version
+
+    async def _collect(self) -> None:
+        while True:
+            try:
+                self.store.add(self.decoder.decode(await self.socket.recv()))
+            except Exception:  # a bad message must not end collection
+                log.exception("live readout: dropped a message")
+
+    async def _settle(self) -> None:
+        """Let the collector take every message already queued (bounded wait), so a reply
+        reflects every step that has finished."""
+        deadline = time.monotonic() + 0.5
+        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+
+    def _require_enabled(self) -> None:
+        if self.socket is None:
+            raise RequestError(
+                409,
+                "the live readout was not enabled at launch: start the server with "
+                "LIVETRAIN_READOUT=DIR (or LIVETRAIN_READOUT_LAYERS=i,j,...)",
+            )
+
+    async def _ui(self) -> HTMLResponse:
+        page = resources.files("livetrain").joinpath("data/readout_ui.html").read_text("utf-8")
+        return HTMLResponse(page)
+
+    async def _describe(self) -> JSONResponse:
+        self._require_enabled()
+        loaded = self.versions.get(self.current)
+        body = loaded.describe() if loaded else {"loaded": False}
+        return JSONResponse({**body, "captured_layers": captured_layers()})
+
+    async def _load(self, request: Request) -> JSONResponse:
+        self._require_enabled()
+        body = validate(ReadoutLoadRequest, await read_json(request, 1 << 16), {})
+        try:
+            readout = await asyncio.to_thread(readout_format.load, Path(body.path))
+        except readout_format.ReadoutError as exc:
+            raise RequestError(422, f"path: {exc}", field="path") from None
+        hidden = self.engine.model_config.get_hidden_size()
+        if readout.hidden_size != hidden:
+            raise RequestError(
+                422,
+                f"path: hidden size {readout.hidden_size} does not match the model's {hidden}",
+                field="path",
+            )
+        if missing := set(readout.layers) - set(captured_layers()):
+            raise RequestError(
+                422,
+                f"path: layers {sorted(missing)} were not captured at launch "
+                f"(captured: {captured_layers()})",
+                field="path",
+            )
+        version = max(self.versions, default=0) + 1
+        answers = await self.engine.collective_rpc(
+            "livetrain_readout_load", args=(str(Path(body.path).resolve()), version)
+        )
+        if errors := [a["error"] for a in answers if "error" in a]:
+            raise RequestError(422, f"path: {errors[0]}", field="path")
+        self._remember(version, str(Path(body.path).resolve()), readout)
+        return JSONResponse(self.versions[version].describe())
+
+    def _query(self, request: Request) -> int:
+        return validate(ReadoutQuery, dict(request.query_params), {}).choice
+
+    async def _get(self, request_id: str, request: Request) -> JSONResponse:
+        self._require_enabled()
+        choice = self._query(request)
+        await self._settle()
+        entry = self.store.requests.get(request_id)
+        if entry is None or choice not in entry.choices:
+            raise RequestError(404, f"no readout for id {request_id!r} (choice {choice})")
+        rows = entry.choices[choice]
+        version = rows[min(rows)].version
+        body = self._header(request_id, choice, version)
+        body["finished"] = self._finished(entry)
+        body["tokens"] = [
+            self._token(i, rows[i]) for i in sorted(rows) if rows[i].version == version
+        ]
+        return JSONResponse(body)
+
+    async def _stream(self, request_id: str, request: Request) -> StreamingResponse:
+        self._require_enabled()
+        choice = self._query(request)
+        return StreamingResponse(
+            self._events(request_id, choice),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    async def _events(self, request_id: str, choice: int) -> AsyncIterator[str]:
+        deadline = time.monotonic() + STREAM_WAIT_S
+        while (entry := self.store.requests.get(request_id)) is None or choice not in entry.choices:
+            if time.monotonic() > deadline:
+                yield _sse({"message": f"no readout for id {request_id!r}"}, "error")
+                return
+            await asyncio.sleep(0.02)
+        rows = entry.choices[choice]
+        version = rows[min(rows)].version
+        yield _sse(self._header(request_id, choice, version), "meta")
+        sent = 0
+        while True:
+            while sent in rows:
+                if rows[sent].version == version:
+                    yield _sse(self._token(sent, rows[sent]))
+                sent += 1
+            if self._finished(entry):
+                await self._settle()
+                if sent not in rows:
+                    break
+                continue
+            entry.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):  # re-check finished now and then
+                await asyncio.wait_for(entry.changed.wait(), timeout=0.25)
+        yield _sse({}, "done")
+
+    def _finished(self, entry: RequestScores) -> bool:
+        """No engine request of this completion is still running (vLLM's own bookkeeping)."""
+        states = getattr(getattr(self.engine, "output_processor", None), "request_states", None)
+        if states is None:  # unknown engine client: fall back on silence
+            return time.monotonic() - entry.updated > 2.0
+        return not any(internal in states for internal in entry.internal_ids)
+
+    def _header(self, request_id: str, choice: int, version: int) -> dict[str, Any]:
+        loaded = self.versions[version]
+        return {
+            "id": request_id,
+            "choice": choice,
+            "concepts": loaded.concepts,
+            "layers": loaded.layers,
+        }
+
+    def _token(self, index: int, row: Scored) -> dict[str, Any]:
+        loaded = self.versions[row.version]
+        entry: dict[str, Any] = {
+            "index": index,
+            "token_id": row.token_id,
+            "text": self.tokenizer.decode([row.token_id]) if self.tokenizer else None,
+            "scores": {str(layer): row.scores[j].tolist() for j, layer in enumerate(loaded.layers)},
+        }
+        cal = loaded.calibration
+        if cal is not None:
+            entry["z"] = {
+                str(layer): [
+                    (float(s) - m) / sd
+                    for s, m, sd in zip(row.scores[j], cal.mean[layer], cal.std[layer], strict=True)
+                ]
+                for j, layer in enumerate(loaded.layers)
+            }
+        return entry
+
+
+def _sse(data: dict[str, Any], event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n"
