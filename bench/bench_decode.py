@@ -15,41 +15,14 @@ import json
 import statistics
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).parent))
-from common import bench_model  # noqa: E402
+from common import bench_model, decode_tokens_per_s  # noqa: E402
 
 from livetrain.launch import Server, plugin_env  # noqa: E402
 
 MODES = {"vllm_default": "", "livetrain": "livetrain"}  # VLLM_PLUGINS per mode
-
-
-def decode_tokens_per_s(url: str, streams: int, tokens: int) -> float:
-    body = {
-        "model": _model_name(url),
-        "prompt": "In the morning the harbour",
-        "temperature": 0,
-        "max_tokens": tokens,
-        "ignore_eos": True,
-    }
-
-    def one(_: int) -> int:
-        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=600).raise_for_status()
-        return reply.json()["usage"]["completion_tokens"]
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(streams) as pool:
-        generated = sum(pool.map(one, range(streams)))
-    return generated / (time.perf_counter() - started)
-
-
-def _model_name(url: str) -> str:
-    return httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
 
 
 def measure(model: Path, mode: str, dtype: str, work: Path) -> dict[str, float]:

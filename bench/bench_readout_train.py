@@ -37,21 +37,34 @@ def main() -> None:
     model_path = cli.model or bench_model()
     with tempfile.TemporaryDirectory() as out:
         args = argparse.Namespace(
-            model=model_path, stories=corpus.DEFAULT_ROOT, out=Path(out), layers=None, seed=0,
-            negatives_per_positive=4, quality_report=False, batch_size=cli.batch_size,
-            device="cpu", dtype="float32",
+            model=model_path,
+            stories=corpus.DEFAULT_ROOT,
+            out=Path(out),
+            layers=None,
+            seed=0,
+            negatives_per_positive=4,
+            quality_report=False,
+            batch_size=cli.batch_size,
+            device="cpu",
+            dtype="float32",
         )
         started = time.perf_counter()
         result = pipeline.run(args, library_method("pca"), progress=False)
         ours = time.perf_counter() - started
     ts = result.training_set
     library_passes = sum(2 * len(pairs) for pairs in ts.pairs.values())
-    print(f"model {model_path.name}, {len(ts.concepts)} concepts, {len(ts.texts)} texts, "
-          f"layers {result.readout.layers}")
-    print(f"forward passes: ours {result.recorded.forward_passes}, library per concept "
-          f"{library_passes} ({library_passes / result.recorded.forward_passes:.1f}x more)")
-    print(f"ours: {ours:.1f} s wall, {result.seconds['forward']:.1f} s of it model forward "
-          f"(wall / forward = {ours / result.seconds['forward']:.2f}x)")
+    print(
+        f"model {model_path.name}, {len(ts.concepts)} concepts, {len(ts.texts)} texts, "
+        f"layers {result.readout.layers}"
+    )
+    print(
+        f"forward passes: ours {result.recorded.forward_passes}, library per concept "
+        f"{library_passes} ({library_passes / result.recorded.forward_passes:.1f}x more)"
+    )
+    print(
+        f"ours: {ours:.1f} s wall, {result.seconds['forward']:.1f} s of it model forward "
+        f"(wall / forward = {ours / result.seconds['forward']:.2f}x)"
+    )
 
     model, tokenizer = pipeline.load_model(model_path, "cpu")
     blocks_path, _ = activations.decoder_blocks(model)
@@ -59,15 +72,20 @@ def main() -> None:
     started = time.perf_counter()
     for concept in sample:
         train_steering_vector(
-            model, tokenizer,
+            model,
+            tokenizer,
             [(ts.texts[p].text, ts.texts[n].text) for p, n in ts.pairs[concept]],
-            layers=result.readout.layers, layer_config={"decoder_block": f"{blocks_path}.{{num}}"},
-            aggregator=pca_aggregator(), batch_size=cli.batch_size,
+            layers=result.readout.layers,
+            layer_config={"decoder_block": f"{blocks_path}.{{num}}"},
+            aggregator=pca_aggregator(),
+            batch_size=cli.batch_size,
         )
     per_pair = (time.perf_counter() - started) / sum(len(ts.pairs[c]) for c in sample)
     library = per_pair * sum(len(p) for p in ts.pairs.values())
-    print(f"library per concept (measured on {len(sample)}, scaled by pairs): {library:.1f} s "
-          f"(ours / library = {ours / library:.3f}x)")
+    print(
+        f"library per concept (measured on {len(sample)}, scaled by pairs): {library:.1f} s "
+        f"(ours / library = {ours / library:.3f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import random
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import httpx
 
 from livetrain.tiny_model import build_tiny_model
 
@@ -54,3 +58,28 @@ def shared_weight_memory(pid: int) -> dict[str, int]:
             if in_weights:
                 totals["weights_private"] += kib
     return totals
+
+
+def decode_tokens_per_s(url: str, streams: int, tokens: int, extra: dict | None = None) -> float:
+    """Generated tokens per second of `streams` concurrent greedy completions."""
+    body = {
+        "model": _model_name(url),
+        "prompt": "In the morning the harbour",
+        "temperature": 0,
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        **(extra or {}),
+    }
+
+    def one(_: int) -> int:
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=600).raise_for_status()
+        return reply.json()["usage"]["completion_tokens"]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        generated = sum(pool.map(one, range(streams)))
+    return generated / (time.perf_counter() - started)
+
+
+def _model_name(url: str) -> str:
+    return httpx.get(f"{url}/v1/models").json()["data"][0]["id"]

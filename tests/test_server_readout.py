@@ -86,7 +86,8 @@ def check_parity(
     generated = [t["token_id"] for t in got["tokens"]]
     assert [t["index"] for t in got["tokens"]] == list(range(len(generated)))
     # the tokens vLLM returned for this choice (a piece's text alone can be half a character)
-    assert generated == completion["choices"][choice]["token_ids"]
+    returned = next(c for c in completion["choices"] if c["index"] == choice)
+    assert generated == returned["token_ids"]
     blocks = block_outputs(hf, prompt_ids + generated[:-1])
     for k, token in enumerate(got["tokens"]):
         position = len(prompt_ids) - 1 + k  # the position whose output is token k
@@ -114,8 +115,12 @@ def tokenize(http, text: str) -> list[int]:
 def test_scores_match_hugging_face(readout_server, http, hf):
     readout = readout_format.load(readout_server.readout_dir)
     prompt = "The lamp flickered twice and the room went quiet."
+    before = http.get("/readout").json()["worker"]
     completion = complete(http, prompt, max_tokens=10)
     check_parity(http, hf, readout, completion, tokenize(http, prompt))
+    after = http.get("/readout").json()["worker"]
+    assert after["steps"] >= before["steps"] + 10  # one message per generated token here
+    assert after["dropped"] == 0
 
 
 def test_concurrent_requests_each_get_their_own_rows(readout_server, http, hf):
@@ -157,6 +162,16 @@ def test_concurrent_requests_each_get_their_own_rows(readout_server, http, hf):
                 check_parity(http, hf, readout, completion, tokenize(http, prompts[k]), choice)
         for completion in plain.values():
             assert http.get(f"/readout/{completion['id']}").status_code == 404
+
+
+def test_several_prompts_with_several_choices(readout_server, http, hf):
+    """Choice k of a multi-prompt completion is prompt k // n, sample k % n."""
+    readout = readout_format.load(readout_server.readout_dir)
+    prompts = ["The ferry left late", "Snow had covered the tracks by noon and"]
+    completion = complete(http, prompts, n=2, temperature=1.0, max_tokens=5)
+    assert len(completion["choices"]) == 4
+    for choice in range(4):
+        check_parity(http, hf, readout, completion, tokenize(http, prompts[choice // 2]), choice)
 
 
 def test_stream_delivers_every_token_while_generating(readout_server, http):

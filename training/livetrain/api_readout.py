@@ -22,7 +22,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -81,11 +81,13 @@ class ReadoutStore:
         self.ttl_s, self.max_requests = ttl_s, max_requests
         self.requests: OrderedDict[str, RequestScores] = OrderedDict()
 
-    def add(self, message: dict) -> None:
+    def add(self, message: dict, fanout: Callable[[str], int | None] = lambda _id: None) -> None:
+        """Store one worker message; `fanout` gives a request's `n` where the engine knows
+        it (n > 1 children reach the worker with n = 1)."""
         rows, n_layers, n_concepts = message["shape"]
         scores = np.frombuffer(message["scores"], np.float32).reshape(rows, n_layers, n_concepts)
         for k, internal in enumerate(message["req_ids"]):
-            key = client_choice(internal, message["n"][k])
+            key = client_choice(internal, fanout(internal) or message["n"][k])
             if key is None:
                 continue
             entry = self.requests.get(key[0])
@@ -169,7 +171,7 @@ class ReadoutRoutes:
     async def _collect(self) -> None:
         while True:
             try:
-                self.store.add(self.decoder.decode(await self.socket.recv()))
+                self.store.add(self.decoder.decode(await self.socket.recv()), self._fanout)
             except Exception:  # a bad message must not end collection
                 log.exception("live readout: dropped a message")
 
@@ -196,7 +198,8 @@ class ReadoutRoutes:
         self._require_enabled()
         loaded = self.versions.get(self.current)
         body = loaded.describe() if loaded else {"loaded": False}
-        return JSONResponse({**body, "captured_layers": captured_layers()})
+        worker = (await self.engine.collective_rpc("livetrain_readout_stats"))[0]
+        return JSONResponse({**body, "captured_layers": captured_layers(), "worker": worker})
 
     async def _load(self, request: Request) -> JSONResponse:
         self._require_enabled()
@@ -281,6 +284,12 @@ class ReadoutRoutes:
             with contextlib.suppress(asyncio.TimeoutError):  # re-check finished now and then
                 await asyncio.wait_for(entry.changed.wait(), timeout=0.25)
         yield _sse({}, "done")
+
+    def _fanout(self, internal_id: str) -> int | None:
+        """`n` of the completion an engine request belongs to (its parent's, for children)."""
+        states = getattr(getattr(self.engine, "output_processor", None), "request_states", {})
+        parent = getattr(states.get(internal_id), "parent_req", None)
+        return getattr(parent, "n", None)
 
     def _finished(self, entry: RequestScores) -> bool:
         """No engine request of this completion is still running (vLLM's own bookkeeping)."""

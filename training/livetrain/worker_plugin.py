@@ -64,7 +64,12 @@ def _add_worker_rpc() -> None:
         return worker_readout.load_rpc(folder, version)
 
     WorkerBase.livetrain_export_weights = livetrain_export_weights
+
+    def livetrain_readout_stats(self) -> dict:
+        return worker_readout.stats_rpc()
+
     WorkerBase.livetrain_readout_load = livetrain_readout_load
+    WorkerBase.livetrain_readout_stats = livetrain_readout_stats
 
 
 def _enable_live_readout() -> None:

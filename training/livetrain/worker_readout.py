@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,17 +85,25 @@ def add_layers_to_compile_hash() -> None:
 
 @dataclass
 class _Pending:
-    """Scores computed after the forward, waiting for the tokens `sample_tokens` picks."""
+    """One step's opted-in rows, copied out of the aux outputs after the forward, waiting
+    for the tokens `sample_tokens` picks."""
 
+    version: int
+    matrices: list[np.ndarray]  # the readout of that step, [H, C] per layer
     req_ids: list[str]
     token_index: list[int]
     n: list[int]
-    scores: np.ndarray  # [rows, readout layers, concepts] float32
+    hidden: list[np.ndarray]  # per readout layer [rows, H] float32
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
 class Tap:
-    """Per worker process: the loaded concept vectors and the opted-in requests."""
+    """Per worker process: the loaded concept vectors and the opted-in requests.
+
+    A step's message is sent before `sample_tokens` returns, so it always leaves before
+    the engine can report that step's tokens: a reader that has a finished completion
+    can have all of its rows. (A sender thread was tried; it loses that ordering.)"""
 
     captured: list[int]
     socket_path: str
@@ -105,7 +114,9 @@ class Tap:
     matrices: list[np.ndarray] = field(default_factory=list)  # per readout layer [H, C]
     active: set[str] = field(default_factory=set)
     pending: _Pending | None = None
-    dropped: int = 0
+    dropped: int = 0  # messages a full socket refused
+    steps: int = 0  # steps that produced scores
+    seconds: float = 0.0  # time spent selecting, projecting, encoding and sending
 
     def __post_init__(self) -> None:
         self.socket = zmq.Context.instance().socket(zmq.PUSH)
@@ -139,11 +150,13 @@ class Tap:
             self.active.difference_update(scheduler_output.finished_req_ids)
 
     def after_forward(self, runner) -> None:
-        """Project the rows that will produce a token, for opted-in requests."""
+        """Copy out the rows that will produce a token, for opted-in requests (the next
+        step overwrites them)."""
         self.pending = None
         state = runner.execute_model_state
         if not self.active or not self.matrices or state is None or state.aux_hidden_states is None:
             return
+        started = time.perf_counter()
         batch = runner.input_batch
         n = batch.num_reqs
         discard = runner.discard_request_mask.np[:n]
@@ -157,43 +170,44 @@ class Tap:
                 fanout.append(int(request.sampling_params.n or 1))
                 rows.append(int(ends[k + 1]) - 1)
         if rows:
-            scores = self._project(state.aux_hidden_states, rows)
-            self.pending = _Pending(req_ids, token_index, fanout, scores)
-
-    def _project(self, aux: list[torch.Tensor], rows: list[int]) -> np.ndarray:
-        out = np.empty((len(rows), len(self.layers), self.matrices[0].shape[1]), np.float32)
-        for j, (slot, matrix) in enumerate(zip(self.slots, self.matrices, strict=True)):
-            hidden = aux[slot]
-            if hidden.device.type == "cpu" and hidden.dtype == torch.float32:
-                # numpy: tiny torch ops each open an OpenMP region, which on a busy CPU
-                # costs more than the arithmetic
-                np.matmul(hidden.numpy()[rows], matrix, out=out[:, j, :])
-            else:
-                picked = hidden[torch.tensor(rows, device=hidden.device)].float().cpu().numpy()
-                out[:, j, :] = picked @ matrix
-        return out
+            hidden = [_rows(state.aux_hidden_states[slot], rows) for slot in self.slots]
+            self.pending = _Pending(
+                self.version, self.matrices, req_ids, token_index, fanout, hidden
+            )
+        self.seconds += time.perf_counter() - started
 
     def after_sample(self, output) -> None:
-        pending, self.pending = self.pending, None
-        if pending is None or not hasattr(output, "req_id_to_index"):
+        step, self.pending = self.pending, None
+        if step is None or not hasattr(output, "req_id_to_index"):
             return
-        token_ids = []
-        for rid in pending.req_ids:
+        started = time.perf_counter()
+        for rid in step.req_ids:
             sampled = output.sampled_token_ids[output.req_id_to_index[rid]]
-            token_ids.append(int(sampled[0]) if len(sampled) else -1)
+            step.token_ids.append(int(sampled[0]) if len(sampled) else -1)
+        scores = np.stack([h @ m for h, m in zip(step.hidden, step.matrices, strict=True)], 1)
         message = {
-            "v": self.version,
-            "req_ids": pending.req_ids,
-            "index": pending.token_index,
-            "n": pending.n,
-            "token_ids": token_ids,
-            "shape": list(pending.scores.shape),
-            "scores": pending.scores.tobytes(),
+            "v": step.version,
+            "req_ids": step.req_ids,
+            "index": step.token_index,
+            "n": step.n,
+            "token_ids": step.token_ids,
+            "shape": list(scores.shape),
+            "scores": scores.astype(np.float32).tobytes(),
         }
         try:
             self.socket.send(self.encoder.encode(message), flags=zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
+        self.steps += 1
+        self.seconds += time.perf_counter() - started
+
+
+def _rows(hidden: torch.Tensor, rows: list[int]) -> np.ndarray:
+    """A float32 numpy copy of some rows of a step's activations (they are overwritten by
+    the next step). numpy on the CPU: tiny torch ops each open an OpenMP region."""
+    if hidden.device.type == "cpu" and hidden.dtype == torch.float32:
+        return hidden.numpy()[rows]
+    return hidden[torch.tensor(rows, device=hidden.device)].float().cpu().numpy()
 
 
 _tap: Tap | None = None
@@ -246,6 +260,18 @@ def install() -> None:
     runner_class.load_model = patched_load_model
     GPUModelRunner.execute_model = patched_execute_model
     GPUModelRunner.sample_tokens = patched_sample_tokens
+
+
+def stats_rpc() -> dict:
+    """Worker side of GET /readout's `worker` field: what the readout has cost so far."""
+    if _tap is None:
+        return {}
+    return {
+        "steps": _tap.steps,
+        "seconds": _tap.seconds,
+        "dropped": _tap.dropped,
+        "active_requests": len(_tap.active),
+    }
 
 
 def load_rpc(folder: str, version: int) -> dict:
