@@ -41,13 +41,13 @@ def write_readout(folder: Path, concepts: int, layers: list[int], hidden: int) -
     return folder
 
 
-def serve(model: Path, work: Path, name: str, readout: Path | None):
+def serve(model: Path, work: Path, name: str, readout: Path | None, dtype: str):
     env = plugin_env()
     env["LIVETRAIN_STATE_DIR"] = str(work / "state")
     env["LIVETRAIN_RUNTIME_DIR"] = str(work / "run")
     if readout is not None:
         env["LIVETRAIN_READOUT"] = str(readout)
-    args = ["--max-model-len", "512", "--max-num-seqs", "16"]
+    args = ["--max-model-len", "512", "--max-num-seqs", "16", "--dtype", dtype]
     return Server(model, 8313, args, env=env, log_path=work / f"{name}.log")
 
 
@@ -57,13 +57,14 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--concepts", type=int, default=100)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     cli = parser.parse_args()
     model = bench_model()
     layers = list(range(BENCH_CONFIG["num_hidden_layers"]))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         readout = write_readout(work / "readout", cli.concepts, layers, BENCH_CONFIG["hidden_size"])
-        with serve(model, work, "readout", readout) as server:
+        with serve(model, work, "readout", readout, cli.dtype) as server:
             server.wait_healthy()
             decode_tokens_per_s(server.url, cli.streams, cli.tokens, ON)  # warm-up
             started = time.perf_counter()
@@ -74,14 +75,17 @@ def main() -> None:
                     (on if extra else off).append(rate)
             both_sides_s = time.perf_counter() - started
             worker = httpx.get(f"{server.url}/readout").json()["worker"]
-        with serve(model, work, "plain", None) as server:
+        with serve(model, work, "plain", None, cli.dtype) as server:
             server.wait_healthy()
             decode_tokens_per_s(server.url, cli.streams, cli.tokens)
             plain = [
                 decode_tokens_per_s(server.url, cli.streams, cli.tokens) for _ in range(cli.rounds)
             ]
     ratios = [a / b for a, b in zip(on, off, strict=True)]
-    print(f"{cli.streams} streams x {cli.tokens} tokens, {cli.concepts} concepts x layers {layers}")
+    print(
+        f"{cli.streams} streams x {cli.tokens} tokens, {cli.concepts} concepts x layers {layers}, "
+        f"{cli.dtype}"
+    )
     print(f"readout on : {statistics.median(on):.0f} tok/s (rounds {[round(x) for x in on]})")
     print(f"readout off: {statistics.median(off):.0f} tok/s (rounds {[round(x) for x in off]})")
     print(

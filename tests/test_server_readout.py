@@ -14,12 +14,14 @@ import threading
 import time
 
 import httpx
+import numpy
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from livetrain import readout_format
 from livetrain.api_readout import ReadoutStore, client_choice
+from livetrain.worker_readout import _rows
 from tests.conftest import ReadoutServer, write_readout
 
 pytestmark = pytest.mark.server
@@ -332,3 +334,13 @@ def test_malformed_readout_at_launch_stops_the_server(models, tmp_path):
     with Server(models["llama"], free_port(), ["--enforce-eager"], env=env, log_path=log) as server:
         assert server.process.wait(timeout=240) != 0
     assert "readout.safetensors: unreadable" in log.read_text()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rows_are_float32_copies_in_every_dtype(dtype):
+    hidden = torch.randn(6, 8).to(dtype)
+    picked = _rows(hidden, [1, 4])
+    assert picked.dtype == numpy.float32
+    assert numpy.array_equal(picked, hidden[[1, 4]].float().numpy())  # bf16 widens exactly
+    picked[0, 0] = 123.0
+    assert hidden[1, 0].item() != 123.0  # a copy: the next step overwrites the source
