@@ -106,9 +106,14 @@ class ReadoutServer:
 
 
 def write_readout(
-    folder: Path, concepts: list[str], layers: list[int], hidden: int, seed: int
+    folder: Path,
+    concepts: list[str],
+    layers: list[int],
+    hidden: int,
+    seed: int,
+    calibrated: bool = True,
 ) -> Path:
-    """A readout with random unit directions and a calibration, in the trainers' format."""
+    """A readout with random unit directions (and a calibration), in the trainers' format."""
     gen = torch.Generator().manual_seed(seed)
     readout_format.save(
         folder,
@@ -122,7 +127,9 @@ def write_readout(
             calibration=readout_format.Calibration(
                 mean={i: torch.randn(len(concepts), generator=gen).tolist() for i in layers},
                 std={i: (torch.rand(len(concepts), generator=gen) + 0.5).tolist() for i in layers},
-            ),
+            )
+            if calibrated
+            else None,
         ),
     )
     return folder

@@ -102,6 +102,9 @@ def check_parity(
                 rtol=0,
             )
             cal = readout.calibration
+            if cal is None:  # raw projections only
+                assert "z" not in token
+                continue
             z = (expected - torch.tensor(cal.mean[layer]).double()) / torch.tensor(
                 cal.std[layer]
             ).double()
@@ -247,9 +250,13 @@ def test_swap_readout_and_refuse_bad_ones(readout_server, http, hf, tmp_path):
     assert http.get("/readout").json()["path"] == str(readout_server.readout_dir)
     check_parity(http, hf, original, complete(http, prompt), tokenize(http, prompt))
 
-    swapped = write_readout(tmp_path / "second", ["x", "y", "z"], [1], 128, seed=3)
+    # a readout without calibration: scores stay raw projections, no z
+    swapped = write_readout(
+        tmp_path / "second", ["x", "y", "z"], [1], 128, seed=3, calibrated=False
+    )
     loaded = http.post("/readout/load", json={"path": str(swapped)}).raise_for_status().json()
     assert loaded["concepts"] == ["x", "y", "z"] and loaded["layers"] == [1]
+    assert loaded["calibrated"] is False
     try:
         check_parity(
             http, hf, readout_format.load(swapped), complete(http, prompt), tokenize(http, prompt)
