@@ -1,13 +1,17 @@
 """Decode speed with the live readout on against off, in the same server.
 
-    python3 bench/bench_readout_decode.py [--rounds 6] [--streams 8] [--tokens 64]
+    python3 bench/bench_readout_decode.py [--model bench-llama|bench-llama-150m]
+        [--rounds 8] [--streams 8] [--tokens 128] [--concepts 100] [--dtype float32]
 
-The bench model served (compiled, as vLLM defaults to) with a readout of 100 concepts
-on all 4 of its blocks. Rounds alternate (ABBA): every stream asking for the readout
-(`vllm_xargs: {"readout": true}`), or none, so machine drift hits both sides; the
-printed ratio is the median of on/off over adjacent round pairs (target >= 0.97).
-Then a second server with no readout at launch measures what the capture itself costs
-requests that never ask (separate processes: expect run-to-run noise of several %).
+A bench model served compiled (as vLLM defaults to) with a readout of 100 concepts on
+4 blocks (evenly spaced). Each round is one completion of `streams` prompts, so every
+step decodes a full batch; rounds alternate (ABBA) between every prompt asking for the
+readout (`vllm_xargs: {"readout": true}`) and none, so machine drift hits both sides.
+Printed: the median of on/off over adjacent round pairs (target >= 0.97), and the
+worker's own account of the time it spent on the readout as a share of the readout-on
+rounds (a timer in the process, so free of the machine's noise). Then a second server
+with no readout at launch measures what the capture costs requests that never ask
+(separate processes: expect run-to-run noise of several %).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BENCH_CONFIG, bench_model, decode_tokens_per_s  # noqa: E402
+from common import BENCH_MODELS, bench_model, decode_tokens_per_s  # noqa: E402
 
 from livetrain import readout_format  # noqa: E402
 from livetrain.launch import Server, plugin_env  # noqa: E402
@@ -41,7 +45,7 @@ def write_readout(folder: Path, concepts: int, layers: list[int], hidden: int) -
     return folder
 
 
-def serve(model: Path, work: Path, name: str, readout: Path | None, dtype: str):
+def serve(model: Path, work: Path, name: str, readout: Path | None, dtype: str) -> Server:
     env = plugin_env()
     env["LIVETRAIN_STATE_DIR"] = str(work / "state")
     env["LIVETRAIN_RUNTIME_DIR"] = str(work / "run")
@@ -51,52 +55,63 @@ def serve(model: Path, work: Path, name: str, readout: Path | None, dtype: str):
     return Server(model, 8313, args, env=env, log_path=work / f"{name}.log")
 
 
+def readout_layers(num_layers: int, count: int = 4) -> list[int]:
+    return sorted({round(k * (num_layers - 1) / (count - 1)) for k in range(count)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--model", default="bench-llama", choices=sorted(BENCH_MODELS))
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--concepts", type=int, default=100)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     cli = parser.parse_args()
-    model = bench_model()
-    layers = list(range(BENCH_CONFIG["num_hidden_layers"]))
+    config = BENCH_MODELS[cli.model]
+    model, layers = bench_model(cli.model), readout_layers(config["num_hidden_layers"])
+
+    def rate(extra: dict | None) -> float:
+        return decode_tokens_per_s(server.url, cli.streams, cli.tokens, extra, one_request=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        readout = write_readout(work / "readout", cli.concepts, layers, BENCH_CONFIG["hidden_size"])
+        readout = write_readout(work / "readout", cli.concepts, layers, config["hidden_size"])
         with serve(model, work, "readout", readout, cli.dtype) as server:
             server.wait_healthy()
-            decode_tokens_per_s(server.url, cli.streams, cli.tokens, ON)  # warm-up
-            started = time.perf_counter()
-            on, off = [], []
+            for extra in (ON, None, ON, None):  # warm-up: compile, caches, allocator
+                rate(extra)
+            before = httpx.get(f"{server.url}/readout").json()["worker"]
+            on, off, on_seconds = [], [], 0.0
             for k in range(cli.rounds):  # ABBA: neither side always runs first
                 for extra in (ON, None) if k % 2 == 0 else (None, ON):
-                    rate = decode_tokens_per_s(server.url, cli.streams, cli.tokens, extra)
-                    (on if extra else off).append(rate)
-            both_sides_s = time.perf_counter() - started
-            worker = httpx.get(f"{server.url}/readout").json()["worker"]
+                    started = time.perf_counter()
+                    (on if extra else off).append(rate(extra))
+                    if extra:
+                        on_seconds += time.perf_counter() - started
+            after = httpx.get(f"{server.url}/readout").json()["worker"]
         with serve(model, work, "plain", None, cli.dtype) as server:
             server.wait_healthy()
-            decode_tokens_per_s(server.url, cli.streams, cli.tokens)
-            plain = [
-                decode_tokens_per_s(server.url, cli.streams, cli.tokens) for _ in range(cli.rounds)
-            ]
+            rate(None)
+            plain = [rate(None) for _ in range(cli.rounds)]
     ratios = [a / b for a, b in zip(on, off, strict=True)]
+    steps = after["steps"] - before["steps"]
+    seconds = after["seconds"] - before["seconds"]
     print(
-        f"{cli.streams} streams x {cli.tokens} tokens, {cli.concepts} concepts x layers {layers}, "
-        f"{cli.dtype}"
+        f"{cli.model}, {cli.dtype}: {cli.streams} prompts x {cli.tokens} tokens per round, "
+        f"{cli.concepts} concepts x layers {layers}"
     )
     print(f"readout on : {statistics.median(on):.0f} tok/s (rounds {[round(x) for x in on]})")
     print(f"readout off: {statistics.median(off):.0f} tok/s (rounds {[round(x) for x in off]})")
+    quartiles = statistics.quantiles(ratios, n=4)
     print(
         f"on / off (median of paired rounds): {statistics.median(ratios):.3f}x "
-        f"(range {min(ratios):.3f}-{max(ratios):.3f}; target >= 0.97)"
+        f"(quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}; target >= 0.97)"
     )
     print(
-        f"worker time in the readout: {worker['seconds']:.2f} s over {worker['steps']} steps "
-        f"({1e3 * worker['seconds'] / max(worker['steps'], 1):.2f} ms/step), "
-        f"{worker['seconds'] / (both_sides_s / 2):.1%} of the readout-on rounds' wall time "
-        f"(approx.: half of all rounds); {worker['dropped']} messages dropped"
+        f"worker time in the readout: {1e3 * seconds / max(steps, 1):.2f} ms/step over {steps} "
+        f"steps = {seconds / on_seconds:.1%} of the readout-on rounds' wall time "
+        f"(-> {1 - seconds / on_seconds:.3f}x); {after['dropped']} records dropped"
     )
     print(
         f"no readout at launch: {statistics.median(plain):.0f} tok/s; "

@@ -12,7 +12,7 @@ import httpx
 
 from livetrain.tiny_model import build_tiny_model
 
-BENCH_MODEL_DIR = Path.home() / ".cache" / "livetrain" / "models" / "bench-llama"
+MODELS_DIR = Path.home() / ".cache" / "livetrain" / "models"
 # ~12M parameters: big enough that a step is not all fixed costs, small enough for 2 cores.
 BENCH_CONFIG = dict(
     hidden_size=512,
@@ -21,12 +21,22 @@ BENCH_CONFIG = dict(
     intermediate_size=1408,
     num_hidden_layers=4,
 )
+# ~150M parameters, the shape of a small real model: for costs that are fixed per step.
+LARGER_CONFIG = dict(
+    hidden_size=1024,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+)
+BENCH_MODELS = {"bench-llama": BENCH_CONFIG, "bench-llama-150m": LARGER_CONFIG}
 
 
-def bench_model() -> Path:
-    if not (BENCH_MODEL_DIR / "model.safetensors").exists():
-        build_tiny_model(BENCH_MODEL_DIR, config_overrides=BENCH_CONFIG)
-    return BENCH_MODEL_DIR
+def bench_model(name: str = "bench-llama") -> Path:
+    folder = MODELS_DIR / name
+    if not (folder / "model.safetensors").exists():
+        build_tiny_model(folder, config_overrides=BENCH_MODELS[name])
+    return folder
 
 
 def random_samples(n: int, context: int, continuation: int, vocab: int, seed: int = 0):
@@ -60,11 +70,18 @@ def shared_weight_memory(pid: int) -> dict[str, int]:
     return totals
 
 
-def decode_tokens_per_s(url: str, streams: int, tokens: int, extra: dict | None = None) -> float:
-    """Generated tokens per second of `streams` concurrent greedy completions."""
+def decode_tokens_per_s(
+    url: str, streams: int, tokens: int, extra: dict | None = None, one_request: bool = False
+) -> float:
+    """Generated tokens per second of `streams` concurrent greedy completions.
+
+    `one_request` sends them as one completion with `streams` prompts: they reach the
+    engine together and decode as one full batch every step, so the figure measures
+    the engine, not how the HTTP requests happened to interleave on a busy machine."""
+    prompt = "In the morning the harbour"
     body = {
         "model": _model_name(url),
-        "prompt": "In the morning the harbour",
+        "prompt": [prompt] * streams if one_request else prompt,
         "temperature": 0,
         "max_tokens": tokens,
         "ignore_eos": True,
@@ -77,7 +94,7 @@ def decode_tokens_per_s(url: str, streams: int, tokens: int, extra: dict | None 
 
     started = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
-        generated = sum(pool.map(one, range(streams)))
+        generated = sum(pool.map(one, range(1 if one_request else streams)))
     return generated / (time.perf_counter() - started)
 
 

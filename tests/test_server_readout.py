@@ -12,16 +12,16 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
-import numpy
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from livetrain import readout_format
 from livetrain.api_readout import ReadoutStore, client_choice
-from livetrain.worker_readout import _rows
+from livetrain.worker_readout import _project
 from tests.conftest import ReadoutServer, write_readout
 
 pytestmark = pytest.mark.server
@@ -292,6 +292,25 @@ def test_memory_is_bounded(readout_server, http):
     assert http.get(f"/readout/{first['id']}").status_code == 404
 
 
+def test_score_ring_leaves_nothing_behind(readout_server, http):
+    """The worker unlinks the ring file once both ends have it mapped (a crash leaves
+    nothing in /dev/shm), and records still flow afterwards."""
+    state = str(readout_server.workdir / "state")
+    rings = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            entries = environ.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        env = dict(e.decode(errors="replace").split("=", 1) for e in entries if b"=" in e)
+        if env.get("LIVETRAIN_STATE_DIR") == state and "LIVETRAIN_READOUT_RING" in env:
+            rings.add(Path(env["LIVETRAIN_READOUT_RING"]))
+    assert rings  # the engine processes were started with the ring's path
+    assert not any(ring.exists() or ring.parent.exists() for ring in rings)
+    completion = complete(http, "After the rain", max_tokens=3)
+    assert len(http.get(f"/readout/{completion['id']}").json()["tokens"]) == 3
+
+
 def test_store_expires_idle_requests():
     store = ReadoutStore(ttl_s=0.05, max_requests=10)
     message = {
@@ -325,29 +344,48 @@ def test_engine_ids_map_to_client_ids(internal, n, expected):
     assert client_choice(internal, n) == expected
 
 
-def test_malformed_readout_at_launch_stops_the_server(models, tmp_path):
+def failed_launch_log(model, tmp_path, env: dict[str, str]) -> str:
+    """Start a server that must exit before serving; its log."""
     from livetrain.launch import Server, plugin_env
     from tests.conftest import free_port
 
-    folder = write_readout(tmp_path / "broken", ["a"], [0], 128, seed=0)
-    (folder / readout_format.TENSORS_FILE).write_bytes(b"not safetensors")
     env = {
         **plugin_env(),
-        "LIVETRAIN_READOUT": str(folder),
+        **env,
         "LIVETRAIN_STATE_DIR": str(tmp_path / "state"),
         "LIVETRAIN_RUNTIME_DIR": str(tmp_path / "run"),
     }
     log = tmp_path / "server.log"
-    with Server(models["llama"], free_port(), ["--enforce-eager"], env=env, log_path=log) as server:
+    with Server(model, free_port(), ["--enforce-eager"], env=env, log_path=log) as server:
         assert server.process.wait(timeout=240) != 0
-    assert "readout.safetensors: unreadable" in log.read_text()
+    return log.read_text()
+
+
+def test_malformed_readout_at_launch_stops_the_server(models, tmp_path):
+    folder = write_readout(tmp_path / "broken", ["a"], [0], 128, seed=0)
+    (folder / readout_format.TENSORS_FILE).write_bytes(b"not safetensors")
+    log = failed_launch_log(models["llama"], tmp_path, {"LIVETRAIN_READOUT": str(folder)})
+    assert "readout.safetensors: unreadable" in log
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_rows_are_float32_copies_in_every_dtype(dtype):
-    hidden = torch.randn(6, 8).to(dtype)
-    picked = _rows(hidden, [1, 4])
-    assert picked.dtype == numpy.float32
-    assert numpy.array_equal(picked, hidden[[1, 4]].float().numpy())  # bf16 widens exactly
-    picked[0, 0] = 123.0
-    assert hidden[1, 0].item() != 123.0  # a copy: the next step overwrites the source
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4, 5], [1, 4], [5]])
+def test_projection_of_chosen_rows_in_every_dtype(dtype, rows):
+    """Both paths (every row of the step, a subset) against a float64 reference; bf16
+    and fp16 activations are widened exactly before the float32 product."""
+    gen = torch.Generator().manual_seed(0)
+    aux = [torch.randn(6, 8, generator=gen).to(dtype) for _ in range(3)]
+    matrices = torch.randn(2, 8, 5, generator=gen)  # readout layers = captured slots 2, 0
+    scores = _project(aux, [2, 0], rows, matrices)
+    assert scores.dtype == torch.float32 and scores.shape == (len(rows), 2, 5)
+    for j, slot in enumerate([2, 0]):
+        expected = aux[slot][rows].double() @ matrices[j].double()
+        torch.testing.assert_close(scores[:, j].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_v2_model_runner_is_refused_at_launch(models, tmp_path):
+    """The readout patches vLLM's V1 runner; asking for V2 must fail loudly, not serve
+    a readout that stays silent."""
+    folder = write_readout(tmp_path / "readout", ["a"], [0], 128, seed=0)
+    env = {"LIVETRAIN_READOUT": str(folder), "VLLM_USE_V2_MODEL_RUNNER": "1"}
+    assert "unset VLLM_USE_V2_MODEL_RUNNER" in failed_launch_log(models["llama"], tmp_path, env)

@@ -6,9 +6,11 @@ GET  /readout/{id}           per-token scores of a completion, by the `id` it re
 GET  /readout/{id}/stream    the same as server-sent events while it generates
 GET  /readout/ui             the playground page (static; it asks for the key itself)
 
-Workers push one message per engine step (worker_readout.py) to a PULL socket bound
-here. Rows arrive keyed by the engine's internal request id, which vLLM derives from the
-id the client sees: `[{child}_]{cmpl-X-{prompt} | chatcmpl-X}-{8 hex}`.
+The worker appends one record per engine step (worker_readout.py) to the shared-memory
+score ring created at launch (readout_launch.py); a task here drains it every few
+milliseconds, and every reply drains it first, so it reflects every step that has
+finished. Rows arrive keyed by the engine's internal request id, which vLLM derives
+from the id the client sees: `[{child}_]{cmpl-X-{prompt} | chatcmpl-X}-{8 hex}`.
 """
 
 from __future__ import annotations
@@ -30,8 +32,6 @@ from typing import Any
 
 import msgspec
 import numpy as np
-import zmq
-import zmq.asyncio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
@@ -39,11 +39,14 @@ from livetrain import readout_format
 from livetrain.api_http import RequestError, read_json, validate
 from livetrain.api_models import ReadoutLoadRequest, ReadoutQuery
 from livetrain.config import PluginConfig
-from livetrain.worker_readout import ENV_READOUT, ENV_SOCKET, captured_layers
+from livetrain.readout_launch import ENV_READOUT, captured_layers, launch_ring
+from livetrain.score_ring import ScoreRing
 
 log = logging.getLogger("livetrain.readout")
 INTERNAL_ID = re.compile(r"(?:(\d+)_)?(.+)-[0-9a-f]{8}")
 STREAM_WAIT_S = 10.0  # how long a stream waits for its completion's first token
+DRAIN_EVERY_S = (0.005, 0.05)  # while records arrive, and when idle
+MAX_FANOUTS = 100_000  # parents' n of recent n > 1 readout requests
 
 
 def client_choice(internal_id: str, n: int) -> tuple[str, int] | None:
@@ -75,7 +78,8 @@ class RequestScores:
 
 
 class ReadoutStore:
-    """Scores by client id, bounded: idle entries expire and the oldest go first."""
+    """Scores by client id, bounded: idle entries expire and the least recently updated
+    go first (kept in that order, so expiry looks at the front only)."""
 
     def __init__(self, ttl_s: float, max_requests: int) -> None:
         self.ttl_s, self.max_requests = ttl_s, max_requests
@@ -93,6 +97,7 @@ class ReadoutStore:
             entry = self.requests.get(key[0])
             if entry is None:
                 entry = self.requests[key[0]] = RequestScores()
+            self.requests.move_to_end(key[0])  # least recently updated first
             entry.internal_ids.add(internal)
             row = Scored(message["token_ids"][k], message["v"], scores[k])
             entry.choices.setdefault(key[1], {})[message["index"][k]] = row
@@ -102,9 +107,10 @@ class ReadoutStore:
 
     def expire(self) -> None:
         now = time.monotonic()
-        for key in [k for k, e in self.requests.items() if now - e.updated > self.ttl_s]:
-            del self.requests[key]
-        while len(self.requests) > self.max_requests:
+        while self.requests and (
+            len(self.requests) > self.max_requests
+            or now - next(iter(self.requests.values())).updated > self.ttl_s
+        ):
             self.requests.popitem(last=False)
 
 
@@ -134,7 +140,8 @@ class ReadoutRoutes:
         self.current = -1
         self.engine: Any = None
         self.tokenizer: Any = None
-        self.socket: zmq.asyncio.Socket | None = None
+        self.ring: ScoreRing | None = None
+        self.fanouts: OrderedDict[str, int] = OrderedDict()  # engine id -> parent's n
         self.decoder = msgspec.msgpack.Decoder()
 
     def attach(self, app: FastAPI, authorize) -> None:
@@ -147,15 +154,16 @@ class ReadoutRoutes:
         app.include_router(router)
 
     async def start(self, engine_client: Any) -> None:
-        """Bind the collector (when launched with a readout) and load the launch readout."""
-        socket_path = os.environ.get(ENV_SOCKET)
-        if engine_client is None or not socket_path or not captured_layers():
+        """Start draining the score ring (when launched with a readout) and load the
+        launch readout."""
+        ring = launch_ring()
+        if engine_client is None or ring is None:
             return
-        self.engine = engine_client
+        self.engine, self.ring = engine_client, ring
+        if hasattr(engine_client, "output_processor"):
+            self._watch_fanout(engine_client.output_processor)
         tokenizer = engine_client.get_tokenizer()
         self.tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
-        self.socket = zmq.asyncio.Context.instance().socket(zmq.PULL)
-        self.socket.bind(socket_path)
         if os.environ.get(ENV_READOUT):
             self._remember(
                 0, os.environ[ENV_READOUT], readout_format.load(Path(os.environ[ENV_READOUT]))
@@ -169,21 +177,22 @@ class ReadoutRoutes:
         self.current = version
 
     async def _collect(self) -> None:
+        busy, idle = DRAIN_EVERY_S
         while True:
-            try:
-                self.store.add(self.decoder.decode(await self.socket.recv()), self._fanout)
-            except Exception:  # a bad message must not end collection
-                log.exception("live readout: dropped a message")
+            await asyncio.sleep(busy if self._drain() else idle)
 
-    async def _settle(self) -> None:
-        """Let the collector take every message already queued (bounded wait), so a reply
-        reflects every step that has finished."""
-        deadline = time.monotonic() + 0.5
-        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
-            await asyncio.sleep(0.002)
+    def _drain(self) -> int:
+        """Store every record the worker has written so far; how many there were."""
+        records = self.ring.drain()
+        for record in records:
+            try:
+                self.store.add(self.decoder.decode(record), self._fanout)
+            except Exception:  # a bad record must not end collection
+                log.exception("live readout: dropped a record")
+        return len(records)
 
     def _require_enabled(self) -> None:
-        if self.socket is None:
+        if self.ring is None:
             raise RequestError(
                 409,
                 "the live readout was not enabled at launch: start the server with "
@@ -237,7 +246,7 @@ class ReadoutRoutes:
     async def _get(self, request_id: str, request: Request) -> JSONResponse:
         self._require_enabled()
         choice = self._query(request)
-        await self._settle()
+        self._drain()
         entry = self.store.requests.get(request_id)
         if entry is None or choice not in entry.choices:
             raise RequestError(404, f"no readout for id {request_id!r} (choice {choice})")
@@ -276,7 +285,7 @@ class ReadoutRoutes:
                     yield _sse(self._token(sent, rows[sent]))
                 sent += 1
             if self._finished(entry):
-                await self._settle()
+                self._drain()
                 if sent not in rows:
                     break
                 continue
@@ -286,10 +295,25 @@ class ReadoutRoutes:
         yield _sse({}, "done")
 
     def _fanout(self, internal_id: str) -> int | None:
-        """`n` of the completion an engine request belongs to (its parent's, for children)."""
-        states = getattr(getattr(self.engine, "output_processor", None), "request_states", {})
-        parent = getattr(states.get(internal_id), "parent_req", None)
-        return getattr(parent, "n", None)
+        """`n` of the completion an engine request belongs to, for children of n > 1
+        (they reach the worker with n = 1)."""
+        return self.fanouts.get(internal_id)
+
+    def _watch_fanout(self, processor: Any) -> None:
+        """Remember each readout child's parent `n` as the API server adds it: the
+        engine's own record of it is gone once the request finishes, which may be
+        before the ring is drained."""
+        add_request = processor.add_request
+
+        def add_request_noting_n(request, prompt, parent_req=None, *args, **kwargs):
+            extra = getattr(request.sampling_params, "extra_args", None) or {}
+            if parent_req is not None and extra.get("readout"):
+                self.fanouts[request.request_id] = parent_req.n
+                while len(self.fanouts) > MAX_FANOUTS:
+                    self.fanouts.popitem(last=False)
+            return add_request(request, prompt, parent_req, *args, **kwargs)
+
+        processor.add_request = add_request_noting_n
 
     def _finished(self, entry: RequestScores) -> bool:
         """No engine request of this completion is still running (vLLM's own bookkeeping)."""

@@ -69,9 +69,12 @@ class PluginConfig:
     train_norms: bool = False
     train_lm_head: bool = False
     # Live readout: scores of a request are kept this long after its last token, and at
-    # most this many requests are kept (oldest dropped first).
+    # most this many requests are kept (oldest dropped first). The worker hands scores
+    # over through a shared-memory ring of this size (a step of 256 rows x 4 layers x
+    # 100 concepts is 400 KiB; the API server drains it every few milliseconds).
     readout_ttl_s: float = 600.0
     readout_max_requests: int = 1000
+    readout_ring_bytes: int = 32 * 1024 * 1024
 
     @classmethod
     def from_env(cls) -> PluginConfig:

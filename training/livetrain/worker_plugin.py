@@ -74,12 +74,12 @@ def _add_worker_rpc() -> None:
 
 def _enable_live_readout() -> None:
     # The first process (the API server) validates the launch readout and creates the
-    # socket directory; the engine processes inherit both through the environment.
-    from livetrain import worker_readout
+    # score ring; the engine processes inherit both through the environment.
+    from livetrain import readout_launch, worker_readout
     from livetrain.config import PluginConfig
 
-    worker_readout.prepare_launch(lambda: PluginConfig.from_env().private_runtime_dir())
-    worker_readout.add_layers_to_compile_hash()
+    readout_launch.prepare_launch(PluginConfig.from_env())
+    readout_launch.add_layers_to_compile_hash()
     worker_readout.install()
 
 

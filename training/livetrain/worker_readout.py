@@ -7,122 +7,66 @@ part of the model's code, so it survives torch.compile and CUDA graphs, where fo
 hooks silently never fire. Everything else happens outside the graph, after the
 forward, and only when a running request opted in: pick the rows that produce a token
 (skipping partial prefill chunks), project them onto every concept of every readout
-layer in one matrix product per layer, and, once `sample_tokens` has chosen the tokens,
-push one msgpack message per step to the API server (ZMQ PUSH, never blocking: a slow
-or absent reader costs dropped messages, not inference time).
+layer in one batched matrix product, and, once `sample_tokens` has chosen the tokens,
+append one msgpack record per step to the shared-memory score ring (score_ring.py:
+a memcpy, never blocking; a full ring costs a dropped record, not inference time).
 
-The captured layers are fixed at launch (they shape the compiled graph, and the compile
-cache key includes them); the concept vectors can be swapped at any time.
+The captured layers are fixed at launch (readout_launch.py); the concept vectors can be
+swapped at any time.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
-import numpy as np
 import torch
-import zmq
 
 from livetrain import readout_format
+from livetrain.readout_launch import ENV_READOUT, ENV_RING, captured_layers, remove
+from livetrain.score_ring import ScoreRing
 
 log = logging.getLogger("livetrain.readout")
-
-ENV_READOUT = "LIVETRAIN_READOUT"  # readout folder loaded at launch
-ENV_LAYERS = "LIVETRAIN_READOUT_LAYERS"  # blocks captured (default: the readout's layers)
-ENV_SOCKET = "LIVETRAIN_READOUT_SOCKET"  # set by the first process, inherited by the engine
-
-
-def captured_layers() -> list[int]:
-    value = os.environ.get(ENV_LAYERS, "")
-    return sorted({int(x) for x in value.split(",") if x.strip()})
-
-
-def prepare_launch(runtime_dir: Callable[[], Path]) -> None:
-    """In the first vLLM process (the API server): validate the launch readout, fix the
-    captured layers and create the private socket directory, all through the
-    environment the engine processes inherit. A malformed readout stops the launch."""
-    if os.environ.get(ENV_SOCKET) or not (
-        os.environ.get(ENV_READOUT) or os.environ.get(ENV_LAYERS)
-    ):
-        return
-    if os.environ.get(ENV_READOUT):
-        readout = readout_format.load(Path(os.environ[ENV_READOUT]))
-        os.environ.setdefault(ENV_LAYERS, ",".join(map(str, readout.layers)))
-        if missing := set(readout.layers) - set(captured_layers()):
-            raise readout_format.ReadoutError(
-                f"{ENV_READOUT}: layers {sorted(missing)} are not in {ENV_LAYERS}"
-            )
-    # mkdtemp makes it 0700; short names keep the socket path under the ~107-byte limit.
-    private = tempfile.mkdtemp(prefix="ro-", dir=runtime_dir())
-    os.environ[ENV_SOCKET] = f"ipc://{private}/s"
-
-
-def add_layers_to_compile_hash() -> None:
-    """The compiled graph's outputs depend on the captured layers; so must its cache key."""
-    from vllm.config import VllmConfig
-
-    original = VllmConfig.compute_hash
-
-    def compute_hash(self, *args, **kwargs) -> str:
-        digest = original(self, *args, **kwargs)
-        layers = os.environ.get(ENV_LAYERS)
-        if not layers:
-            return digest
-        return hashlib.sha256(f"{digest}|livetrain-readout:{layers}".encode()).hexdigest()[
-            : len(digest)
-        ]
-
-    VllmConfig.compute_hash = compute_hash
 
 
 @dataclass
 class _Pending:
-    """One step's opted-in rows, copied out of the aux outputs after the forward, waiting
-    for the tokens `sample_tokens` picks."""
+    """One step's scores, computed right after the forward (the next step overwrites the
+    activations), waiting for the tokens `sample_tokens` picks."""
 
     version: int
-    matrices: list[np.ndarray]  # the readout of that step, [H, C] per layer
     req_ids: list[str]
     token_index: list[int]
     n: list[int]
-    hidden: list[np.ndarray]  # per readout layer [rows, H] float32
-    token_ids: list[int] = field(default_factory=list)
+    scores: torch.Tensor  # [rows, layers, concepts] float32
 
 
 @dataclass
 class Tap:
     """Per worker process: the loaded concept vectors and the opted-in requests.
 
-    A step's message is sent before `sample_tokens` returns, so it always leaves before
-    the engine can report that step's tokens: a reader that has a finished completion
-    can have all of its rows. (A sender thread was tried; it loses that ordering.)"""
+    A step's record is in the ring before `sample_tokens` returns, so it is there
+    before the engine can report that step's tokens: a reader that has a finished
+    completion and drains the ring has all of its rows."""
 
     captured: list[int]
-    socket_path: str
+    ring: ScoreRing
     hidden_size: int
+    device: torch.device
     version: int = -1
     layers: list[int] = field(default_factory=list)  # readout layers (subset of captured)
     slots: list[int] = field(default_factory=list)  # their positions in the aux outputs
-    matrices: list[np.ndarray] = field(default_factory=list)  # per readout layer [H, C]
+    matrices: torch.Tensor | None = None  # [layers, H, C] float32, on the model's device
     active: set[str] = field(default_factory=set)
     pending: _Pending | None = None
-    dropped: int = 0  # messages a full socket refused
     steps: int = 0  # steps that produced scores
-    seconds: float = 0.0  # time spent selecting, projecting, encoding and sending
+    seconds: float = 0.0  # time spent selecting, projecting, encoding and writing
 
     def __post_init__(self) -> None:
-        self.socket = zmq.Context.instance().socket(zmq.PUSH)
-        self.socket.setsockopt(zmq.SNDHWM, 10_000)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(self.socket_path)
         self.encoder = msgspec.msgpack.Encoder()
 
     def load(self, folder: str, version: int) -> None:
@@ -135,9 +79,10 @@ class Tap:
         if missing := set(readout.layers) - set(self.captured):
             raise readout_format.ReadoutError(
                 f"layers {sorted(missing)} were not captured at launch (captured: "
-                f"{self.captured}; set {ENV_LAYERS} at launch to capture more)"
+                f"{self.captured}; set LIVETRAIN_READOUT_LAYERS at launch to capture more)"
             )
-        self.matrices = [readout.vectors[i].numpy().T.copy() for i in readout.layers]
+        vectors = torch.stack([readout.vectors[i].float().T for i in readout.layers])
+        self.matrices = vectors.to(self.device).contiguous()
         self.slots = [self.captured.index(i) for i in readout.layers]
         self.layers, self.version = list(readout.layers), version
 
@@ -150,11 +95,15 @@ class Tap:
             self.active.difference_update(scheduler_output.finished_req_ids)
 
     def after_forward(self, runner) -> None:
-        """Copy out the rows that will produce a token, for opted-in requests (the next
-        step overwrites them)."""
+        """Score the rows that will produce a token, for opted-in requests."""
         self.pending = None
         state = runner.execute_model_state
-        if not self.active or not self.matrices or state is None or state.aux_hidden_states is None:
+        if (
+            not self.active
+            or self.matrices is None
+            or state is None
+            or state.aux_hidden_states is None
+        ):
             return
         started = time.perf_counter()
         batch = runner.input_batch
@@ -170,10 +119,8 @@ class Tap:
                 fanout.append(int(request.sampling_params.n or 1))
                 rows.append(int(ends[k + 1]) - 1)
         if rows:
-            hidden = [_rows(state.aux_hidden_states[slot], rows) for slot in self.slots]
-            self.pending = _Pending(
-                self.version, self.matrices, req_ids, token_index, fanout, hidden
-            )
+            scores = _project(state.aux_hidden_states, self.slots, rows, self.matrices)
+            self.pending = _Pending(self.version, req_ids, token_index, fanout, scores)
         self.seconds += time.perf_counter() - started
 
     def after_sample(self, output) -> None:
@@ -181,37 +128,39 @@ class Tap:
         if step is None or not hasattr(output, "req_id_to_index"):
             return
         started = time.perf_counter()
+        token_ids = []
         for rid in step.req_ids:
             sampled = output.sampled_token_ids[output.req_id_to_index[rid]]
-            step.token_ids.append(int(sampled[0]) if len(sampled) else -1)
-        scores = np.stack([h @ m for h, m in zip(step.hidden, step.matrices, strict=True)], 1)
+            token_ids.append(int(sampled[0]) if len(sampled) else -1)
         message = {
             "v": step.version,
             "req_ids": step.req_ids,
             "index": step.token_index,
             "n": step.n,
-            "token_ids": step.token_ids,
-            "shape": list(scores.shape),
-            "scores": scores.astype(np.float32).tobytes(),
+            "token_ids": token_ids,
+            "shape": list(step.scores.shape),
+            "scores": step.scores.cpu().numpy().tobytes(),  # C order of [rows, layers, concepts]
         }
-        try:
-            self.socket.send(self.encoder.encode(message), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            self.dropped += 1
+        self.ring.put(self.encoder.encode(message))
         self.steps += 1
         self.seconds += time.perf_counter() - started
 
 
-def _rows(hidden: torch.Tensor, rows: list[int]) -> np.ndarray:
-    """A float32 numpy copy of some rows of a step's activations (the next step overwrites
-    them). numpy on the CPU, bf16 widened by a bit shift: tiny torch ops each open an
-    OpenMP region, which costs more than the work."""
-    if hidden.device.type == "cpu":
-        if hidden.dtype == torch.bfloat16:
-            bits = hidden.view(torch.int16).numpy()[rows].astype(np.uint16).astype(np.uint32)
-            return (bits << 16).view(np.float32)
-        return hidden.numpy()[rows].astype(np.float32, copy=False)
-    return hidden[torch.tensor(rows, device=hidden.device)].float().cpu().numpy()
+def _project(
+    aux: list[torch.Tensor], slots: list[int], rows: list[int], matrices: torch.Tensor
+) -> torch.Tensor:
+    """Scores [rows, layers, concepts] (float32) of some rows of a step's block outputs,
+    in as few torch calls as possible: after a forward the caches are cold, and each
+    call's overhead then costs more than its arithmetic. On a GPU this only queues work;
+    the copy to the host waits until sampling has synchronised anyway."""
+    captured = [aux[slot] for slot in slots]
+    total = captured[0].shape[0]
+    if len(rows) == total and rows[-1] == total - 1:  # rows ascend: this is every row
+        hidden = torch.stack(captured)
+    else:
+        index = torch.tensor(rows, device=captured[0].device)
+        hidden = torch.stack([h.index_select(0, index) for h in captured])
+    return torch.bmm(hidden.float(), matrices).transpose(0, 1)
 
 
 _tap: Tap | None = None
@@ -219,9 +168,9 @@ _tap: Tap | None = None
 
 def install() -> None:
     """Patch the V1 model runner in this process (idempotent); a no-op unless launched
-    with a readout (the socket variable is then inherited from the API server)."""
-    socket_path, layers = os.environ.get(ENV_SOCKET), captured_layers()
-    if not socket_path or not layers:
+    with a readout (the ring's path is then inherited from the API server)."""
+    ring_path, layers = os.environ.get(ENV_RING), captured_layers()
+    if not ring_path or not layers:
         return
     from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -243,9 +192,13 @@ def install() -> None:
             raise RuntimeError(f"live readout: {type(model).__name__} cannot return block outputs")
         if self.use_aux_hidden_state_outputs:
             raise RuntimeError("live readout: speculative decoding already uses the aux outputs")
+        if self.use_async_scheduling:  # tokens arrive later, off this path (CUDA only)
+            raise RuntimeError("live readout: start vLLM with --no-async-scheduling")
         model.set_aux_hidden_state_layers(tuple(i + 1 for i in layers))
         self.use_aux_hidden_state_outputs = True
-        _tap = Tap(layers, socket_path, self.model_config.get_hidden_size())
+        ring = ScoreRing.open(Path(ring_path))
+        remove(ring)  # both ends have it mapped now; nothing is left behind on a crash
+        _tap = Tap(layers, ring, self.model_config.get_hidden_size(), self.device)
         if os.environ.get(ENV_READOUT):
             _tap.load(os.environ[ENV_READOUT], version=0)
         log.info("live readout: capturing blocks %s, readout layers %s", layers, _tap.layers)
@@ -273,7 +226,7 @@ def stats_rpc() -> dict:
     return {
         "steps": _tap.steps,
         "seconds": _tap.seconds,
-        "dropped": _tap.dropped,
+        "dropped": _tap.ring.dropped,
         "active_requests": len(_tap.active),
     }
 
