@@ -7,6 +7,8 @@ import multiprocessing
 import os
 import stat
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,3 +82,39 @@ def test_ring_file_is_private_and_checked(tmp_path):
     ring.unlink()
     assert not ring.path.exists()
     assert other_end.put(b"still mapped") and ring.drain() == [b"still mapped"]
+
+
+def test_allocation_failure_is_clear_and_leaves_nothing(tmp_path):
+    """A ring that cannot be allocated (a full /dev/shm in a container, say) fails with
+    the size and the reason, and leaves no partial file."""
+    script = f"""
+import resource, signal
+from pathlib import Path
+from livetrain.score_ring import RingError, ScoreRing
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    ScoreRing.create(Path({str(tmp_path / "ring")!r}), 8 << 20)
+except RingError as e:
+    print(e)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "cannot allocate a 8 MiB score ring" in result.stdout
+    assert not (tmp_path / "ring").exists()
+
+
+def test_launch_refuses_a_ring_too_small_to_hold_a_step(monkeypatch, tmp_path):
+    from livetrain.config import PluginConfig
+    from livetrain.readout_format import ReadoutError
+    from livetrain.readout_launch import prepare_launch
+    from tests.conftest import write_readout
+
+    # setenv first, so that whatever prepare_launch writes is undone afterwards
+    monkeypatch.setenv("LIVETRAIN_READOUT", str(write_readout(tmp_path / "r", ["a"], [0], 8, 0)))
+    monkeypatch.setenv("LIVETRAIN_READOUT_LAYERS", "0")
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "")
+    monkeypatch.delenv("LIVETRAIN_READOUT_RING", raising=False)
+    with pytest.raises(ReadoutError, match="LIVETRAIN_READOUT_RING_BYTES must be at least"):
+        prepare_launch(PluginConfig(readout_ring_bytes=100))
+    assert "LIVETRAIN_READOUT_RING" not in os.environ

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from livetrain import readout_format
 from livetrain.config import PluginConfig
-from livetrain.score_ring import ScoreRing
+from livetrain.score_ring import RingError, ScoreRing
 
 ENV_READOUT = "LIVETRAIN_READOUT"  # readout folder loaded at launch
 ENV_LAYERS = "LIVETRAIN_READOUT_LAYERS"  # blocks captured (default: the readout's layers)
 ENV_RING = "LIVETRAIN_READOUT_RING"  # set here, inherited by the engine processes
 ENV_V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 SHARED_MEMORY = Path("/dev/shm")  # tmpfs: ring pages never go to disk
+MIN_RING_BYTES = 1 << 16  # a few steps of a small batch
 
 _ring: ScoreRing | None = None
 
@@ -55,9 +56,19 @@ def prepare_launch(config: PluginConfig) -> None:
             f"the live readout patches vLLM's V1 model runner; unset {ENV_V2_RUNNER}"
         )
     os.environ[ENV_V2_RUNNER] = "0"  # CUDA builds default to V2 when Triton is present
+    if config.readout_ring_bytes < MIN_RING_BYTES:
+        raise readout_format.ReadoutError(
+            f"LIVETRAIN_READOUT_RING_BYTES must be at least {MIN_RING_BYTES}"
+        )
     parent = SHARED_MEMORY if os.access(SHARED_MEMORY, os.W_OK) else config.private_runtime_dir()
     private = Path(tempfile.mkdtemp(prefix="livetrain-readout-", dir=parent))  # 0700
-    _ring = ScoreRing.create(private / "scores", config.readout_ring_bytes)
+    try:
+        _ring = ScoreRing.create(private / "scores", config.readout_ring_bytes)
+    except RingError as e:
+        private.rmdir()
+        raise readout_format.ReadoutError(
+            f"{e} (lower LIVETRAIN_READOUT_RING_BYTES or make room there)"
+        ) from None
     atexit.register(remove, _ring)
     os.environ[ENV_RING] = str(_ring.path)
 

@@ -70,9 +70,16 @@ class ScoreRing:
         """A new ring file, readable and writable by its owner only."""
         capacity = _padded(capacity)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.ftruncate(fd, HEADER_BYTES + capacity)
-        os.pwrite(fd, struct.pack("<QQ", MAGIC, capacity), 0)
-        os.posix_fallocate(fd, 0, HEADER_BYTES + capacity)  # allocate now, not mid-step
+        try:
+            os.ftruncate(fd, HEADER_BYTES + capacity)
+            os.posix_fallocate(fd, 0, HEADER_BYTES + capacity)  # allocate now, not mid-step
+            os.pwrite(fd, struct.pack("<QQ", MAGIC, capacity), 0)
+        except OSError as e:
+            os.close(fd)
+            path.unlink()
+            raise RingError(
+                f"cannot allocate a {capacity >> 20} MiB score ring in {path.parent}: {e.strerror}"
+            ) from None
         return cls(path, fd)
 
     @classmethod
