@@ -1,11 +1,14 @@
 """Decode speed with the live readout on against off, in the same server.
 
-    python3 bench/bench_readout_decode.py [--model bench-llama|bench-llama-150m]
-        [--rounds 8] [--streams 8] [--tokens 128] [--concepts 100] [--dtype float32]
+    python3 bench/bench_readout_decode.py [--model bench-llama-150m|bench-llama]
+        [--rounds 6] [--streams 8] [--tokens 128] [--concepts 100] [--dtype float32]
 
 A bench model served compiled (as vLLM defaults to) with a readout of 100 concepts on
-4 blocks (evenly spaced). Each round is one completion of `streams` prompts, so every
-step decodes a full batch; rounds alternate (ABBA) between every prompt asking for the
+4 blocks (evenly spaced). The default has the shape of a small real model (~150M
+parameters, about 10 minutes here); `--model bench-llama` (12M, 2 minutes) is the worst
+case, where the readout's vectors are 1.7 % of the weights a decode step reads.
+Each round is one completion of `streams` prompts, so every step decodes a full batch;
+rounds alternate (ABBA) between every prompt asking for the
 readout (`vllm_xargs: {"readout": true}`) and none, so machine drift hits both sides.
 Printed: the median of on/off over adjacent round pairs (target >= 0.97), and the
 worker's own account of the time it spent on the readout as a share of the readout-on
@@ -61,8 +64,8 @@ def readout_layers(num_layers: int, count: int = 4) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="bench-llama", choices=sorted(BENCH_MODELS))
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--model", default="bench-llama-150m", choices=sorted(BENCH_MODELS))
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--concepts", type=int, default=100)

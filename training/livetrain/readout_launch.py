@@ -45,17 +45,30 @@ def prepare_launch(config: PluginConfig) -> None:
     if os.environ.get(ENV_RING) or not enabled():
         return
     if os.environ.get(ENV_READOUT):
-        readout = readout_format.load(Path(os.environ[ENV_READOUT]))
-        os.environ.setdefault(ENV_LAYERS, ",".join(map(str, readout.layers)))
-        if missing := set(readout.layers) - set(captured_layers()):
-            raise readout_format.ReadoutError(
-                f"{ENV_READOUT}: layers {sorted(missing)} are not in {ENV_LAYERS}"
-            )
+        _fix_layers(readout_format.load(Path(os.environ[ENV_READOUT])))
+    _pin_v1_runner()
+    _ring = _create_ring(config)
+    atexit.register(remove, _ring)
+    os.environ[ENV_RING] = str(_ring.path)
+
+
+def _fix_layers(readout: readout_format.Readout) -> None:
+    os.environ.setdefault(ENV_LAYERS, ",".join(map(str, readout.layers)))
+    if missing := set(readout.layers) - set(captured_layers()):
+        raise readout_format.ReadoutError(
+            f"{ENV_READOUT}: layers {sorted(missing)} are not in {ENV_LAYERS}"
+        )
+
+
+def _pin_v1_runner() -> None:
     if os.environ.get(ENV_V2_RUNNER, "").lower() in ("1", "true"):
         raise readout_format.ReadoutError(
             f"the live readout patches vLLM's V1 model runner; unset {ENV_V2_RUNNER}"
         )
     os.environ[ENV_V2_RUNNER] = "0"  # CUDA builds default to V2 when Triton is present
+
+
+def _create_ring(config: PluginConfig) -> ScoreRing:
     if config.readout_ring_bytes < MIN_RING_BYTES:
         raise readout_format.ReadoutError(
             f"LIVETRAIN_READOUT_RING_BYTES must be at least {MIN_RING_BYTES}"
@@ -63,14 +76,12 @@ def prepare_launch(config: PluginConfig) -> None:
     parent = SHARED_MEMORY if os.access(SHARED_MEMORY, os.W_OK) else config.private_runtime_dir()
     private = Path(tempfile.mkdtemp(prefix="livetrain-readout-", dir=parent))  # 0700
     try:
-        _ring = ScoreRing.create(private / "scores", config.readout_ring_bytes)
+        return ScoreRing.create(private / "scores", config.readout_ring_bytes)
     except RingError as e:
         private.rmdir()
         raise readout_format.ReadoutError(
             f"{e} (lower LIVETRAIN_READOUT_RING_BYTES or make room there)"
         ) from None
-    atexit.register(remove, _ring)
-    os.environ[ENV_RING] = str(_ring.path)
 
 
 def launch_ring() -> ScoreRing | None:
