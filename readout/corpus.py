@@ -13,17 +13,20 @@ import argparse
 import json
 import re
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "amygdala_stories"
 MIN_WORDS, MAX_WORDS = 80, 200
+# A trained concept has this many stories in stories/ over this many settings, and
+# this many held-out stories, none in a setting its training texts use.
+TRAINED_STORIES, TRAINED_SETTINGS, HELD_OUT_STORIES = 12, 4, 3
 MINIMUMS = {
     "concepts": 150,  # in the manifest
-    "concepts_with_stories": 90,  # with >= 3 positives over >= 2 settings
+    "trained_concepts": 100,  # with the stories and held-out stories above
     "paired_scenarios": 12,  # each with a baseline and >= 4 framings
-    "neutral_stories": 30,
+    "neutral_stories": 80,
+    "held_out_neutral": 30,
 }
 
 
@@ -32,7 +35,7 @@ class Text:
     """One story. `concept` is None for neutral prose and scenario baselines."""
 
     concept: str | None
-    source: str  # "stories", "paired" or "direct"
+    source: str  # "stories", "paired", "direct" or "held_out"
     text: str
     setting: str | None
     path: Path
@@ -48,16 +51,27 @@ class Corpus:
     root: Path
     definitions: dict[str, str]
     clusters: dict[str, str]
-    held_out: list[str]
+    held_out: list[str]  # paired scenarios kept out of training
+    held_out_split: str | None = None  # folder of held-out stories
     texts: list[Text] = field(default_factory=list)
     # scenario -> {"baseline" or concept: Text}
     scenarios: dict[str, dict[str, Text]] = field(default_factory=dict)
 
+    def is_held_out(self, t: Text) -> bool:
+        """Evaluation text, never seen by a trainer: the held-out split and scenarios."""
+        return t.source == "held_out" or (t.source == "paired" and t.setting in self.held_out)
+
     def positives(self, concept: str) -> list[Text]:
-        return [t for t in self.texts if t.concept == concept]
+        """A concept's training texts (stories, direct descriptions, paired framings)."""
+        return [t for t in self.texts if t.concept == concept and not self.is_held_out(t)]
 
     def neutral(self) -> list[Text]:
-        return [t for t in self.texts if t.concept is None and t.source != "paired"]
+        """Neutral training prose (the calibration reference)."""
+        return [t for t in self.texts if t.concept is None and t.source in ("stories", "direct")]
+
+    def held_out_stories(self, concept: str | None) -> list[Text]:
+        """The held-out split's stories of a concept (None: its neutral prose)."""
+        return [t for t in self.texts if t.source == "held_out" and t.concept == concept]
 
 
 def _blocks(path: Path) -> list[tuple[str | None, str]]:
@@ -87,9 +101,13 @@ def load(root: Path = DEFAULT_ROOT) -> Corpus:
         {c: v["definition"] for c, v in concepts.items()},
         {c: v["cluster"] for c, v in concepts.items()},
         list(manifest.get("held_out_scenarios", [])),
+        manifest.get("held_out_split"),
     )
-    for source in ("stories", "direct"):
-        for path in sorted((root / source).glob("*.txt")):
+    folders = {"stories": "stories", "direct": "direct"}
+    if corpus.held_out_split:
+        folders["held_out"] = corpus.held_out_split
+    for source, folder in folders.items():
+        for path in sorted((root / folder).glob("*.txt")):
             for i, (setting, text) in enumerate(_blocks(path)):
                 corpus.texts.append(Text(_concept_of(path), source, text, setting, path, i))
     for scenario_dir in sorted(p for p in (root / "paired").iterdir() if p.is_dir()):
@@ -170,6 +188,9 @@ def check(root: Path = DEFAULT_ROOT) -> tuple[list[Problem], dict[str, int]]:
     for scenario in corpus.held_out:
         if scenario not in corpus.scenarios:
             problems.append(Problem("manifest", scenario, "held-out scenario does not exist"))
+    if corpus.held_out_split and not (root / corpus.held_out_split).is_dir():
+        problems.append(Problem("manifest", corpus.held_out_split, "held-out folder missing"))
+    problems += _held_out_settings(corpus)
     counts = _counts(corpus)
     for name, minimum in MINIMUMS.items():
         if counts[name] < minimum:
@@ -177,22 +198,52 @@ def check(root: Path = DEFAULT_ROOT) -> tuple[list[Problem], dict[str, int]]:
     return problems, counts
 
 
-def _counts(corpus: Corpus) -> dict[str, int]:
-    settings: dict[str, set[str]] = defaultdict(set)
-    positives: dict[str, int] = defaultdict(int)
+def _setting(t: Text) -> str:
+    return re.sub(r"\W+", " ", (t.setting or "").lower()).strip()
+
+
+def _held_out_settings(corpus: Corpus) -> list[Problem]:
+    """Held-out stories must not share a setting with their concept's training texts,
+    or the evaluation would reward reading the scene instead of the state."""
+    problems = []
     for t in corpus.texts:
-        if t.concept is not None:
-            positives[t.concept] += 1
-            settings[t.concept].add((t.setting or "").lower())
+        if t.source != "held_out":
+            continue
+        same = corpus.positives(t.concept) if t.concept else corpus.neutral()
+        if any(_setting(o) == _setting(t) for o in same):
+            what = f"{t.concept}'s" if t.concept else "neutral"
+            problems.append(
+                Problem(
+                    "held-out setting", t.where, f"{t.setting!r} is used by {what} training text"
+                )
+            )
+    return problems
+
+
+def trained_concepts(corpus: Corpus) -> list[str]:
+    """Concepts with enough stories and held-out stories to train and evaluate one
+    direction (the minimums above)."""
+    out = []
+    for concept in corpus.definitions:
+        stories = [t for t in corpus.texts if t.source == "stories" and t.concept == concept]
+        if (
+            len(stories) >= TRAINED_STORIES
+            and len({_setting(t) for t in stories}) >= TRAINED_SETTINGS
+            and len(corpus.held_out_stories(concept)) >= HELD_OUT_STORIES
+        ):
+            out.append(concept)
+    return out
+
+
+def _counts(corpus: Corpus) -> dict[str, int]:
     return {
         "concepts": len(corpus.definitions),
-        "concepts_with_stories": sum(
-            1 for c in positives if positives[c] >= 3 and len(settings[c]) >= 2
-        ),
+        "trained_concepts": len(trained_concepts(corpus)),
         "paired_scenarios": sum(
             1 for v in corpus.scenarios.values() if "baseline" in v and len(v) - 1 >= 4
         ),
         "neutral_stories": len(corpus.neutral()),
+        "held_out_neutral": len(corpus.held_out_stories(None)),
     }
 
 

@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from readout.corpus import DEFAULT_ROOT, MINIMUMS, check, forbidden_forms, load
+from readout.corpus import (
+    DEFAULT_ROOT,
+    HELD_OUT_STORIES,
+    MINIMUMS,
+    TRAINED_SETTINGS,
+    TRAINED_STORIES,
+    check,
+    forbidden_forms,
+    load,
+    trained_concepts,
+)
 
 # Filler words for synthetic stories: the checker cares about counts, not meaning.
 FILLER = "the tram stopped by the bakery and the driver checked the clock above the door"
@@ -27,13 +37,17 @@ def write_corpus(
     paired: dict[str, dict[str, str]],
     held_out: list[str],
     concepts: list[str],
+    held_out_stories: dict[str, str] | None = None,
 ) -> Path:
-    for sub in ("stories", "direct", "paired"):
+    for sub in ("stories", "direct", "paired", "held_out"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     manifest = {
         "concepts": {c: {"definition": f"the state {c}", "cluster": "test"} for c in concepts},
         "held_out_scenarios": held_out,
+        "held_out_split": "held_out",
     }
+    for name, body in (held_out_stories or {}).items():
+        (root / "held_out" / f"{name}.txt").write_text(body)
     (root / "manifest.json").write_text(json.dumps(manifest))
     for name, body in stories.items():
         (root / "stories" / f"{name}.txt").write_text(body)
@@ -88,7 +102,7 @@ def test_each_rule_is_reported(tmp_path):
     assert any("loft" in w for w in found["paired"])
     assert any("nowhere" in w for w in found["manifest"])
     assert {w.split()[0] for w in found["minimum"]} == set(MINIMUMS)
-    assert counts["concepts_with_stories"] == 1 and counts["neutral_stories"] == 1
+    assert counts["trained_concepts"] == 0 and counts["neutral_stories"] == 1
 
 
 def test_a_clean_corpus_has_no_problems_except_minimums(tmp_path):
@@ -104,6 +118,42 @@ def test_a_clean_corpus_has_no_problems_except_minimums(tmp_path):
     corpus = load(root)
     assert len(corpus.positives("calm")) == 3 and len(corpus.neutral()) == 1
     assert {t.setting for t in corpus.positives("calm")} == {"pier", "barn", "loft"}
+
+
+def test_held_out_split_rules(tmp_path):
+    """A trained concept needs its stories over enough settings and held-out stories in
+    settings none of its training texts use; held-out text never counts as training."""
+    settings = [f"place {k}" for k in range(TRAINED_SETTINGS)]
+    train = "\n\n".join(
+        block(settings[k % len(settings)], prose(100, k)) for k in range(TRAINED_STORIES)
+    )
+    held = [block(f"elsewhere {k}", prose(100, 100 + k)) for k in range(HELD_OUT_STORIES)]
+    stories = {
+        "calm": train,
+        "tense": train.replace(" w", " x"),
+        "_neutral": block("yard", prose(100, 99)),
+    }
+    held_out = {
+        "calm": "\n\n".join(held),
+        # one story in a setting tense's training uses: reported, and tense is not trained
+        "tense": "\n\n".join([*held[1:], block("Place 0", prose(100, 200))]).replace(" w", " y"),
+        "_neutral": block("yard", prose(100, 300)),  # neutral training prose's setting
+    }
+    root = write_corpus(tmp_path, stories, {}, [], ["calm", "tense"], held_out)
+    problems, counts = check(root)
+    found = kinds(problems)
+    assert len(found["held-out setting"]) == 2
+    assert any("tense.txt" in w and "'Place 0'" in w for w in found["held-out setting"])
+    assert any("_neutral.txt" in w for w in found["held-out setting"])
+    corpus = load(root)
+    assert trained_concepts(corpus) == ["calm", "tense"]  # counts, not settings
+    assert counts["trained_concepts"] == 2 and counts["held_out_neutral"] == 1
+    assert len(corpus.positives("calm")) == TRAINED_STORIES  # held-out stories excluded
+    assert len(corpus.held_out_stories("calm")) == HELD_OUT_STORIES
+    assert all(corpus.is_held_out(t) for t in corpus.held_out_stories(None))
+    # one story fewer and the concept no longer counts as trained
+    (root / "held_out" / "calm.txt").write_text("\n\n".join(held[1:]))
+    assert trained_concepts(load(root)) == ["tense"]
 
 
 def test_forbidden_forms_cover_inflections():

@@ -15,7 +15,8 @@ def loaded() -> corpus.Corpus:
 def test_pairs_follow_the_rules(loaded):
     ts = dataset.build(loaded, seed=0, negatives_per_positive=4)
     held_out = set(ts.held_out_neg)
-    assert held_out and all(ts.texts[i].setting in loaded.held_out for i in held_out)
+    assert held_out and all(loaded.is_held_out(ts.texts[i]) for i in held_out)
+    assert {ts.texts[i].source for i in held_out} == {"held_out", "paired"}
     for concept in ts.concepts:
         pairs = ts.pairs[concept]
         assert len(pairs) == 4 * len(ts.positives[concept])  # 4 negatives per positive
@@ -29,7 +30,10 @@ def test_pairs_follow_the_rules(loaded):
                 first = next(n for q, n in pairs if q == p)
                 assert ts.texts[first] is loaded.scenarios[text.setting]["baseline"]
     assert set(ts.concepts) | set(ts.skipped) == set(loaded.definitions)
-    assert all(ts.texts[i].concept is None and ts.texts[i].source != "paired" for i in ts.neutral)
+    assert all(
+        ts.texts[i].concept is None and ts.texts[i].source in ("stories", "direct")
+        for i in ts.neutral
+    )
 
 
 def test_same_seed_same_pairs_other_seed_other_pairs(loaded):
