@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import bench_model, decode_tokens_per_s  # noqa: E402
+from common import add_model_argument, bench_model, decode_tokens_per_s  # noqa: E402
 
 from livetrain.launch import Server, plugin_env  # noqa: E402
 
@@ -45,8 +45,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    add_model_argument(parser)
     args = parser.parse_args()
-    model, work = bench_model(), Path(tempfile.mkdtemp(prefix="livetrain-decode-"))
+    model, work = bench_model(args.model), Path(tempfile.mkdtemp(prefix="livetrain-decode-"))
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     for _ in range(args.rounds):
         for mode in MODES:

@@ -1,8 +1,8 @@
 """Direction training: one forward pass per unique text against the library per concept.
 
-    python3 bench/bench_readout_train.py [--sample-concepts 4] [--model DIR]
+    python3 bench/bench_readout_train.py [--sample-concepts 4] [--model NAME]
 
-On the bench model (or --model) and the real story corpus, with the pca aggregator:
+On the real default model (or --model) and the story corpus, with the pca aggregator:
 - forward passes: ours (one per unique text) against `train_steering_vector` called
   once per concept (two per pair), counted over every concept;
 - wall time of the whole pipeline (corpus, forwards, directions, output) against the
@@ -23,24 +23,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from steering_vectors import pca_aggregator, train_steering_vector  # noqa: E402
 
-from bench.common import bench_model  # noqa: E402
+from bench.common import add_model_argument, bench_model  # noqa: E402
 from readout import activations, corpus, pipeline  # noqa: E402
 from readout.train_with_library import library_method  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", type=Path, default=None)
+    add_model_argument(parser)
     parser.add_argument("--sample-concepts", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     cli = parser.parse_args()
-    model_path = cli.model or bench_model()
+    model_path = bench_model(cli.model)
     with tempfile.TemporaryDirectory() as out:
         args = argparse.Namespace(
             model=model_path,
             stories=corpus.DEFAULT_ROOT,
             out=Path(out),
             layers=None,
+            read_position=pipeline.DEFAULT_READ_POSITION,
             seed=0,
             negatives_per_positive=4,
             quality_report=False,

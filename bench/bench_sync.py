@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BENCH_CONFIG, bench_model, random_samples  # noqa: E402
+from common import add_model_argument, bench_model, random_samples  # noqa: E402
 
 from livetrain.apollo import Apollo  # noqa: E402
 from livetrain.checkpoint_files import list_tensors  # noqa: E402
@@ -47,7 +47,7 @@ from livetrain.checkpoint_sync import (  # noqa: E402
     write_journal,
 )
 from livetrain.config import OptimizerSettings, PluginConfig  # noqa: E402
-from livetrain.tiny_model import DTYPES, build_tiny_model  # noqa: E402
+from livetrain.tiny_model import DTYPES  # noqa: E402
 from livetrain.trainer_model import classify  # noqa: E402
 
 LRS = (1e-4, 1e-5)
@@ -61,6 +61,15 @@ def fresh_copy(model_dir: Path, work: Path) -> Path:
     being measured would also write out the copy's own dirty pages."""
     copy = Path(tempfile.mkdtemp(prefix="copy-", dir=work))
     shutil.copytree(model_dir, copy, dirs_exist_ok=True)
+    fsync_path(copy / WEIGHTS)
+    return copy
+
+
+def bf16_copy(model_dir: Path, work: Path) -> Path:
+    """The model with bfloat16 files (the other file dtype users serve)."""
+    copy = fresh_copy(model_dir, work)
+    weights = load_file(str(copy / WEIGHTS))
+    save_file({k: v.bfloat16() for k, v in weights.items()}, str(copy / WEIGHTS))
     fsync_path(copy / WEIGHTS)
     return copy
 
@@ -272,14 +281,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="context and continuation each")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block", type=int, default=PluginConfig().sync_block_bytes)
+    add_model_argument(parser)
     args = parser.parse_args()
-    model_dir = bench_model()
+    model_dir = bench_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="livetrain-bench-sync-"))
     try:
-        bf16_dir = build_tiny_model(
-            work / "bench-llama-bf16", dtype="bfloat16", config_overrides=BENCH_CONFIG
-        )
-        file_dirs = {"float32": fresh_copy(model_dir, work), "bfloat16": bf16_dir}
+        file_dirs = {"float32": fresh_copy(model_dir, work), "bfloat16": bf16_copy(model_dir, work)}
         results = {
             "model": str(model_dir),
             "block_bytes": args.block,

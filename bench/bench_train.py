@@ -26,7 +26,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import bench_model, random_samples, shared_weight_memory  # noqa: E402
+from common import (  # noqa: E402
+    add_model_argument,
+    bench_model,
+    model_config,
+    random_samples,
+    shared_weight_memory,
+)
 
 from livetrain.apollo import Apollo  # noqa: E402
 from livetrain.client import LivetrainClient  # noqa: E402
@@ -102,9 +108,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=64, help="context and continuation each")
+    add_model_argument(parser)
     args = parser.parse_args()
-    model_dir = bench_model()
-    config = json.loads((model_dir / "config.json").read_text())
+    model_dir = bench_model(args.model)
+    config = model_config(model_dir)
     samples = random_samples(args.batch, args.tokens, args.tokens, config["vocab_size"])
     results: dict[str, object] = {
         "model": str(model_dir),

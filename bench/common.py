@@ -1,7 +1,14 @@
-"""Shared pieces of the benchmarks: the bench model, samples, memory accounting."""
+"""Shared pieces of the benchmarks: the bench models, samples, memory accounting.
+
+Every bench runs on the built-in real model (SmolLM2-135M-Instruct) by default:
+figures measured on random toy models have not held on it. `--model` picks one of the
+random-weight shapes instead, for quick runs and worst cases.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
 import re
 import time
@@ -10,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from livetrain.default_model import ensure_default_model
 from livetrain.tiny_model import build_tiny_model
 
 MODELS_DIR = Path.home() / ".cache" / "livetrain" / "models"
@@ -29,14 +37,35 @@ LARGER_CONFIG = dict(
     intermediate_size=2816,
     num_hidden_layers=8,
 )
-BENCH_MODELS = {"bench-llama": BENCH_CONFIG, "bench-llama-150m": LARGER_CONFIG}
+DEFAULT_MODEL = "smollm2-135m"
+BENCH_MODELS = {
+    DEFAULT_MODEL: None,  # the built-in real model
+    "bench-llama": BENCH_CONFIG,
+    "bench-llama-150m": LARGER_CONFIG,
+}
 
 
-def bench_model(name: str = "bench-llama") -> Path:
+def bench_model(name: str = DEFAULT_MODEL) -> Path:
+    """The folder of a bench model: the real default, or a random one built once."""
+    if BENCH_MODELS[name] is None:
+        return ensure_default_model()
     folder = MODELS_DIR / name
     if not (folder / "model.safetensors").exists():
         build_tiny_model(folder, config_overrides=BENCH_MODELS[name])
     return folder
+
+
+def model_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        choices=sorted(BENCH_MODELS),
+        help=f"default {DEFAULT_MODEL} (the built-in real model); the others are random",
+    )
 
 
 def random_samples(n: int, context: int, continuation: int, vocab: int, seed: int = 0):

