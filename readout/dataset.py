@@ -7,7 +7,8 @@ from the other concepts' texts, the scenario baselines and the neutral prose. A 
 framing is first matched with its own scenario's baseline: holding the scene fixed and
 varying only the inner state is the cleanest contrast the corpus offers.
 
-Texts of held-out scenarios never enter training; they are the evaluation set.
+The held-out split (held_out/ stories, in settings the concept's training texts never
+use) and held-out paired scenarios never enter training; they are the evaluation set.
 """
 
 from __future__ import annotations
@@ -42,15 +43,14 @@ def build(
     """Rows, pairs and held-out sets; the same corpus and seed always give the same pairs."""
     texts = corpus.texts
     names = [f"{t.path.relative_to(corpus.root)}#{t.index + 1}" for t in texts]
-    held_out = {
-        i for i, t in enumerate(texts) if t.source == "paired" and t.setting in corpus.held_out
-    }
+    held_out = {i for i, t in enumerate(texts) if corpus.is_held_out(t)}
     train_rows = [i for i in range(len(texts)) if i not in held_out]
     baseline_of = {
         scenario: texts.index(versions["baseline"])
         for scenario, versions in corpus.scenarios.items()
         if "baseline" in versions
     }
+    neutral = set(corpus.neutral())
     positives: dict[str, list[int]] = {}
     skipped: dict[str, str] = {}
     for concept in corpus.definitions:
@@ -73,7 +73,7 @@ def build(
         pairs=pairs,
         held_out_pos={c: rows for c, rows in held_out_pos.items() if rows},
         held_out_neg=sorted(held_out),
-        neutral=[i for i, t in enumerate(texts) if t.concept is None and t.source != "paired"],
+        neutral=[i for i, t in enumerate(texts) if t in neutral],
         skipped=skipped,
     )
 

@@ -11,20 +11,27 @@ and are judged by the same report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from livetrain import readout_format
-from livetrain.tiny_model import DEFAULT_MODEL_DIR, ensure_default_model
-from readout import activations, corpus, dataset, plots, quality
+from livetrain.default_model import DEFAULT_MODEL_DIR, MODEL_NAME, ensure_default_model
+from readout import activations, corpus, dataset, evaluation, plots, quality
+from readout.whitening import Whitener
 
+# Chosen on held-out stories of the real model (research/concept-extraction.md).
+DEFAULT_READ_POSITION = activations.ReadPosition("mean", 4)
+DEFAULT_SHRINKAGE = None  # Ledoit-Wolf, per layer (readout/whitening.py)
 # (recorded activations, layer, one concept's pairs) -> (unit direction [hidden], diagnostics)
 Direction = Callable[[activations.Recorded, int, list[tuple[int, int]]], tuple[Tensor, dict]]
 
@@ -35,6 +42,37 @@ class Method:
     settings: dict  # ditto: what reproduces the run
     direction: Direction
     needs_tokens: bool = False  # record every token's activation (subspace methods)
+    # Fit in whitened space (readout/whitening.py). Off for methods whose direction means
+    # something in raw coordinates: a sparse one (L1) would come back dense.
+    whiten: bool = True
+
+
+@dataclass
+class Fitter:
+    """A method applied in whitened space (when it whitens), its directions mapped back.
+    The whitener is fitted on every training text once per layer, so cross-validated
+    refits (quality.py) share it: they leave a text out of the direction only."""
+
+    method: Method
+    recorded: activations.Recorded  # as the method sees it (whitened when whitening)
+    whiteners: dict[int, Whitener]
+
+    @classmethod
+    def of(
+        cls, method: Method, rec: activations.Recorded, ts, layers, shrink: float | None
+    ) -> Fitter:
+        """`shrink`: None for the Ledoit-Wolf estimate, 1 for no whitening."""
+        if shrink == 1.0 or not method.whiten:
+            return cls(method, rec, {})
+        groups = [ts.positives[c] for c in ts.concepts] + [ts.neutral]
+        whiteners = {i: Whitener.fit(rec.acts[i], groups, shrink) for i in layers}
+        reads = {p: {i: whiteners[i].apply(a[i]) for i in layers} for p, a in rec.reads.items()}
+        return cls(method, dataclasses.replace(rec, reads=reads), whiteners)
+
+    def direction(self, layer: int, pairs: list[tuple[int, int]]) -> tuple[Tensor, dict]:
+        w, extra = self.method.direction(self.recorded, layer, pairs)
+        whitener = self.whiteners.get(layer)
+        return (whitener.back(w) if whitener else F.normalize(w.float(), dim=0)), extra
 
 
 @dataclass
@@ -52,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         default=None,
-        help=f"Hugging Face model folder (default: built-in {DEFAULT_MODEL_DIR})",
+        help=f"Hugging Face model folder (default: the built-in {MODEL_NAME}, "
+        f"converted into {DEFAULT_MODEL_DIR} on first use)",
     )
     parser.add_argument(
         "--stories",
@@ -71,7 +110,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_layer_list,
         default=None,
         help="comma-separated decoder block indices; layer i is block i's output "
-        "(default: 20/40/60/80%% of depth)",
+        "(default: 40/50/60/70%% of depth)",
+    )
+    parser.add_argument(
+        "--read-position",
+        type=_read_position,
+        default=DEFAULT_READ_POSITION,
+        help="where a text is read: last (token), mean (over all tokens) or mean:K (over "
+        f"tokens K..); default {DEFAULT_READ_POSITION}",
+    )
+    parser.add_argument(
+        "--shrinkage",
+        type=_shrinkage,
+        default=DEFAULT_SHRINKAGE,
+        help="fit directions on activations whitened by the within-concept covariance, "
+        "shrunk this far toward the identity: auto (Ledoit-Wolf, the default), or a "
+        "number in [0, 1] (1: no whitening)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the pairing")
     parser.add_argument("--negatives-per-positive", type=int, default=4)
@@ -88,6 +142,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="model dtype for the forward passes (aggregation is always fp32)",
     )
+
+
+def _read_position(text: str) -> activations.ReadPosition:
+    try:
+        return activations.ReadPosition.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _shrinkage(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be auto or a number in [0, 1]: {text!r}")
+    return value
 
 
 def _layer_list(text: str) -> list[int]:
@@ -138,18 +211,21 @@ def run(args: argparse.Namespace, method: Method, progress: bool = True) -> Run:
         tokenizer,
         [t.text for t in training_set.texts],
         layers,
+        [args.read_position],
         args.batch_size,
         heads=args.quality_report,
         tokens=method.needs_tokens,
+        moments_of=set(training_set.neutral),
         progress=progress,
     )
     seconds["forward"] = recorded.forward_seconds
     started = time.perf_counter()
+    fitter = Fitter.of(method, recorded, training_set, layers, args.shrinkage)
     vectors, extra = {}, {c: {} for c in training_set.concepts}
     for i in layers:
         rows = []
         for concept in training_set.concepts:
-            vector, extra[concept][i] = method.direction(recorded, i, training_set.pairs[concept])
+            vector, extra[concept][i] = fitter.direction(i, training_set.pairs[concept])
             if not torch.isfinite(vector).all() or vector.norm() == 0:
                 raise SystemExit(f"{method.name}: no direction for {concept!r} at layer {i}")
             rows.append(vector.float())
@@ -160,13 +236,14 @@ def run(args: argparse.Namespace, method: Method, progress: bool = True) -> Run:
         layers=layers,
         vectors=vectors,
         **_calibration(training_set, recorded, vectors),
-        provenance=_provenance(model, model_path, method, args, training_set),
+        read_position=args.read_position.describe(),
+        provenance=_provenance(model, model_path, fitter, args, training_set),
     )
     readout_format.save(out, readout)
     result = Run(out, readout, training_set, recorded, seconds)
     if args.quality_report:
         started = time.perf_counter()
-        result.report = write_quality(result, model, method, extra)
+        result.report = write_quality(result, model, fitter, extra)
         seconds["quality"] = time.perf_counter() - started
     return result
 
@@ -174,13 +251,15 @@ def run(args: argparse.Namespace, method: Method, progress: bool = True) -> Run:
 def _calibration(
     ts: dataset.TrainingSet, rec: activations.Recorded, vectors: dict[int, Tensor]
 ) -> dict:
-    """Centre and per-concept projection statistics on neutral prose, for runtime z-scores."""
+    """Centre and per-concept projection statistics on neutral prose, for runtime
+    z-scores: of whole texts read at the read position, and of single tokens (what one
+    row of the live readout is)."""
     if len(ts.neutral) < 2:
         return {}
     rows = torch.tensor(ts.neutral)
-    centres = {i: rec.last[i][rows].mean(dim=0) for i in vectors}
-    scores = {i: rec.last[i][rows].double() @ vectors[i].double().T for i in vectors}
-    return {
+    centres = {i: rec.acts[i][rows].mean(dim=0) for i in vectors}
+    scores = {i: rec.acts[i][rows].double() @ vectors[i].double().T for i in vectors}
+    out = {
         "centres": centres,
         "calibration": readout_format.Calibration(
             mean={i: s.mean(dim=0).tolist() for i, s in scores.items()},
@@ -189,9 +268,23 @@ def _calibration(
             n_texts=len(ts.neutral),
         ),
     }
+    if rec.token_moments:
+        v = {i: vectors[i].double() for i in vectors}
+        moments = rec.token_moments
+        out["token_calibration"] = readout_format.Calibration(
+            mean={i: (v[i] @ moments[i][0]).tolist() for i in v},
+            std={
+                i: ((v[i] @ moments[i][1]) * v[i]).sum(dim=1).clamp_min(1e-24).sqrt().tolist()
+                for i in v
+            },
+            reference="neutral tokens",
+            n_texts=len(ts.neutral),
+        )
+    return out
 
 
-def _provenance(model: nn.Module, model_path: Path, method: Method, args, ts) -> dict:
+def _provenance(model: nn.Module, model_path: Path, fitter: Fitter, args, ts) -> dict:
+    method = fitter.method
     return {
         "model": {
             "path": str(Path(model_path).resolve()),
@@ -202,10 +295,10 @@ def _provenance(model: nn.Module, model_path: Path, method: Method, args, ts) ->
         "method": {
             "name": method.name,
             **method.settings,
+            "whitening_shrinkage": {str(i): w.shrink for i, w in fitter.whiteners.items()},
             "seed": args.seed,
             "negatives_per_positive": args.negatives_per_positive,
         },
-        "read_position": "last token of the raw text (no chat template)",
         "layer_definition": "layer i = output of decoder block i (residual, before final norm)",
         "corpus": {
             "root": str(Path(args.stories).resolve()),
@@ -216,7 +309,7 @@ def _provenance(model: nn.Module, model_path: Path, method: Method, args, ts) ->
     }
 
 
-def write_quality(result: Run, model: nn.Module, method: Method, extra: dict) -> dict:
+def write_quality(result: Run, model: nn.Module, fitter: Fitter, extra: dict) -> dict:
     """quality.json, one heatmap and one spectra plot per layer, and the printed triage."""
     ts, rec, readout = result.training_set, result.recorded, result.readout
     _, blocks = activations.decoder_blocks(model)
@@ -224,8 +317,8 @@ def write_quality(result: Run, model: nn.Module, method: Method, extra: dict) ->
         quality.LayerData(
             layer=i,
             vectors=readout.vectors[i],
-            acts=rec.last[i],
-            centre=readout.centres.get(i, rec.last[i].mean(dim=0)),
+            acts=rec.acts[i],
+            centre=readout.centres.get(i, rec.acts[i].mean(dim=0)),
             down_proj=_weight(blocks[i], "mlp.down_proj"),
             o_proj=_weight(blocks[i], "self_attn.o_proj"),
             head_inputs=rec.heads.get(i),
@@ -246,11 +339,13 @@ def write_quality(result: Run, model: nn.Module, method: Method, extra: dict) ->
     ]
 
     def refit(concept: str, layer: int, pairs: list[tuple[int, int]]) -> Tensor:
-        return method.direction(rec, layer, pairs)[0]
+        return fitter.direction(layer, pairs)[0]
 
     report = quality.quality_report(
         concepts, layer_data, ts.names, extra=extra, refit=refit, reference=ts.neutral
     )
+    report["held_out"] = _held_out_report(result)
+    report["valence"] = _valence_report(result)
     (result.out / "quality.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     for i in readout.layers:
         plots.similarity_heatmap(
@@ -266,8 +361,61 @@ def write_quality(result: Run, model: nn.Module, method: Method, extra: dict) ->
         plots.spectra_plot(
             spectra, result.out / f"spectra_layer{i}.png", f"pair-delta spectra, layer {i}"
         )
+        valence = report["valence"]["layers"][str(i)]
+        plots.valence_scatter(
+            valence["scores"][valence["best_axis"]],
+            report["valence"]["ratings"],
+            readout.concepts,
+            result.out / f"valence_layer{i}.png",
+            f"layer {i}, principal axis {valence['best_axis'] + 1} of the concept vectors",
+        )
     print(quality.triage_summary(report))
+    for i in readout.layers:
+        held, valence = report["held_out"]["layers"][str(i)], report["valence"]["layers"][str(i)]
+        auroc = "n/a" if held["mean_auroc"] is None else f"{held['mean_auroc']:.3f}"
+        print(
+            f"layer {i}: held-out AUROC {auroc}, top-1 {held['top1']:.3f}; valence r "
+            f"{valence['best_r']:+.2f} (axis {valence['best_axis'] + 1}, "
+            f"{valence['n_rated']} rated concepts)"
+        )
     return report
+
+
+def _held_out_report(result: Run) -> dict:
+    """Per layer: mean one-vs-rest AUROC and top-1 on the held-out split, by the readout's
+    own calibration (z against training neutral text), as the live readout scores."""
+    ts, readout = result.training_set, result.readout
+    held = evaluation.HeldOut.of(ts)
+    layers = {}
+    for i in readout.layers:
+        scores = result.recorded.acts[i].double() @ readout.vectors[i].double().T
+        neutral = scores[ts.neutral]
+        z = (scores - neutral.mean(dim=0)) / neutral.std(dim=0).clamp_min(1e-12)
+        per_concept = evaluation.held_out_auroc(scores, held)
+        layers[str(i)] = {
+            "mean_auroc": statistics.fmean(per_concept.values()) if per_concept else None,
+            "top1": evaluation.top1(z, held),
+        }
+    return {
+        "split": "held_out/ stories in settings their concept's training texts never use, "
+        "held-out paired scenarios, held-out neutral prose; one-vs-rest against all of them",
+        "concepts": len(held.positives),
+        "texts": len(held.rows),
+        "layers": layers,
+    }
+
+
+def _valence_report(result: Run) -> dict:
+    readout = result.readout
+    ratings = evaluation.valence_ratings(readout.concepts)
+    return {
+        "source": evaluation.VALENCE_SOURCE,
+        "ratings": ratings,
+        "layers": {
+            str(i): evaluation.valence_axes(readout.vectors[i], readout.concepts, ratings)
+            for i in readout.layers
+        },
+    }
 
 
 def _weight(block: nn.Module, dotted: str) -> Tensor | None:

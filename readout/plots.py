@@ -1,4 +1,5 @@
-"""Diagnostic plots for extracted concept directions: similarity heatmaps and spectra.
+"""Diagnostic plots for extracted concept directions: similarity heatmaps, spectra, and
+concept axes against human valence ratings.
 
 Figures are built with matplotlib's object API (Figure.savefig renders through Agg for PNG)
 rather than pyplot, so plotting works headless and never touches pyplot's global backend
@@ -130,4 +131,24 @@ def spectra_plot(spectra: dict[str, list[float]], path: Path, title: str) -> Non
     ax.set_ylabel("eigenvalue / top eigenvalue")
     ax.set_title(title)
     fig.tight_layout()
+    _save(fig, path)
+
+
+def valence_scatter(
+    coordinates: list[float], ratings: dict[str, float], names: list[str], path: Path, title: str
+) -> None:
+    """Each rated concept's coordinate on a principal axis against its human valence
+    rating, labelled, with the Pearson r in the title."""
+    rated = [k for k, name in enumerate(names) if name in ratings]
+    x = np.array([ratings[names[k]] for k in rated])
+    y = np.array([coordinates[k] for k in rated])
+    r = float(np.corrcoef(x, y)[0, 1]) if len(rated) > 2 else float("nan")
+    fig = Figure(figsize=(9, 7))
+    ax = fig.add_subplot()
+    ax.scatter(x, y, s=12)
+    for k, xi, yi in zip(rated, x, y, strict=True):
+        ax.annotate(names[k], (xi, yi), fontsize=6, alpha=0.7)
+    ax.set_xlabel("human valence rating (vader lexicon, -4..+4)")
+    ax.set_ylabel("coordinate on the principal axis")
+    ax.set_title(f"{title}  (r = {r:+.2f}, {len(rated)} concepts)")
     _save(fig, path)

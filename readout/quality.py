@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 # Worst first: a concept's label is the worst over its layers, and the summary lists in this order.
-LABELS = ("sign-flipped", "weak", "redundant", "fragmented", "clean")
+LABELS = ("sign-flipped", "weak", "unconfirmed", "redundant", "fragmented", "clean")
 _TINY = torch.finfo(torch.float64).tiny
 _EPS = torch.finfo(torch.float64).eps
 _SUMMARY_NAMES = 10  # names listed per label; a terminal line, not the whole report
@@ -34,6 +34,10 @@ _SUMMARY_NAMES = 10  # names listed per label; a terminal line, not the whole re
 class TriageThresholds:
     weak_separation: float = 1.0  # d' below this -> "weak"
     sign_flip_auroc: float = 0.35  # held-out AUROC below this -> "sign-flipped"
+    # Held-out AUROC below this (or none measured) -> "unconfirmed": only held-out stories
+    # can confirm a direction; training-set evidence alone labelled directions clean
+    # that held-out stories then ranked near chance (quality.json's `agreement`).
+    confirm_auroc: float = 0.8
     # mean cosine with same-cluster concepts below this (needs >= 2 mates) -> "sign-flipped"
     sign_flip_cluster_cos: float = -0.2
     redundant_r2: float = 0.9  # ridge R^2 at or above -> "redundant"
@@ -312,14 +316,17 @@ def _weakness(entry: dict, th: TriageThresholds) -> str | None:
     return None
 
 
-def _triage(entry: dict, median_first_pc: float, th: TriageThresholds) -> tuple[str, str]:
+def _triage(
+    entry: dict, median_first_pc: float, th: TriageThresholds, held_out: bool = True
+) -> tuple[str, str]:
     """The label of one (concept, layer) entry and the reason in a few words.
 
     Works on a report entry before or after nan -> None, so triage_summary can re-derive
-    the reason from a saved report.
+    the reason from a saved report. `held_out=False` judges on training evidence alone
+    (what the agreement report compares held-out AUROC with).
     """
     flipped = []
-    if _below(entry["held_out_auroc"], th.sign_flip_auroc):
+    if held_out and _below(entry["held_out_auroc"], th.sign_flip_auroc):
         flipped.append(f"held-out AUROC {entry['held_out_auroc']:.2f}")
     if _below(entry["cluster_cosine"], th.sign_flip_cluster_cos):
         flipped.append(f"mean cosine {entry['cluster_cosine']:.2f} with its cluster")
@@ -333,6 +340,11 @@ def _triage(entry: dict, median_first_pc: float, th: TriageThresholds) -> tuple[
         return "sign-flipped", ", ".join(flipped)
     if (weak := _weakness(entry, th)) is not None:
         return "weak", weak
+    auroc_ = entry["held_out_auroc"]
+    if held_out and (auroc_ is None or math.isnan(auroc_)):
+        return "unconfirmed", "no held-out stories"
+    if held_out and auroc_ < th.confirm_auroc:
+        return "unconfirmed", f"held-out AUROC {auroc_:.2f} < {th.confirm_auroc}"
     r2 = entry["ridge"]["r2"]
     if r2 is not None and r2 >= th.redundant_r2:
         # Coefficients under 0.1 explain under 1% of a unit direction: not worth naming.
@@ -544,8 +556,58 @@ def quality_report(
         for label in LABELS
     }
     return _jsonable(
-        {"thresholds": asdict(thresholds), "concepts": report_concepts, "summary": summary}
+        {
+            "thresholds": asdict(thresholds),
+            "concepts": report_concepts,
+            "summary": summary,
+            "agreement": agreement(report_concepts, thresholds),
+        }
     )
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    if len(x) < 3:
+        return math.nan
+    rx, ry = (torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (x, y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return ((rx @ ry) / (rx.norm() * ry.norm())).item()
+
+
+def agreement(concepts: dict[str, dict], th: TriageThresholds) -> dict:
+    """How the triage on training evidence alone agrees with held-out AUROC, over every
+    (concept, layer) with held-out stories: per training-only label the count and the
+    held-out AUROC, and the rank correlation of cross-validated separation with it."""
+    entries = [e for c in concepts.values() for e in c["layers"].values()]
+    by_label: dict[str, list[float]] = {label: [] for label in LABELS}
+    seps, aurocs = [], []
+    medians: dict[int, float] = {}
+    for c in concepts.values():
+        for key, e in c["layers"].items():
+            medians.setdefault(key, _median_first_pc([o["layers"][key] for o in concepts.values()]))
+            value = e["held_out_auroc"]
+            if value is None or math.isnan(value):
+                continue
+            by_label[_triage(e, medians[key], th, held_out=False)[0]].append(value)
+            if e["separation"] is not None and math.isfinite(e["separation"]):
+                seps.append(e["separation"])
+                aurocs.append(value)
+    return {
+        "entries_with_held_out": sum(len(v) for v in by_label.values()),
+        "entries": len(entries),
+        "by_training_label": {
+            label: {
+                "n": len(v),
+                "mean_held_out_auroc": statistics.fmean(v) if v else math.nan,
+                "min_held_out_auroc": min(v) if v else math.nan,
+                "share_confirmed": sum(a >= th.confirm_auroc for a in v) / len(v)
+                if v
+                else math.nan,
+            }
+            for label, v in by_label.items()
+            if label != "unconfirmed"
+        },
+        "spearman_separation_vs_held_out_auroc": _spearman(seps, aurocs),
+    }
 
 
 def triage_summary(report: dict) -> str:

@@ -32,7 +32,7 @@ from readout import pipeline, subspace
 
 def caa_method() -> pipeline.Method:
     def direction(recorded, layer: int, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, dict]:
-        acts = recorded.last[layer]
+        acts = recorded.acts[layer]
         pos, neg = _unique_rows(pairs)
         return subspace.caa_direction(acts[pos], acts[neg]), {}
 
@@ -54,7 +54,7 @@ def subspace_method(k: int, max_rank: int | None) -> pipeline.Method:
         return bases[layer, row]
 
     def direction(recorded, layer: int, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, dict]:
-        acts = recorded.last[layer]
+        acts = recorded.acts[layer]
         pos, neg = _unique_rows(pairs)
         vector, eigvals = subspace.subspace_direction(
             [basis(recorded, layer, r) for r in pos],
@@ -70,6 +70,7 @@ def subspace_method(k: int, max_rank: int | None) -> pipeline.Method:
         settings={"library": None, "subspace_k": k, "max_rank": max_rank},
         direction=direction,
         needs_tokens=True,
+        whiten=False,  # its per-story bases are spans of raw token activations
     )
 
 

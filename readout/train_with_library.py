@@ -54,7 +54,7 @@ def library_method(aggregator: str) -> pipeline.Method:
     aggregate, settings = AGGREGATORS[aggregator]
 
     def direction(recorded, layer: int, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, dict]:
-        acts = recorded.last[layer]
+        acts = recorded.acts[layer]
         pos, neg = pipeline.pair_rows(pairs)
         return F.normalize(aggregate(acts[pos], acts[neg]).float(), dim=0), {}
 
@@ -62,6 +62,7 @@ def library_method(aggregator: str) -> pipeline.Method:
         name=aggregator,
         settings={"library": "steering-vectors", "aggregator": aggregator, **settings},
         direction=direction,
+        whiten=aggregator != "logistic_l1",
     )
 
 

@@ -1,14 +1,17 @@
 """A tiny model with known concept directions planted in its residual stream, and a corpus.
 
-Every text of the synthetic corpus ends in its own single-token word. A concept's
-direction u_c is added (times a strength) to the input embedding of the final token of
-each of its texts, so the residual stream at the read position carries strength * u_c
-through every decoder block (the blocks of a freshly initialised model write little).
+Every text of the synthetic corpus has its own single-token word, which ends it and
+is every other word. A concept's direction u_c is added (times a strength) to the
+input embedding of that word in each of its texts, so the residual stream carries
+strength * u_c at the last token and about half of it in the mean over the tokens,
+through every decoder block (the blocks of a freshly initialised model write little):
+last-token and mean read positions both have a known answer.
 Known answers for the quality report:
 - alpha, zeta, eta, theta: strong, orthogonal directions (clean);
 - beta and gamma: one shared direction (redundant);
 - delta: a strength far below the embedding noise (weak);
-- epsilon: +u in training, -u in the held-out scenario (sign-flipped).
+- epsilon: +u in training, -u in its held-out texts (sign-flipped).
+Every concept has held-out stories (the held_out/ split) besides the held-out scenario.
 """
 
 from __future__ import annotations
@@ -65,15 +68,14 @@ def build(root: Path, seed: int = 0) -> Planted:
     model_dir = build_tiny_model(root / "base-model", seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     rng = random.Random(seed)
-    words = _single_token_words(tokenizer, 120)
+    words = _single_token_words(tokenizer, 110)
     rng.shuffle(words)
     filler, endings = words[:40], iter(words[40:])
 
     def text() -> tuple[str, str]:
-        ending = next(endings)
-        return " ".join(
-            rng.choice(filler) for _ in range(rng.randint(20, 35))
-        ) + " " + ending, ending
+        own = next(endings)
+        words = [own if k % 2 else rng.choice(filler) for k in range(rng.randint(20, 35))]
+        return " ".join(words) + " " + own, own
 
     gen = torch.Generator().manual_seed(seed)
     hidden = AutoModelForCausalLM.from_pretrained(str(model_dir)).config.hidden_size
@@ -93,6 +95,17 @@ def build(root: Path, seed: int = 0) -> Planted:
         (stories / "stories" / f"{concept}.txt").write_text("\n\n".join(blocks) + "\n")
     neutral = [f"# setting: street\n{text()[0]}" for _ in range(10)]
     (stories / "stories" / "_neutral.txt").write_text("\n\n".join(neutral) + "\n")
+    (stories / "held_out").mkdir()
+    for concept in CLUSTERS:
+        sign = -1.0 if concept == "epsilon" else 1.0
+        blocks = []
+        for _ in range(2):
+            body, ending = text()
+            plants.append((ending, sign * STRENGTH[concept] * directions[concept]))
+            blocks.append(f"# setting: far room\n{body}")
+        (stories / "held_out" / f"{concept}.txt").write_text("\n\n".join(blocks) + "\n")
+    held_neutral = [f"# setting: far street\n{text()[0]}" for _ in range(4)]
+    (stories / "held_out" / "_neutral.txt").write_text("\n\n".join(held_neutral) + "\n")
     for scenario, framings in SCENARIOS.items():
         folder = stories / "paired" / scenario
         folder.mkdir(parents=True)
@@ -109,6 +122,7 @@ def build(root: Path, seed: int = 0) -> Planted:
             c: {"definition": f"planted concept {c}", "cluster": k} for c, k in CLUSTERS.items()
         },
         "held_out_scenarios": [HELD_OUT],
+        "held_out_split": "held_out",
     }
     (stories / "manifest.json").write_text(json.dumps(manifest, indent=1))
 

@@ -25,6 +25,13 @@ def _readout(n: int = 3, hidden: int = 8, layers=(1, 3)) -> rf.Readout:
             std={i: [1.0 + k for k in range(n)] for i in layers},
             n_texts=5,
         ),
+        token_calibration=rf.Calibration(
+            mean={i: [0.2 * k for k in range(n)] for i in layers},
+            std={i: [3.0 + k for k in range(n)] for i in layers},
+            reference="neutral tokens",
+            n_texts=5,
+        ),
+        read_position={"pooling": "mean", "start": 8},
         provenance={"model": {"path": "/m"}, "method": {"name": "pca"}},
     )
 
@@ -38,6 +45,9 @@ def test_round_trip(tmp_path):
         assert torch.equal(loaded.vectors[i], original.vectors[i])
         assert torch.equal(loaded.centres[i], original.centres[i])
     assert loaded.calibration.std == original.calibration.std
+    assert loaded.token_calibration.mean == original.token_calibration.mean
+    assert loaded.token_calibration.reference == "neutral tokens"
+    assert loaded.read_position == {"pooling": "mean", "start": 8}
     assert loaded.provenance == original.provenance
     manifest = json.loads((tmp_path / rf.MANIFEST_FILE).read_text())
     assert manifest["hidden_size"] == 8 and manifest["dtype"] == "float32"
@@ -46,9 +56,16 @@ def test_round_trip(tmp_path):
 
 def test_calibration_is_optional(tmp_path):
     readout = _readout()
-    readout.calibration, readout.centres = None, {}
+    readout.calibration, readout.token_calibration, readout.centres = None, None, {}
     rf.save(tmp_path, readout)
-    assert rf.load(tmp_path).calibration is None
+    loaded = rf.load(tmp_path)
+    assert loaded.calibration is None and loaded.token_calibration is None
+
+
+def test_readouts_from_before_read_positions_read_the_last_token(tmp_path):
+    rf.save(tmp_path, _readout())
+    _edit_manifest(tmp_path, read_position=None)
+    assert rf.load(tmp_path).read_position == {"pooling": "last", "start": 0}
 
 
 def _edit_manifest(folder, **changes):
@@ -77,6 +94,15 @@ def _edit_manifest(folder, **changes):
         (lambda d: _edit_manifest(d, hidden_size=9), "hidden_size 9"),
         (lambda d: _edit_manifest(d, format="other/2"), "format 'other/2'"),
         (lambda d: _edit_manifest(d, calibration={"layers": {}}), "calibration malformed"),
+        (
+            lambda d: _edit_manifest(d, token_calibration={"layers": {}}),
+            "token_calibration malformed",
+        ),
+        (lambda d: _edit_manifest(d, read_position={"pooling": "max"}), "read_position"),
+        (
+            lambda d: _edit_manifest(d, read_position={"pooling": "mean", "start": -1}),
+            "read_position",
+        ),
         (lambda d: (d / rf.TENSORS_FILE).write_bytes(b"garbage"), "unreadable"),
     ],
 )

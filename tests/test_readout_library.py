@@ -38,19 +38,38 @@ def test_installed_versions_are_the_conflicting_pair():
     assert importlib.metadata.version("steering-vectors") == "0.12.2"
 
 
+LAST, MEAN = activations.ReadPosition("last"), activations.ReadPosition("mean", 2)
+
+
 def test_recorded_layers_are_decoder_block_outputs(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    texts = ["The kettle clicked off and nobody moved.", "A short one."]
-    rec = activations.record(model, tokenizer, texts, LAYERS, batch_size=2, progress=False)
+    # longest last: recording sorts by length, results must come back in this order
+    texts = ["The kettle clicked off and nobody moved at all.", "A short one.", "Hi"]
+    rec = activations.record(
+        model, tokenizer, texts, LAYERS, [MEAN, LAST], batch_size=2, moments_of={0, 1}
+    )
+    assert rec.acts is rec.reads[MEAN]  # the first position is the trainer's
+    tokens = []
     for row, text in enumerate(texts):
         enc = tokenizer(text, return_tensors="pt")
         with torch.no_grad():
             hidden = model(**enc, output_hidden_states=True).hidden_states
-        # Block 0's output is HF hidden_states[1]; padding (row 1 is shorter) changes nothing.
-        torch.testing.assert_close(rec.last[0][row], hidden[1][0, -1], atol=1e-5, rtol=1e-5)
+        # Block 0's output is HF hidden_states[1]; padding (shorter rows) changes nothing.
+        last, mean = rec.reads[LAST], rec.reads[MEAN]
+        torch.testing.assert_close(last[0][row], hidden[1][0, -1], atol=1e-5, rtol=1e-5)
+        n = enc.input_ids.shape[1]
+        expected = hidden[1][0, 2:].mean(dim=0) if n > 2 else hidden[1][0, -1]
+        torch.testing.assert_close(mean[0][row], expected, atol=1e-5, rtol=1e-5)
+        if row < 2:
+            tokens.append(hidden[1][0, 2:])
         # HF's last entry has the final norm applied; the readout reads the block output.
-        normed = model.model.norm(rec.last[1][row])
+        normed = model.model.norm(last[1][row])
         torch.testing.assert_close(normed, hidden[2][0, -1], atol=1e-5, rtol=1e-5)
+    # token moments of texts 0 and 1, from the first position's start
+    x = torch.cat(tokens).double()
+    mean, cov = rec.token_moments[0]
+    torch.testing.assert_close(mean, x.mean(dim=0), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cov, torch.cov(x.T, correction=0), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("aggregator", sorted(AGGREGATORS))
@@ -60,8 +79,9 @@ def test_cached_rows_give_the_library_direction(model_and_tokenizer, training_se
     concept = ts.concepts[0]
     pairs = ts.pairs[concept]
     rows = sorted({r for pair in pairs for r in pair})
+    # The library reads one token per text (the last): so does this recording.
     rec = activations.record(
-        model, tokenizer, [ts.texts[r].text for r in rows], LAYERS, progress=False
+        model, tokenizer, [ts.texts[r].text for r in rows], LAYERS, [LAST], progress=False
     )
     index = {r: k for k, r in enumerate(rows)}
     aggregate, _ = AGGREGATORS[aggregator]
@@ -75,7 +95,7 @@ def test_cached_rows_give_the_library_direction(model_and_tokenizer, training_se
         aggregator=aggregate,
     )
     for layer in LAYERS:
-        acts = rec.last[layer]
+        acts = rec.acts[layer]
         ours = aggregate(acts[[index[p] for p, _ in pairs]], acts[[index[n] for _, n in pairs]])
         expected = F.normalize(library.layer_activations[layer].float(), dim=0)
         got = F.normalize(ours.float(), dim=0)

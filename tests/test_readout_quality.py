@@ -282,7 +282,8 @@ def build_world(
             else:
                 acts[pos] += 4 * signal
             if c.held_out_pos:
-                acts[c.held_out_pos] += (-4 if p.kinds[layer] == "flipped" else 4) * signal[:N_HELD]
+                gain = {"flipped": -4, "unheld": 0}.get(p.kinds[layer], 4)
+                acts[c.held_out_pos] += gain * signal[:N_HELD]
         vectors = np.array([p.vector_sign * unit(sum(p.signal)) for p in planted])
         weights = layer == 0
         layers.append(
@@ -311,6 +312,7 @@ MAIN = [
     Planted("flipped", [B[5]], ("flipped", "clean")),
     Planted("fragmented", [B[6], B[7]], ("clean", "clean")),
     Planted("mixed", [B[8], B[9]], ("clean", "weak")),
+    Planted("unheld", [B[10]], ("unheld", "clean")),
 ]
 # name -> (label at layer 0, label at layer 1, concept label)
 EXPECTED = {
@@ -323,6 +325,7 @@ EXPECTED = {
     "flipped": ("sign-flipped", "clean", "sign-flipped"),
     "fragmented": ("fragmented", "fragmented", "fragmented"),
     "mixed": ("fragmented", "weak", "weak"),
+    "unheld": ("unconfirmed", "clean", "unconfirmed"),
 }
 EXTRA = {"weak": {0: {"probe_accuracy": 0.61}}}
 
@@ -360,6 +363,22 @@ def test_the_metrics_behind_the_labels(report: dict):
     assert c["clean_a"]["spectrum"]["first_pc_ratio"] > 0.8
     assert c["clean_a"]["cluster_cosine"] == pytest.approx(0.0, abs=1e-6)
     assert c["twin_1"]["cluster_cosine"] is None
+
+
+def test_agreement_compares_training_evidence_with_held_out(report: dict):
+    """Judged on training evidence alone, flipped (layer 0) and unheld (layer 0) look
+    clean; held-out AUROC shows they are not, and the agreement report says so."""
+    agreement = report["agreement"]
+    clean = agreement["by_training_label"]["clean"]
+    aurocs = [
+        c["layers"][k]["held_out_auroc"] for c in report["concepts"].values() for k in ("0", "1")
+    ]
+    assert agreement["entries_with_held_out"] == agreement["entries"] == len(aurocs)
+    assert clean["min_held_out_auroc"] == 0.0  # flipped at layer 0
+    assert 0.0 < clean["share_confirmed"] < 1.0
+    assert report["concepts"]["unheld"]["layers"]["0"]["held_out_auroc"] < 0.8
+    assert "unconfirmed" not in agreement["by_training_label"]
+    assert -1.0 <= agreement["spearman_separation_vs_held_out_auroc"] <= 1.0
 
 
 def test_report_entries_match_independent_computation(world, report: dict):
@@ -412,7 +431,14 @@ def test_report_shape_and_extra(report: dict):
     assert "probe_accuracy" not in report["concepts"]["weak"]["layers"]["1"]
     twin = report["concepts"]["twin_1"]
     assert (twin["cluster"], twin["n_positives"], twin["n_pairs"]) == (None, N_POS, N_POS)
-    assert set(report["summary"]) == {"sign-flipped", "weak", "redundant", "fragmented", "clean"}
+    assert set(report["summary"]) == {
+        "sign-flipped",
+        "weak",
+        "unconfirmed",
+        "redundant",
+        "fragmented",
+        "clean",
+    }
     assert sum(len(names) for names in report["summary"].values()) == len(MAIN)
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from livetrain import readout_format
+from readout import corpus
 from tests import planted
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,10 +25,18 @@ STRONG = ["alpha", "zeta", "eta", "theta"]
 PLANTED_TRIAGE = {
     "sign-flipped": ["epsilon"],
     "weak": ["delta"],
+    "unconfirmed": [],
     "redundant": ["beta", "gamma"],
     "fragmented": [],
     "clean": ["alpha", "zeta", "eta", "theta"],
 }
+
+
+# The planted answers are directions in raw activation space. Whitening (the default)
+# tilts each toward the best discriminant instead, and this corpus has fewer texts than
+# the model has dimensions; tests/test_readout_whitening.py checks whitening on its own,
+# test_default_run_whitens_and_still_finds_the_plant the default end to end.
+RAW = ("--shrinkage", "1")
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +73,7 @@ def pca_run(corpus_and_model, tmp_path_factory):
         "--quality-report",
         "--seed",
         "3",
+        *RAW,
     )
     return out, readout, json.loads((out / "quality.json").read_text())
 
@@ -79,6 +90,7 @@ def test_output_format(pca_run, corpus_and_model):
     manifest = json.loads((out / readout_format.MANIFEST_FILE).read_text())
     assert manifest["concepts"] == list(planted.CLUSTERS)  # manifest order
     assert manifest["layers"] == [0, 1]  # default spread over the 2-block model
+    assert manifest["read_position"] == {"pooling": "mean", "start": 4}
     assert manifest["hidden_size"] == 128 and manifest["dtype"] == "float32"
     assert manifest["method"]["aggregator"] == "pca" and manifest["method"]["seed"] == 3
     assert manifest["model"]["path"] == str(corpus_and_model.model.resolve())
@@ -92,17 +104,53 @@ def test_output_format(pca_run, corpus_and_model):
         torch.testing.assert_close(
             centre_score, torch.tensor(readout.calibration.mean[i]).double(), atol=1e-5, rtol=1e-4
         )
-    assert readout.calibration.n_texts == 10
+    # single-token calibration: every token of the neutral texts from the read position's
+    # start, projected, as computed here from the block outputs Hugging Face produces
+    model = AutoModelForCausalLM.from_pretrained(str(corpus_and_model.model)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(corpus_and_model.model))
+    neutral = [t.text for t in corpus.load(corpus_and_model.stories).neutral()]
+    outputs = [_block_outputs(model, tokenizer(text, return_tensors="pt")) for text in neutral]
     for i in readout.layers:
-        assert (out / f"similarity_layer{i}.png").read_bytes()[:4] == b"\x89PNG"
-        assert (out / f"spectra_layer{i}.png").read_bytes()[:4] == b"\x89PNG"
+        tokens = torch.cat([out[i][4:] for out in outputs]).double()
+        projected = tokens @ readout.vectors[i].double().T
+        cal = readout.token_calibration
+        torch.testing.assert_close(
+            torch.tensor(cal.mean[i]).double(), projected.mean(dim=0), atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            torch.tensor(cal.std[i]).double(),
+            projected.std(dim=0, correction=0),
+            atol=1e-4,
+            rtol=1e-3,
+        )
+    assert readout.calibration.n_texts == readout.token_calibration.n_texts == 10
+    for i in readout.layers:
+        for plot in ("similarity", "spectra", "valence"):
+            assert (out / f"{plot}_layer{i}.png").read_bytes()[:4] == b"\x89PNG", plot
+
+
+def _block_outputs(model, inputs) -> dict[int, torch.Tensor]:
+    """Every decoder block's output at every position (HF's last hidden state is normed)."""
+    out: dict[int, torch.Tensor] = {}
+    hooks = [
+        block.register_forward_hook(
+            lambda _m, _a, o, i=i: out.__setitem__(i, (o[0] if isinstance(o, tuple) else o)[0])
+        )
+        for i, block in enumerate(model.model.layers)
+    ]
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    return out
 
 
 def test_planted_directions_are_recovered(pca_run, corpus_and_model):
     _, readout, _ = pca_run
     cosines = _cosines(readout, corpus_and_model)
+    # read as the mean over tokens, where the plant is half the tokens among filler words
     for concept in [*STRONG, "beta", "gamma", "epsilon"]:
-        assert min(cosines[concept]) > 0.9, (concept, cosines[concept])
+        assert min(cosines[concept]) > 0.8, (concept, cosines[concept])
     assert max(abs(c) for c in cosines["delta"]) < 0.5  # too weak to find
 
 
@@ -128,11 +176,14 @@ def test_same_seed_same_bytes_other_seed_other_pairs(pca_run, corpus_and_model, 
         "--quality-report",
         "--seed",
         "3",
+        *RAW,
     )
     for name in ("readout.safetensors", "readout.json", "quality.json"):
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
     other = tmp_path / "other"
-    train("train_with_library.py", corpus_and_model, other, "--aggregator", "pca", "--seed", "4")
+    train(
+        "train_with_library.py", corpus_and_model, other, "--aggregator", "pca", "--seed", "4", *RAW
+    )
     assert (other / "readout.safetensors").read_bytes() != (
         out / "readout.safetensors"
     ).read_bytes()
@@ -150,6 +201,7 @@ def test_other_aggregators_recover_the_plant(corpus_and_model, tmp_path, aggrega
         "--layers",
         "1",
         "--quality-report",
+        *RAW,
     )
     cosines = _cosines(readout, corpus_and_model)
     if aggregator != "logistic_l1":
@@ -170,12 +222,18 @@ def test_other_aggregators_recover_the_plant(corpus_and_model, tmp_path, aggrega
 def test_own_methods_recover_the_plant(corpus_and_model, tmp_path, method):
     out = tmp_path / method
     readout = train(
-        "train_steering_vectors.py", corpus_and_model, out, "--method", method, "--quality-report"
+        "train_steering_vectors.py",
+        corpus_and_model,
+        out,
+        "--method",
+        method,
+        "--quality-report",
+        *RAW,
     )
     cosines = _cosines(readout, corpus_and_model)
     # The plant sits on one token of each ~30-token story: a small part of the span the
     # subspace method weighs, so its recovery is looser than the read-position methods'.
-    floor = 0.6 if method == "subspace" else 0.8
+    floor = 0.5 if method == "subspace" else 0.8
     for concept in STRONG:
         assert min(cosines[concept]) > floor, (method, concept, cosines[concept])
     report = json.loads((out / "quality.json").read_text())
@@ -185,6 +243,28 @@ def test_own_methods_recover_the_plant(corpus_and_model, tmp_path, method):
         assert eig == sorted(eig, reverse=True) and eig[0] > 0
     else:
         assert "subspace_eigvals" not in layer
+
+
+def test_default_run_whitens_and_still_finds_the_plant(corpus_and_model, tmp_path):
+    out = tmp_path / "default"
+    readout = train("train_with_library.py", corpus_and_model, out, "--quality-report")
+    shrinkage = readout.provenance["method"]["whitening_shrinkage"]
+    assert set(shrinkage) == {"0", "1"} and all(0 < s < 1 for s in shrinkage.values())
+    cosines = _cosines(readout, corpus_and_model)
+    assert min(min(cosines[c]) for c in STRONG) > 0.7, cosines
+    report = json.loads((out / "quality.json").read_text())
+    for c in STRONG:
+        for layer in ("0", "1"):
+            assert report["concepts"][c]["layers"][layer]["held_out_auroc"] > 0.9, (c, layer)
+    assert report["concepts"]["epsilon"]["triage"] == "sign-flipped"
+    assert report["held_out"]["concepts"] == len(planted.CLUSTERS)
+    assert report["held_out"]["layers"]["1"]["mean_auroc"] > 0.7
+
+
+def test_l1_and_subspace_do_not_whiten(corpus_and_model, tmp_path):
+    out = tmp_path / "l1"
+    readout = train("train_with_library.py", corpus_and_model, out, "--aggregator", "logistic_l1")
+    assert readout.provenance["method"]["whitening_shrinkage"] == {}
 
 
 def test_bad_flags_fail_clearly(corpus_and_model, tmp_path):
