@@ -112,26 +112,29 @@ def write_readout(
     hidden: int,
     seed: int,
     calibrated: bool = True,
+    read_position: dict | None = None,
 ) -> Path:
-    """A readout with random unit directions (and a calibration), in the trainers' format."""
+    """A readout with random unit directions (and calibrations), in the trainers' format."""
     gen = torch.Generator().manual_seed(seed)
-    readout_format.save(
-        folder,
-        readout_format.Readout(
-            concepts=concepts,
-            layers=layers,
-            vectors={
-                i: F.normalize(torch.randn(len(concepts), hidden, generator=gen), dim=1)
-                for i in layers
-            },
-            calibration=readout_format.Calibration(
-                mean={i: torch.randn(len(concepts), generator=gen).tolist() for i in layers},
-                std={i: (torch.rand(len(concepts), generator=gen) + 0.5).tolist() for i in layers},
-            )
-            if calibrated
-            else None,
-        ),
+
+    def calibration() -> readout_format.Calibration:
+        return readout_format.Calibration(
+            mean={i: torch.randn(len(concepts), generator=gen).tolist() for i in layers},
+            std={i: (torch.rand(len(concepts), generator=gen) + 0.5).tolist() for i in layers},
+        )
+
+    readout = readout_format.Readout(
+        concepts=concepts,
+        layers=layers,
+        vectors={
+            i: F.normalize(torch.randn(len(concepts), hidden, generator=gen), dim=1) for i in layers
+        },
+        calibration=calibration() if calibrated else None,
     )
+    if read_position is not None:
+        readout.read_position = read_position
+        readout.token_calibration = calibration() if calibrated else None
+    readout_format.save(folder, readout)
     return folder
 
 

@@ -57,7 +57,9 @@ def block_outputs(hf, ids: list[int]) -> dict[int, torch.Tensor]:
     return outputs
 
 
-def complete(http: httpx.Client, prompt, readout: bool = True, **params) -> dict:
+def complete(
+    http: httpx.Client, prompt, readout: bool = True, prompt_rows: bool = False, **params
+) -> dict:
     body = {
         "model": http.get("/v1/models").json()["data"][0]["id"],
         "prompt": prompt,
@@ -67,8 +69,23 @@ def complete(http: httpx.Client, prompt, readout: bool = True, **params) -> dict
         **params,
     }
     if readout:
-        body["vllm_xargs"] = {"readout": True}
+        body["vllm_xargs"] = {"readout": True, **({"readout_prompt": True} if prompt_rows else {})}
     return http.post("/v1/completions", json=body).raise_for_status().json()
+
+
+def _assert_row(row: dict, expected: dict[int, torch.Tensor], cal) -> None:
+    """One row's scores against the reference projections {layer: [concepts]}, and its
+    z against the calibration a single token is judged by."""
+    for layer, want in expected.items():
+        got = torch.tensor(row["scores"][str(layer)], dtype=torch.float64)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        if cal is None:  # raw projections only
+            assert "z" not in row
+            continue
+        z = (want - torch.tensor(cal.mean[layer]).double()) / torch.tensor(cal.std[layer]).double()
+        torch.testing.assert_close(
+            torch.tensor(row["z"][str(layer)]).double(), z, atol=ATOL * 10, rtol=1e-5
+        )
 
 
 def check_parity(
@@ -78,7 +95,9 @@ def check_parity(
     completion: dict,
     prompt_ids: list[int],
     choice: int = 0,
-) -> None:
+    prompt_rows: bool = False,
+) -> dict:
+    """Every row of a completion's readout against Hugging Face; returns the readout."""
     got = (
         http.get(f"/readout/{completion['id']}", params={"choice": choice})
         .raise_for_status()
@@ -91,26 +110,34 @@ def check_parity(
     returned = next(c for c in completion["choices"] if c["index"] == choice)
     assert generated == returned["token_ids"]
     blocks = block_outputs(hf, prompt_ids + generated[:-1])
+    project = lambda position: {  # noqa: E731
+        layer: blocks[layer][position] @ readout.vectors[layer].double().T
+        for layer in readout.layers
+    }
+    token_cal = readout.token_calibration or readout.calibration
     for k, token in enumerate(got["tokens"]):
-        position = len(prompt_ids) - 1 + k  # the position whose output is token k
-        for layer in readout.layers:
-            expected = blocks[layer][position] @ readout.vectors[layer].double().T
-            torch.testing.assert_close(
-                torch.tensor(token["scores"][str(layer)], dtype=torch.float64),
-                expected,
-                atol=ATOL,
-                rtol=0,
-            )
-            cal = readout.calibration
-            if cal is None:  # raw projections only
-                assert "z" not in token
-                continue
-            z = (expected - torch.tensor(cal.mean[layer]).double()) / torch.tensor(
-                cal.std[layer]
-            ).double()
-            torch.testing.assert_close(
-                torch.tensor(token["z"][str(layer)]).double(), z, atol=ATOL * 10, rtol=1e-5
-            )
+        _assert_row(token, project(len(prompt_ids) - 1 + k), token_cal)  # the row producing k
+    if not prompt_rows:
+        assert "prompt_tokens" not in got
+        return got
+    # one row per prompt token, in order: the block outputs at that token
+    assert [t["index"] for t in got["prompt_tokens"]] == list(range(len(prompt_ids)))
+    assert [t["token_id"] for t in got["prompt_tokens"]] == prompt_ids
+    for position, row in enumerate(got["prompt_tokens"]):
+        _assert_row(row, project(position), token_cal)
+    # the whole text, read as the directions were trained
+    read = readout.read_position
+    if read["pooling"] == "last":
+        positions = [len(prompt_ids) + len(generated) - 2]
+    else:
+        positions = list(range(read["start"], len(prompt_ids) + len(generated) - 1))
+    mean = {
+        layer: torch.stack([project(p)[layer] for p in positions]).mean(dim=0)
+        for layer in readout.layers
+    }
+    assert got["summary"]["rows"] == len(positions)
+    _assert_row(got["summary"], mean, readout.calibration)
+    return got
 
 
 def tokenize(http, text: str) -> list[int]:
@@ -169,6 +196,41 @@ def test_concurrent_requests_each_get_their_own_rows(readout_server, http, hf):
             assert http.get(f"/readout/{completion['id']}").status_code == 404
 
 
+LONG_PROMPT = " ".join(["the tide came in over the flats while the gulls argued"] * 7)
+
+
+def test_prompt_rows_match_hugging_face_chunked_and_cached(readout_server, http, hf, tmp_path):
+    """readout_prompt adds one row per prompt token. The prompt (> 64 tokens) is
+    prefilled in chunks; asked again, its prefix is in vLLM's cache, and the rows must
+    still all be there (such requests do not read the prefix cache)."""
+    prompt_ids = tokenize(http, LONG_PROMPT)
+    assert len(prompt_ids) > 64  # the step budget: several prefill chunks
+    readout = readout_format.load(readout_server.readout_dir)
+    for _ in range(2):  # the second time, the prefix is cached
+        completion = complete(http, LONG_PROMPT, prompt_rows=True, max_tokens=5)
+        check_parity(http, hf, readout, completion, prompt_ids, prompt_rows=True)
+    # a readout trained on the mean from token 4: its summary is that mean
+    pooled = write_readout(
+        tmp_path / "pooled",
+        readout.concepts[:7],
+        [0, 1],
+        128,
+        seed=5,
+        read_position={"pooling": "mean", "start": 4},
+    )
+    http.post("/readout/load", json={"path": str(pooled)}).raise_for_status()
+    try:
+        completion = complete(http, LONG_PROMPT, prompt_rows=True, max_tokens=3)
+        got = check_parity(
+            http, hf, readout_format.load(pooled), completion, prompt_ids, prompt_rows=True
+        )
+        assert got["summary"]["rows"] == len(prompt_ids) - 4 + 2
+    finally:
+        http.post(
+            "/readout/load", json={"path": str(readout_server.readout_dir)}
+        ).raise_for_status()
+
+
 def test_several_prompts_with_several_choices(readout_server, http, hf):
     """Choice k of a multi-prompt completion is prompt k // n, sample k % n."""
     readout = readout_format.load(readout_server.readout_dir)
@@ -187,7 +249,7 @@ def test_stream_delivers_every_token_while_generating(readout_server, http):
         "max_tokens": 12,
         "temperature": 0,
         "stream": True,
-        "vllm_xargs": {"readout": True},
+        "vllm_xargs": {"readout": True, "readout_prompt": True},
     }
     events: list[tuple[str, dict]] = []
     with http.stream("POST", "/v1/completions", json=body) as response:
@@ -206,10 +268,13 @@ def test_stream_delivers_every_token_while_generating(readout_server, http):
         for _ in lines:
             pass
     kinds = [kind for kind, _ in events]
-    assert kinds[0] == "meta" and kinds[-1] == "done" and kinds.count("message") == 12
-    streamed = [data for kind, data in events if kind == "message"]
-    stored = http.get(f"/readout/{completion_id}").json()["tokens"]
-    assert streamed == stored
+    stored = http.get(f"/readout/{completion_id}").json()
+    n_prompt = len(tokenize(http, "Once upon a time"))
+    # meta, the prompt's rows, the generated ones, the whole-text summary, done
+    assert kinds == ["meta"] + ["prompt"] * n_prompt + ["message"] * 12 + ["summary", "done"]
+    assert [data for kind, data in events if kind == "prompt"] == stored["prompt_tokens"]
+    assert [data for kind, data in events if kind == "message"] == stored["tokens"]
+    assert events[-2][1] == stored["summary"]
 
 
 def test_chat_completions_are_read_out(readout_server, http):
@@ -369,10 +434,11 @@ def test_malformed_readout_at_launch_stops_the_server(models, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4, 5], [1, 4], [5]])
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4, 5], [1, 4], [5], [0, 1, 1, 2, 3, 5]])
 def test_projection_of_chosen_rows_in_every_dtype(dtype, rows):
-    """Both paths (every row of the step, a subset) against a float64 reference; bf16
-    and fp16 activations are widened exactly before the float32 product."""
+    """Both paths (every row of the step, a subset, a row read twice: a prompt's last
+    row also samples its first token) against a float64 reference; bf16 and fp16
+    activations are widened exactly before the float32 product."""
     gen = torch.Generator().manual_seed(0)
     aux = [torch.randn(6, 8, generator=gen).to(dtype) for _ in range(3)]
     matrices = torch.randn(2, 8, 5, generator=gen)  # readout layers = captured slots 2, 0

@@ -72,9 +72,26 @@ class Scored:
 @dataclass
 class RequestScores:
     choices: dict[int, dict[int, Scored]] = field(default_factory=dict)  # choice -> index -> row
+    prompts: dict[int, dict[int, Scored]] = field(default_factory=dict)  # choice -> position -> row
     internal_ids: set[str] = field(default_factory=set)
     updated: float = field(default_factory=time.monotonic)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def has(self, choice: int) -> bool:
+        return choice in self.choices or choice in self.prompts
+
+    def version(self, choice: int) -> int:
+        """The readout version of a choice's first row: a response lists only rows of
+        that version (a swap mid-completion does not mix readouts)."""
+        prompt, generated = self.prompts.get(choice), self.choices.get(choice)
+        return (prompt[min(prompt)] if prompt else generated[min(generated)]).version
+
+    def rows(self, choice: int, version: int) -> tuple[list[tuple[int, Scored]], ...]:
+        """(prompt rows, generated rows) of a choice and readout version, in order."""
+        return tuple(
+            [(i, rows[i]) for i in sorted(rows) if rows[i].version == version]
+            for rows in (self.prompts.get(choice, {}), self.choices.get(choice, {}))
+        )
 
 
 class ReadoutStore:
@@ -90,6 +107,7 @@ class ReadoutStore:
         it (n > 1 children reach the worker with n = 1)."""
         rows, n_layers, n_concepts = message["shape"]
         scores = np.frombuffer(message["scores"], np.float32).reshape(rows, n_layers, n_concepts)
+        prompt = message.get("prompt") or [False] * rows
         for k, internal in enumerate(message["req_ids"]):
             key = client_choice(internal, fanout(internal) or message["n"][k])
             if key is None:
@@ -100,7 +118,8 @@ class ReadoutStore:
             self.requests.move_to_end(key[0])  # least recently updated first
             entry.internal_ids.add(internal)
             row = Scored(message["token_ids"][k], message["v"], scores[k])
-            entry.choices.setdefault(key[1], {})[message["index"][k]] = row
+            rows = entry.prompts if prompt[k] else entry.choices
+            rows.setdefault(key[1], {})[message["index"][k]] = row
             entry.updated = time.monotonic()
             entry.changed.set()
         self.expire()
@@ -119,7 +138,20 @@ class LoadedReadout:
     path: str
     concepts: list[str]
     layers: list[int]
-    calibration: readout_format.Calibration | None
+    read_position: dict[str, Any]
+    calibration: readout_format.Calibration | None  # of texts read at read_position
+    token_calibration: readout_format.Calibration | None  # of single tokens
+
+    @classmethod
+    def of(cls, path: str, readout: readout_format.Readout) -> LoadedReadout:
+        return cls(
+            path,
+            readout.concepts,
+            readout.layers,
+            readout.read_position,
+            readout.calibration,
+            readout.token_calibration,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -127,8 +159,45 @@ class LoadedReadout:
             "path": self.path,
             "concepts": self.concepts,
             "layers": self.layers,
+            "read_position": self.read_position,
             "calibrated": self.calibration is not None,
         }
+
+    def z(self, scores: np.ndarray, cal: readout_format.Calibration | None) -> dict | None:
+        """{layer: [z per concept]} of raw scores [layers, concepts], or None."""
+        if cal is None:
+            return None
+        return {
+            str(layer): ((scores[j] - np.asarray(cal.mean[layer])) / np.asarray(cal.std[layer]))
+            .astype(float)
+            .tolist()
+            for j, layer in enumerate(self.layers)
+        }
+
+    def summary(
+        self, prompt: list[tuple[int, Scored]], generated: list[tuple[int, Scored]]
+    ) -> dict[str, Any] | None:
+        """The whole text scored the way the directions were trained: the mean of its
+        rows from `start` on (prompt rows by position; every generated token's row), or
+        its latest row for last-token readouts. Rows are (index, row) in order; `prompt`
+        is empty when the prompt was not read. The row that samples the first generated
+        token reads the last prompt token, so with prompt rows it counts once."""
+        if self.read_position["pooling"] == "last":
+            rows = [row for _, row in (prompt + generated)[-1:]]
+        else:
+            start = self.read_position["start"]
+            rows = [row for position, row in prompt if position >= start]
+            rows += [row for index, row in generated if index > 0 or not prompt]
+        if not rows:
+            return None
+        mean = np.mean([row.scores for row in rows], axis=0)
+        body: dict[str, Any] = {
+            "rows": len(rows),
+            "scores": {str(layer): mean[j].tolist() for j, layer in enumerate(self.layers)},
+        }
+        if (z := self.z(mean, self.calibration)) is not None:
+            body["z"] = z
+        return body
 
 
 class ReadoutRoutes:
@@ -171,9 +240,7 @@ class ReadoutRoutes:
         asyncio.get_running_loop().create_task(self._collect())
 
     def _remember(self, version: int, path: str, readout: readout_format.Readout) -> None:
-        self.versions[version] = LoadedReadout(
-            path, readout.concepts, readout.layers, readout.calibration
-        )
+        self.versions[version] = LoadedReadout.of(path, readout)
         self.current = version
 
     async def _collect(self) -> None:
@@ -248,15 +315,18 @@ class ReadoutRoutes:
         choice = self._query(request)
         self._drain()
         entry = self.store.requests.get(request_id)
-        if entry is None or choice not in entry.choices:
+        if entry is None or not entry.has(choice):
             raise RequestError(404, f"no readout for id {request_id!r} (choice {choice})")
-        rows = entry.choices[choice]
-        version = rows[min(rows)].version
+        version = entry.version(choice)
+        prompt, generated = entry.rows(choice, version)
         body = self._header(request_id, choice, version)
         body["finished"] = self._finished(entry)
-        body["tokens"] = [
-            self._token(i, rows[i]) for i in sorted(rows) if rows[i].version == version
-        ]
+        if prompt:
+            body["prompt_tokens"] = [self._token(i, row) for i, row in prompt]
+        body["tokens"] = [self._token(i, row) for i, row in generated]
+        summary = self.versions[version].summary(prompt, generated)
+        if summary is not None:
+            body["summary"] = summary
         return JSONResponse(body)
 
     async def _stream(self, request_id: str, request: Request) -> StreamingResponse:
@@ -269,29 +339,37 @@ class ReadoutRoutes:
         )
 
     async def _events(self, request_id: str, choice: int) -> AsyncIterator[str]:
+        """meta, then prompt rows (`event: prompt`, when the prompt is read) and generated
+        rows (plain messages) as they arrive, then the whole-text summary and done."""
         deadline = time.monotonic() + STREAM_WAIT_S
-        while (entry := self.store.requests.get(request_id)) is None or choice not in entry.choices:
+        while (entry := self.store.requests.get(request_id)) is None or not entry.has(choice):
             if time.monotonic() > deadline:
                 yield _sse({"message": f"no readout for id {request_id!r}"}, "error")
                 return
             await asyncio.sleep(0.02)
-        rows = entry.choices[choice]
-        version = rows[min(rows)].version
+        version = entry.version(choice)
         yield _sse(self._header(request_id, choice, version), "meta")
-        sent = 0
+        sent = {"prompt": 0, None: 0}  # next index to send, per kind of row
         while True:
-            while sent in rows:
-                if rows[sent].version == version:
-                    yield _sse(self._token(sent, rows[sent]))
-                sent += 1
+            for kind, rows in (("prompt", entry.prompts), (None, entry.choices)):
+                rows = rows.get(choice, {})
+                while sent[kind] in rows:
+                    row = rows[sent[kind]]
+                    if row.version == version:
+                        yield _sse(self._token(sent[kind], row), kind)
+                    sent[kind] += 1
             if self._finished(entry):
                 self._drain()
-                if sent not in rows:
+                if sent[None] not in entry.choices.get(choice, {}):
                     break
                 continue
             entry.changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):  # re-check finished now and then
                 await asyncio.wait_for(entry.changed.wait(), timeout=0.25)
+        prompt, generated = entry.rows(choice, version)
+        summary = self.versions[version].summary(prompt, generated)
+        if summary is not None:
+            yield _sse(summary, "summary")
         yield _sse({}, "done")
 
     def _fanout(self, internal_id: str) -> int | None:
@@ -339,15 +417,11 @@ class ReadoutRoutes:
             "text": self.tokenizer.decode([row.token_id]) if self.tokenizer else None,
             "scores": {str(layer): row.scores[j].tolist() for j, layer in enumerate(loaded.layers)},
         }
-        cal = loaded.calibration
-        if cal is not None:
-            entry["z"] = {
-                str(layer): [
-                    (float(s) - m) / sd
-                    for s, m, sd in zip(row.scores[j], cal.mean[layer], cal.std[layer], strict=True)
-                ]
-                for j, layer in enumerate(loaded.layers)
-            }
+        # One row is one token: z against single neutral tokens where the readout has
+        # that calibration (readouts read at the last token have only one kind).
+        z = loaded.z(row.scores, loaded.token_calibration or loaded.calibration)
+        if z is not None:
+            entry["z"] = z
         return entry
 
 

@@ -4,9 +4,14 @@ A readout is two files in one folder:
 - `readout.safetensors`: `layer_<i>.vectors` `[n_concepts, hidden]` float32 unit rows
   for each layer i, and optionally `layer_<i>.centre` `[hidden]` (mean activation of
   the calibration text).
-- `readout.json`: `concepts` (row order), `layers`, `hidden_size`, `dtype`, provenance
-  (`model`, `method`, `corpus`) and optional `calibration`: per layer the mean and std
-  of the raw projection `h . v` over neutral text, so runtime can report z-scores.
+- `readout.json`: `concepts` (row order), `layers`, `hidden_size`, `dtype`,
+  `read_position` (how the trainer read a text: `{"pooling": "last"}`, or
+  `{"pooling": "mean", "start": k}` for the mean over its tokens from k on; the live
+  readout scores whole texts the same way), provenance (`model`, `method`, `corpus`)
+  and optional calibrations: `calibration`, per layer the mean and std of the raw
+  projection `h . v` of neutral texts read at `read_position`, and
+  `token_calibration`, the same over single tokens of neutral text (what one row of
+  the live readout is), so runtime can report z-scores of both.
 
 Layer i is the output of decoder block i (the residual stream after it, before any
 final norm). `load` validates everything and raises `ReadoutError` naming the problem,
@@ -46,13 +51,18 @@ class Calibration:
     n_texts: int = 0
 
 
+LAST_TOKEN = {"pooling": "last", "start": 0}  # how readouts without the field were read
+
+
 @dataclass
 class Readout:
     concepts: list[str]
     layers: list[int]
     vectors: dict[int, torch.Tensor]  # layer -> [n_concepts, hidden] float32 unit rows
     centres: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [hidden]
-    calibration: Calibration | None = None
+    calibration: Calibration | None = None  # of texts read at read_position
+    token_calibration: Calibration | None = None  # of single tokens
+    read_position: dict[str, Any] = field(default_factory=lambda: dict(LAST_TOKEN))
     provenance: dict[str, Any] = field(default_factory=dict)  # model, method, corpus, ...
 
     @property
@@ -79,15 +89,21 @@ def save(out_dir: Path, readout: Readout) -> None:
         "layers": readout.layers,
         "hidden_size": readout.hidden_size,
         "dtype": "float32",
+        "read_position": readout.read_position,
         **readout.provenance,
     }
-    if readout.calibration is not None:
-        cal = readout.calibration
-        manifest["calibration"] = {
-            "reference": cal.reference,
-            "n_texts": cal.n_texts,
-            "layers": {str(i): {"mean": cal.mean[i], "std": cal.std[i]} for i in readout.layers},
-        }
+    for key, cal in (
+        ("calibration", readout.calibration),
+        ("token_calibration", readout.token_calibration),
+    ):
+        if cal is not None:
+            manifest[key] = {
+                "reference": cal.reference,
+                "n_texts": cal.n_texts,
+                "layers": {
+                    str(i): {"mean": cal.mean[i], "std": cal.std[i]} for i in readout.layers
+                },
+            }
     tmp = out_dir / f".{MANIFEST_FILE}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / MANIFEST_FILE)
@@ -110,16 +126,30 @@ def load(folder: Path) -> Readout:
     provenance = {
         k: v
         for k, v in manifest.items()
-        if k not in ("format", "concepts", "layers", "hidden_size", "dtype", "calibration")
+        if k not in ("format", "concepts", "layers", "hidden_size", "dtype", "read_position")
+        and k not in ("calibration", "token_calibration")
     }
-    readout = Readout(concepts, layers, vectors, centres, None, provenance)
+    readout = Readout(concepts, layers, vectors, centres, provenance=provenance)
+    readout.read_position = _read_position(manifest.get("read_position", LAST_TOKEN))
     _validate(readout)
     if readout.hidden_size != hidden:
         raise ReadoutError(
             f"readout.json: hidden_size {hidden} but vectors have {readout.hidden_size}"
         )
-    readout.calibration = _calibration(manifest, layers, len(concepts))
+    readout.calibration = _calibration(manifest, "calibration", layers, len(concepts))
+    readout.token_calibration = _calibration(manifest, "token_calibration", layers, len(concepts))
     return readout
+
+
+def _read_position(value: Any) -> dict[str, Any]:
+    ok = isinstance(value, dict) and value.get("pooling") in ("last", "mean")
+    start = value.get("start", 0) if ok else None
+    if not ok or not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise ReadoutError(
+            'readout.json: read_position must be {"pooling": "last"} or '
+            '{"pooling": "mean", "start": k >= 0}'
+        )
+    return {"pooling": value["pooling"], "start": start if value["pooling"] == "mean" else 0}
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
@@ -171,8 +201,10 @@ def _read_tensors(
     return vectors, centres
 
 
-def _calibration(manifest: dict[str, Any], layers: list[int], n: int) -> Calibration | None:
-    cal = manifest.get("calibration")
+def _calibration(
+    manifest: dict[str, Any], key: str, layers: list[int], n: int
+) -> Calibration | None:
+    cal = manifest.get(key)
     if cal is None:
         return None
     try:
@@ -180,14 +212,14 @@ def _calibration(manifest: dict[str, Any], layers: list[int], n: int) -> Calibra
         mean = {i: [float(x) for x in per_layer[str(i)]["mean"]] for i in layers}
         std = {i: [float(x) for x in per_layer[str(i)]["std"]] for i in layers}
     except (KeyError, TypeError, ValueError) as e:
-        raise ReadoutError(f"readout.json: calibration malformed ({e!r})") from None
+        raise ReadoutError(f"readout.json: {key} malformed ({e!r})") from None
     for i in layers:
         if len(mean[i]) != n or len(std[i]) != n:
-            raise ReadoutError(f"readout.json: calibration for layer {i} must have {n} values")
+            raise ReadoutError(f"readout.json: {key} for layer {i} must have {n} values")
         if not all(math.isfinite(m) for m in mean[i]) or not all(
             math.isfinite(s) and s > 0 for s in std[i]
         ):
-            raise ReadoutError(f"readout.json: calibration for layer {i} must be finite, std > 0")
+            raise ReadoutError(f"readout.json: {key} for layer {i} must be finite, std > 0")
     return Calibration(mean, std, str(cal.get("reference", "neutral")), int(cal.get("n_texts", 0)))
 
 

@@ -40,8 +40,9 @@ class _Pending:
 
     version: int
     req_ids: list[str]
-    token_index: list[int]
+    token_index: list[int]  # generated rows: the token's index; prompt rows: its position
     n: list[int]
+    prompt_ids: list[int]  # prompt rows: the prompt token read; generated rows: -1
     scores: torch.Tensor  # [rows, layers, concepts] float32
 
 
@@ -62,6 +63,7 @@ class Tap:
     slots: list[int] = field(default_factory=list)  # their positions in the aux outputs
     matrices: torch.Tensor | None = None  # [layers, H, C] float32, on the model's device
     active: set[str] = field(default_factory=set)
+    prompt_active: set[str] = field(default_factory=set)  # also score their prompt tokens
     pending: _Pending | None = None
     steps: int = 0  # steps that produced scores
     seconds: float = 0.0  # time spent selecting, projecting, encoding and writing
@@ -91,11 +93,15 @@ class Tap:
             extra = getattr(new.sampling_params, "extra_args", None) or {}
             if extra.get("readout"):  # JSON true arrives as 1 (vllm_xargs has no bool)
                 self.active.add(new.req_id)
+                if extra.get("readout_prompt"):
+                    self.prompt_active.add(new.req_id)
         if self.active and scheduler_output.finished_req_ids:
             self.active.difference_update(scheduler_output.finished_req_ids)
+            self.prompt_active.difference_update(scheduler_output.finished_req_ids)
 
     def after_forward(self, runner) -> None:
-        """Score the rows that will produce a token, for opted-in requests."""
+        """Score the rows that will produce a token, for opted-in requests, and the rows
+        of prompt tokens for those that asked for them too."""
         self.pending = None
         state = runner.execute_model_state
         if (
@@ -110,17 +116,33 @@ class Tap:
         n = batch.num_reqs
         discard = runner.discard_request_mask.np[:n]
         ends = runner.query_start_loc.np
-        req_ids, token_index, fanout, rows = [], [], [], []
+        step = _Pending(self.version, [], [], [], [], torch.empty(0))
+        rows: list[int] = []
         for k, rid in enumerate(batch.req_ids[:n]):
-            if rid in self.active and not discard[k]:  # a partial prefill chunk samples nothing
-                request = runner.requests[rid]
-                req_ids.append(rid)
-                token_index.append(len(request.output_token_ids))
-                fanout.append(int(request.sampling_params.n or 1))
+            if rid not in self.active:
+                continue
+            request = runner.requests[rid]
+            fanout = int(request.sampling_params.n or 1)
+            if rid in self.prompt_active:
+                # Rows of this step that read prompt tokens (a recompute after preemption
+                # reads them again and replaces the earlier rows).
+                first = int(batch.num_computed_tokens_cpu[k])
+                last = min(first + int(ends[k + 1] - ends[k]), request.num_prompt_tokens)
+                for position in range(first, last):
+                    step.req_ids.append(rid)
+                    step.token_index.append(position)
+                    step.n.append(fanout)
+                    step.prompt_ids.append(int(request.prompt_token_ids[position]))
+                    rows.append(int(ends[k]) + position - first)
+            if not discard[k]:  # a partial prefill chunk samples nothing
+                step.req_ids.append(rid)
+                step.token_index.append(len(request.output_token_ids))
+                step.n.append(fanout)
+                step.prompt_ids.append(-1)
                 rows.append(int(ends[k + 1]) - 1)
         if rows:
-            scores = _project(state.aux_hidden_states, self.slots, rows, self.matrices)
-            self.pending = _Pending(self.version, req_ids, token_index, fanout, scores)
+            step.scores = _project(state.aux_hidden_states, self.slots, rows, self.matrices)
+            self.pending = step
         self.seconds += time.perf_counter() - started
 
     def after_sample(self, output) -> None:
@@ -129,7 +151,10 @@ class Tap:
             return
         started = time.perf_counter()
         token_ids = []
-        for rid in step.req_ids:
+        for rid, prompt_id in zip(step.req_ids, step.prompt_ids, strict=True):
+            if prompt_id >= 0:
+                token_ids.append(prompt_id)
+                continue
             sampled = output.sampled_token_ids[output.req_id_to_index[rid]]
             token_ids.append(int(sampled[0]) if len(sampled) else -1)
         message = {
@@ -137,6 +162,7 @@ class Tap:
             "req_ids": step.req_ids,
             "index": step.token_index,
             "n": step.n,
+            "prompt": [prompt_id >= 0 for prompt_id in step.prompt_ids],
             "token_ids": token_ids,
             "shape": list(step.scores.shape),
             "scores": step.scores.cpu().numpy().tobytes(),  # C order of [rows, layers, concepts]
@@ -155,7 +181,9 @@ def _project(
     the copy to the host waits until sampling has synchronised anyway."""
     captured = [aux[slot] for slot in slots]
     total = captured[0].shape[0]
-    if len(rows) == total and rows[-1] == total - 1:  # rows ascend: this is every row
+    # In pure decode every row is wanted, once and in order; with prompt rows a step's
+    # last prompt row can also be its sampling row, so only an exact match skips the gather.
+    if len(rows) == total and rows[-1] == total - 1 and rows == list(range(total)):
         hidden = torch.stack(captured)
     else:
         index = torch.tensor(rows, device=captured[0].device)
@@ -166,12 +194,32 @@ def _project(
 _tap: Tap | None = None
 
 
+def _compute_asked_prompts() -> None:
+    """Requests that ask for prompt-token scores never read the prefix cache (engine
+    core, at scheduling): a cached prefix is not computed, so it would have no rows.
+    Their blocks are still written to the cache for others. The same rule vLLM applies
+    to requests that ask for prompt logprobs."""
+    from vllm.v1.request import Request
+
+    if getattr(Request, "_livetrain_readout", False):
+        return
+    Request._livetrain_readout = True
+    skip = Request.get_skip_reading_prefix_cache
+
+    def skip_for_prompt_readout(self) -> bool:
+        extra = getattr(self.sampling_params, "extra_args", None) or {}
+        return bool(extra.get("readout") and extra.get("readout_prompt")) or skip(self)
+
+    Request.get_skip_reading_prefix_cache = skip_for_prompt_readout
+
+
 def install() -> None:
     """Patch the V1 model runner in this process (idempotent); a no-op unless launched
     with a readout (the ring's path is then inherited from the API server)."""
     ring_path, layers = os.environ.get(ENV_RING), captured_layers()
     if not ring_path or not layers:
         return
+    _compute_asked_prompts()
     from vllm.platforms import current_platform
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
