@@ -225,6 +225,10 @@ def test_prompt_rows_match_hugging_face_chunked_and_cached(readout_server, http,
             http, hf, readout_format.load(pooled), completion, prompt_ids, prompt_rows=True
         )
         assert got["summary"]["rows"] == len(prompt_ids) - 4 + 2
+        # rows=false: the same summary, no rows
+        brief = http.get(f"/readout/{completion['id']}", params={"rows": "false"}).json()
+        assert brief["summary"] == got["summary"]
+        assert "tokens" not in brief and "prompt_tokens" not in brief
     finally:
         http.post(
             "/readout/load", json={"path": str(readout_server.readout_dir)}

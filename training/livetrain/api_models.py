@@ -142,7 +142,10 @@ class ReadoutLoadRequest(BaseModel):
 
 
 class ReadoutQuery(BaseModel):
-    """Query of GET /readout/{id}: which choice (for n > 1 or several prompts)."""
+    """Query of GET /readout/{id}: which choice (for n > 1 or several prompts), and
+    whether to list every row (`rows=false`: the header and the whole-text summary,
+    for clients that score texts, without serialising every token's scores)."""
 
     model_config = ConfigDict(extra="forbid")
     choice: Annotated[int, Field(ge=0)] = 0
+    rows: bool = True

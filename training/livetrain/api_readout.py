@@ -307,12 +307,13 @@ class ReadoutRoutes:
         self._remember(version, str(Path(body.path).resolve()), readout)
         return JSONResponse(self.versions[version].describe())
 
-    def _query(self, request: Request) -> int:
-        return validate(ReadoutQuery, dict(request.query_params), {}).choice
+    def _query(self, request: Request) -> ReadoutQuery:
+        return validate(ReadoutQuery, dict(request.query_params), {})
 
     async def _get(self, request_id: str, request: Request) -> JSONResponse:
         self._require_enabled()
-        choice = self._query(request)
+        query = self._query(request)
+        choice = query.choice
         self._drain()
         entry = self.store.requests.get(request_id)
         if entry is None or not entry.has(choice):
@@ -321,9 +322,10 @@ class ReadoutRoutes:
         prompt, generated = entry.rows(choice, version)
         body = self._header(request_id, choice, version)
         body["finished"] = self._finished(entry)
-        if prompt:
+        if prompt and query.rows:
             body["prompt_tokens"] = [self._token(i, row) for i, row in prompt]
-        body["tokens"] = [self._token(i, row) for i, row in generated]
+        if query.rows:
+            body["tokens"] = [self._token(i, row) for i, row in generated]
         summary = self.versions[version].summary(prompt, generated)
         if summary is not None:
             body["summary"] = summary
@@ -331,7 +333,7 @@ class ReadoutRoutes:
 
     async def _stream(self, request_id: str, request: Request) -> StreamingResponse:
         self._require_enabled()
-        choice = self._query(request)
+        choice = self._query(request).choice
         return StreamingResponse(
             self._events(request_id, choice),
             media_type="text/event-stream",

@@ -24,6 +24,44 @@ class LivetrainClient:
         body = {"model": self.model, "prompt": text, "add_special_tokens": False}
         return self.http.post("/tokenize", json=body).raise_for_status().json()["tokens"]
 
+    def tokenize_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a chat through the served model's chat template."""
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "add_generation_prompt": add_generation_prompt,
+        }
+        return self.http.post("/tokenize", json=body).raise_for_status().json()["tokens"]
+
+    def chat_sample(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        """(context, continuation) that teach `answer` to `question` the way the model
+        sees a chat: the templated question up to the assistant's turn is the context,
+        the answer with the template's end-of-turn tokens the continuation."""
+        user = [{"role": "user", "content": question}]
+        context = self.tokenize_chat(user)
+        full = self.tokenize_chat([*user, {"role": "assistant", "content": answer}], False)
+        if full[: len(context)] != context:
+            raise ValueError("the chat template does not extend the question's tokens")
+        return context, full[len(context) :]
+
+    def chat(self, question: str, max_tokens: int = 48, **extra: Any) -> dict[str, Any]:
+        """Greedy one-turn chat completion (the full reply)."""
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            **extra,
+        }
+        return self.http.post("/v1/chat/completions", json=body).raise_for_status().json()
+
+    def readout(self, completion_id: str, choice: int = 0) -> dict[str, Any]:
+        """The live readout's scores of a completion (GET /readout/{id})."""
+        reply = self.http.get(f"/readout/{completion_id}", params={"choice": choice})
+        return reply.raise_for_status().json()
+
     def continuation_logprobs(self, context: list[int], continuation: list[int]) -> list[float]:
         """What the served model assigns to each continuation token, via vLLM's echo."""
         body = {
@@ -38,8 +76,17 @@ class LivetrainClient:
         logprobs = reply["choices"][0]["logprobs"]["token_logprobs"]
         return logprobs[len(context) : len(context) + len(continuation)]
 
-    def complete(self, prompt: str | list[int], max_tokens: int = 16) -> dict[str, Any]:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    def complete(
+        self, prompt: str | list[int], max_tokens: int = 16, **extra: Any
+    ) -> dict[str, Any]:
+        """Greedy completion of a raw prompt (no chat template)."""
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            **extra,
+        }
         return self.http.post("/v1/completions", json=body).raise_for_status().json()
 
     def train(self, context: list[int], continuation: list[int], **settings: Any) -> httpx.Response:
