@@ -183,4 +183,4 @@ def test_the_demo_proves_what_it_says(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     out = done.stdout
     assert out.count("[yes]") == 4 and "[NO ]" not in out
-    assert "live readout" in out and "whole text" in out
+    assert "live readout" in out and "whole story" in out
