@@ -31,8 +31,8 @@ class ReadPosition:
     """Where a text is read: `last` token, or the `mean` over tokens `start`.. (a text
     shorter than that is read at its last token)."""
 
-    pooling: str = "mean"
-    start: int = 8
+    pooling: str
+    start: int = 0
 
     def __post_init__(self) -> None:
         if self.pooling not in ("last", "mean") or self.start < 0:

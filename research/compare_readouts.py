@@ -58,7 +58,7 @@ def record_all(model_dir: Path, ts: dataset.TrainingSet, layers: list[int]) -> d
 
 def shipped(method: pipeline.Method, shrink: float) -> Callable:
     def fit(acts, ts, layer):
-        rec = activations.Recorded({activations.ReadPosition(): {layer: acts}})
+        rec = activations.Recorded({pipeline.DEFAULT_READ_POSITION: {layer: acts}})
         fitter = pipeline.Fitter.of(method, rec, ts, [layer], shrink)
         return torch.stack([fitter.direction(layer, ts.pairs[c])[0] for c in ts.concepts])
 

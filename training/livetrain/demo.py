@@ -3,8 +3,9 @@
 On SmolLM2-135M-Instruct served by vLLM with livetrain: ask a question the model cannot
 answer, teach the answer through POST /train (chat template, loss on the answer only),
 ask it again and in other words, check that an unrelated answer and the log-probability
-of held-out text barely moved, then show the live concept readout of an emotional
-sentence. Every claim is checked and printed; the exit status says whether all held.
+of held-out text barely moved, then show the live concept readout of a short
+frightened story. Every claim is checked and printed; the exit status says whether all
+held.
 """
 
 from __future__ import annotations
