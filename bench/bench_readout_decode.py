@@ -1,12 +1,12 @@
 """Decode speed with the live readout on against off, in the same server.
 
-    python3 bench/bench_readout_decode.py [--model bench-llama-150m|bench-llama]
-        [--rounds 6] [--streams 8] [--tokens 128] [--concepts 100] [--dtype float32]
+    python3 bench/bench_readout_decode.py [--model smollm2-135m|bench-llama-150m|bench-llama]
+        [--rounds 6] [--streams 8] [--tokens 128] [--concepts 105] [--dtype float32]
 
-A bench model served compiled (as vLLM defaults to) with a readout of 100 concepts on
-4 blocks (evenly spaced). The default has the shape of a small real model (~150M
-parameters, about 10 minutes here); `--model bench-llama` (12M, 2 minutes) is the worst
-case, where the readout's vectors are 1.7 % of the weights a decode step reads.
+The model served compiled (as vLLM defaults to) with a readout of 105 concepts on
+4 blocks (evenly spaced). The default is the built-in real model; `--model
+bench-llama` (12M, 2 minutes) is the worst case, where the readout's vectors are 1.7 %
+of the weights a decode step reads.
 Each round is one completion of `streams` prompts, so every step decodes a full batch;
 rounds alternate (ABBA) between every prompt asking for the
 readout (`vllm_xargs: {"readout": true}`) and none, so machine drift hits both sides.
@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import BENCH_MODELS, bench_model, decode_tokens_per_s  # noqa: E402
+from common import (  # noqa: E402
+    add_model_argument,
+    bench_model,
+    decode_tokens_per_s,
+    model_config,
+)
 
 from livetrain import readout_format  # noqa: E402
 from livetrain.launch import Server, plugin_env  # noqa: E402
@@ -64,15 +69,16 @@ def readout_layers(num_layers: int, count: int = 4) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="bench-llama-150m", choices=sorted(BENCH_MODELS))
+    add_model_argument(parser)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--concepts", type=int, default=100)
+    parser.add_argument("--concepts", type=int, default=105)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     cli = parser.parse_args()
-    config = BENCH_MODELS[cli.model]
-    model, layers = bench_model(cli.model), readout_layers(config["num_hidden_layers"])
+    model = bench_model(cli.model)
+    config = model_config(model)
+    layers = readout_layers(config["num_hidden_layers"])
 
     def rate(extra: dict | None) -> float:
         return decode_tokens_per_s(server.url, cli.streams, cli.tokens, extra, one_request=True)
