@@ -46,7 +46,7 @@ def valence_ratings(concepts: list[str]) -> dict[str, float]:
     return ratings
 
 
-def _pearson(x: Tensor, y: Tensor) -> float:
+def pearson(x: Tensor, y: Tensor) -> float:
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denom = (x.norm() * y.norm()).item()
     return (x @ y).item() / denom if denom else math.nan
@@ -63,7 +63,7 @@ def valence_axes(vectors: Tensor, concepts: list[str], ratings: dict[str, float]
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     coords = centred @ vh[:VALENCE_AXES].T  # [concepts, axes]
     y = torch.tensor([ratings[concepts[k]] for k in rows])
-    r = [_pearson(coords[rows, a], y) for a in range(coords.shape[1])]
+    r = [pearson(coords[rows, a], y) for a in range(coords.shape[1])]
     best = max(range(len(r)), key=lambda a: abs(r[a]) if math.isfinite(r[a]) else -1)
     return {
         "n_rated": len(rows),

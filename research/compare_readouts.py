@@ -172,7 +172,7 @@ def valence_ceiling(acts: torch.Tensor, ts: dataset.TrainingSet, lam: float = 1.
         ridge = lam * xc.pow(2).sum() / x.shape[1] * torch.eye(x.shape[1], dtype=torch.float64)
         w = torch.linalg.solve(xc.T @ xc + ridge, xc.T @ (y[keep] - ym))
         predictions.append(((x[i] - xm) @ w + ym).item())
-    return evaluation._pearson(torch.tensor(predictions), y)
+    return evaluation.pearson(torch.tensor(predictions), y)
 
 
 def per_token_vectors(cache: dict, ts: dataset.TrainingSet, layer: int, start: int):
