@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_model_argument, bench_model, decode_tokens_per_s  # noqa: E402
 
-from livetrain.launch import Server, plugin_env  # noqa: E402
+from livetrain.tools.launch import Server, plugin_env  # noqa: E402
 
 MODES = {"vllm_default": "", "livetrain": "livetrain"}  # VLLM_PLUGINS per mode
 

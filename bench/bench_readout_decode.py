@@ -38,8 +38,8 @@ from common import (  # noqa: E402
     model_config,
 )
 
-from livetrain import readout_format  # noqa: E402
-from livetrain.launch import Server, plugin_env  # noqa: E402
+from livetrain.formats import readout_format  # noqa: E402
+from livetrain.tools.launch import Server, plugin_env  # noqa: E402
 
 ON = {"vllm_xargs": {"readout": True}}
 

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import add_model_argument, bench_model  # noqa: E402
-from livetrain import readout_format  # noqa: E402
-from livetrain.default_model import DEFAULT_READOUT  # noqa: E402
-from livetrain.launch import Server, plugin_env  # noqa: E402
+from livetrain.formats import readout_format  # noqa: E402
+from livetrain.tools.default_model import DEFAULT_READOUT  # noqa: E402
+from livetrain.tools.launch import Server, plugin_env  # noqa: E402
 from readout import corpus, dataset, evaluation  # noqa: E402
 
 BATCH = 16  # prompts per completion request

@@ -37,18 +37,18 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_model_argument, bench_model, random_samples  # noqa: E402
 
-from livetrain.apollo import Apollo  # noqa: E402
-from livetrain.checkpoint_files import list_tensors  # noqa: E402
-from livetrain.checkpoint_sync import (  # noqa: E402
+from livetrain.checkpoint.files import list_tensors  # noqa: E402
+from livetrain.checkpoint.sync import (  # noqa: E402
     apply_journal,
     fsync_path,
     plan,
     sync,
     write_journal,
 )
-from livetrain.config import OptimizerSettings, PluginConfig  # noqa: E402
-from livetrain.tiny_model import DTYPES  # noqa: E402
-from livetrain.trainer_model import classify  # noqa: E402
+from livetrain.config import OptimizerSettings, PluginConfig, TrainableFamilies  # noqa: E402
+from livetrain.tools.tiny_model import DTYPES  # noqa: E402
+from livetrain.trainer.apollo import Apollo  # noqa: E402
+from livetrain.trainer.model import classify  # noqa: E402
 
 LRS = (1e-4, 1e-5)
 STEPS = (1, 5)  # measured after this many steps, on one model
@@ -78,7 +78,7 @@ def load_trainable(model_dir: Path, dtype: str) -> tuple[torch.nn.Module, Tensor
     """The model and what livetrain trains by default: 2-D linear weights, not lm_head."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
     model.requires_grad_(False)
-    attached = classify(model, PluginConfig())
+    attached = classify(model, TrainableFamilies())
     assert not attached.adamw_params, "the default config trains APOLLO weights only"
     return model, attached.apollo_params
 

@@ -34,32 +34,31 @@ from common import (  # noqa: E402
     shared_weight_memory,
 )
 
-from livetrain.apollo import Apollo  # noqa: E402
-from livetrain.client import LivetrainClient  # noqa: E402
-from livetrain.config import OptimizerSettings, PluginConfig  # noqa: E402
-from livetrain.launch import Server, plugin_env  # noqa: E402
-from livetrain.trainer_main import Trainer  # noqa: E402
-from livetrain.trainer_model import classify  # noqa: E402
+from livetrain.config import OptimizerSettings, TrainableFamilies  # noqa: E402
+from livetrain.formats.messages import Applied, Prepared  # noqa: E402
+from livetrain.tools.client import LivetrainClient  # noqa: E402
+from livetrain.tools.launch import Server, plugin_env  # noqa: E402
+from livetrain.trainer.model import classify  # noqa: E402
+from livetrain.trainer.trainer import Trainer  # noqa: E402
 
 SETTINGS = {"lr": 1e-4}
 
 
 def in_process_trainer(model_dir: Path, state_dir: Path) -> Trainer:
+    """A Trainer on a Hugging Face model of its own; it saves its state after each step,
+    as the server's does."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.requires_grad_(False)
-    trainer = Trainer()
-    trainer.attached = classify(model, PluginConfig())
-    trainer.optimizer = Apollo(trainer.attached.apollo_params, trainer.attached.adamw_params)
-    trainer.state_dir = state_dir  # it saves its state after each step, as the server does
-    return trainer
+    return Trainer(classify(model, TrainableFamilies()), model_dir, state_dir)
 
 
 def in_process_tokens_per_s(trainer: Trainer, samples, steps: int) -> float:
-    msg = {"samples": samples, "settings": SETTINGS}
+    settings = OptimizerSettings(**SETTINGS)
     times = []
     for step in range(steps + 2):  # two warm-up steps
         started = time.perf_counter()
-        assert trainer.prepare(msg)["ok"] and trainer.apply({"weight_version": step + 1})["ok"]
+        assert isinstance(trainer.prepare(samples, settings, retrain=True), Prepared)
+        assert isinstance(trainer.apply(step + 1), Applied)
         times.append(time.perf_counter() - started)
     tokens = sum(len(c) for _, c in samples)
     return tokens / statistics.median(times[2:])

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from livetrain.default_model import ensure_default_model
-from livetrain.tiny_model import build_tiny_model
+from livetrain.tools.default_model import ensure_default_model
+from livetrain.tools.tiny_model import build_tiny_model
 
 MODELS_DIR = Path.home() / ".cache" / "livetrain" / "models"
 # ~12M parameters: big enough that a step is not all fixed costs, small enough for 2 cores.

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from livetrain import readout_format
-from livetrain.default_model import DEFAULT_MODEL_DIR, MODEL_NAME, ensure_default_model
+from livetrain.formats import readout_format
+from livetrain.tools.default_model import DEFAULT_MODEL_DIR, MODEL_NAME, ensure_default_model
 from readout import activations, corpus, dataset, evaluation, plots, quality
 from readout.whitening import Whitener
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.nn.functional as F
 
-from livetrain.default_model import DEFAULT_MODEL_DIR
+from livetrain.tools.default_model import DEFAULT_MODEL_DIR
 from readout import activations, corpus, dataset, evaluation, pipeline
 from readout.train_steering_vectors import caa_method
 from readout.train_with_library import library_method

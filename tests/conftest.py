@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny models built once, real vLLM servers with the plugin."""
+"""Shared fixtures: tiny models built once, real vLLM servers with the plugin.
+
+A test that uses a server fixture is marked `server` here (`-m "not server"` runs the
+rest in a minute); tests that start a server of their own carry the mark themselves.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from livetrain import readout_format
-from livetrain.client import LivetrainClient
-from livetrain.launch import Server, plugin_env
-from livetrain.tiny_model import build_tiny_model
+from livetrain.formats import readout_format
+from livetrain.tools.client import LivetrainClient
+from livetrain.tools.launch import Server, plugin_env
+from livetrain.tools.tiny_model import build_tiny_model
 
 API_KEY = "test-key-123"
 SERVE_ARGS = [
@@ -25,6 +29,21 @@ SERVE_ARGS = [
     "--max-num-seqs",
     "16",
 ]
+
+
+# vLLM (CPU kernels, fp32) against Hugging Face eager/SDPA on the same memory.
+LOGPROB_ATOL = 1e-4
+SAMPLE_TEXT = (
+    "The keeper of the lighthouse wrote in the log:",
+    " the lamp burned all night and every ship came home.",
+)
+SERVER_FIXTURES = {"llama_server", "qwen2_server", "bf16_server", "readout_server", "real_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
 
 
 def free_port() -> int:
@@ -72,10 +91,28 @@ def start_server(
         yield client
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def llama_server(models: dict[str, Path], tmp_path_factory) -> Iterator[LivetrainClient]:
-    """Llama (untied, GQA, padded vocab) behind --api-key, compiled as vLLM defaults to."""
+    """Llama (untied, GQA, padded vocab) behind --api-key, compiled as vLLM defaults to;
+    shared by the online-training and route-safety tests."""
     yield from start_server(models["llama"], tmp_path_factory.mktemp("llama"), API_KEY, eager=False)
+
+
+@pytest.fixture(scope="session")
+def sample(llama_server: LivetrainClient) -> tuple[list[int], list[int]]:
+    return llama_server.tokenize(SAMPLE_TEXT[0]), llama_server.tokenize(SAMPLE_TEXT[1])
+
+
+def served_state(client: LivetrainClient, sample: tuple[list[int], list[int]]) -> tuple:
+    """What a refused request must leave as it was: version, steps, optimizer size, and
+    the served log-probs of `sample`."""
+    status = client.status()
+    return (
+        status["weight_version"],
+        status["steps"],
+        status["optimizer_state_bytes"],
+        client.continuation_logprobs(*sample),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from livetrain.tiny_model import build_tiny_model
+from livetrain.tools.tiny_model import build_tiny_model
 
 STRONG, WEAK = 2.0, 0.002
 CLUSTERS = {

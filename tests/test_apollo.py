@@ -1,4 +1,4 @@
-"""livetrain.apollo against an independent float64 reference written from the formulas.
+"""livetrain.trainer.apollo against an independent float64 reference written from the formulas.
 
 The reference takes the projection matrix P explicitly; P comes from the public
 `projection()` helper, which is tested on its own (shape, variance, determinism).
@@ -13,8 +13,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from livetrain.apollo import Apollo, NonFiniteUpdate, projection
 from livetrain.config import OptimizerSettings
+from livetrain.trainer.apollo import Apollo, NonFiniteUpdate, projection
 
 Params = dict[str, torch.nn.Parameter]
 

@@ -21,8 +21,9 @@ import torch
 from conftest import start_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from livetrain import default_model, readout_format
-from livetrain.default_model import (
+from livetrain.formats import readout_format
+from livetrain.tools import default_model
+from livetrain.tools.default_model import (
     DEFAULT_READOUT,
     MANIFEST,
     ModelSetupError,

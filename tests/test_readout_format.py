@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from livetrain import readout_format as rf
+from livetrain.formats import readout_format as rf
 
 
 def _readout(n: int = 3, hidden: int = 8, layers=(1, 3)) -> rf.Readout:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from livetrain import readout_format
+from livetrain.formats import readout_format
 from readout import corpus
 from tests import planted
 

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from livetrain import tiny_model
-from livetrain.tiny_model import ARCHS, build_tiny_model, ensure_tiny_model
+from livetrain.tools import tiny_model
+from livetrain.tools.tiny_model import ARCHS, build_tiny_model, ensure_tiny_model
 
 SENTENCE = "The kettle whistled twice.\n\nThen,  at 10:30, Mara read 3 letters, cafe and café!"
 # arch -> (attention heads, kv heads, lm_head tied to the embedding)

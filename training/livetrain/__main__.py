@@ -1,3 +1,3 @@
-from livetrain.cli import main
+from livetrain.tools.cli import main
 
 main()

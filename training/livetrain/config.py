@@ -1,16 +1,22 @@
-"""Every livetrain setting and its default, written once.
+"""Every livetrain setting and its default, written once, and the only reader of them.
 
 `OptimizerSettings` is what a /train request may override per step; `PluginConfig`
 is fixed for the lifetime of a server and read from `LIVETRAIN_*` environment
-variables, because vLLM's own argument parser does not know about plugins.
+variables, because vLLM's own argument parser does not know about plugins. The
+environment is read once per process (`plugin_config()`), and never written: the
+training subprocess gets its settings in its `Attach` message, vLLM's worker gets the
+readout's captured layers inside vLLM's own config (vllm_internals.py).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import get_type_hints
 
 
 @dataclass(frozen=True)
@@ -29,17 +35,32 @@ class OptimizerSettings:
     seed: int = 0
 
 
-def _env_path(name: str, default: Path) -> Path:
-    value = os.environ.get(name)
-    return Path(value).expanduser() if value else default
+@dataclass(frozen=True)
+class TrainableFamilies:
+    """Which tensor families may change. Linear weights are APOLLO's job; the others are
+    large (embeddings) or sensitive (norms) and stay frozen unless asked for. Fixed per
+    server: the set of tensors defines the optimizer state."""
+
+    linear: bool = True
+    embeddings: bool = False
+    norms: bool = False
+    lm_head: bool = False
 
 
-def _parse(text: str, kind: type) -> object:
-    if kind is bool:
-        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ValueError(f"expected a boolean, got {text!r}")
-        return text.lower() in ("1", "true", "yes")
-    return kind(text)
+def _parse(name: str, text: str, kind: object) -> object:
+    """One environment value as the type of the field it sets; errors name the variable."""
+    try:
+        if kind is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(f"expected a boolean, got {text!r}")
+            return text.lower() in ("1", "true", "yes")
+        if kind in (int, float):
+            return kind(text)
+        if kind == tuple[int, ...]:
+            return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+        return Path(text).expanduser()  # Path and Path | None
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def _private_dir(path: Path) -> Path:
@@ -62,12 +83,7 @@ class PluginConfig:
     # comparing and writing the files in blocks of this many bytes.
     sync_delay_s: float = 600.0
     sync_block_bytes: int = 4096
-    # Which tensor families may change. Linear weights are APOLLO's job; the others
-    # are large (embeddings) or sensitive (norms) and stay frozen unless asked for.
-    train_linear: bool = True
-    train_embeddings: bool = False
-    train_norms: bool = False
-    train_lm_head: bool = False
+    train: TrainableFamilies = field(default_factory=TrainableFamilies)  # LIVETRAIN_TRAIN_*
     # Live readout: scores of a request are kept this long after its last token, and at
     # most this many requests are kept (oldest dropped first). The worker hands scores
     # over through a shared-memory ring of this size (a step of 256 rows x 4 layers x
@@ -75,23 +91,33 @@ class PluginConfig:
     readout_ttl_s: float = 600.0
     readout_max_requests: int = 1000
     readout_ring_bytes: int = 32 * 1024 * 1024
+    # The readout folder loaded at launch (LIVETRAIN_READOUT), and the blocks whose
+    # outputs the worker captures (LIVETRAIN_READOUT_LAYERS; default: the readout's).
+    # Captured blocks are fixed at launch because they shape the compiled graph.
+    readout: Path | None = None
+    readout_layers: tuple[int, ...] = ()
+
+    @property
+    def readout_enabled(self) -> bool:
+        return self.readout is not None or bool(self.readout_layers)
 
     @classmethod
-    def from_env(cls) -> PluginConfig:
-        defaults = cls()
-        env = {
-            "state_dir": _env_path("LIVETRAIN_STATE_DIR", defaults.state_dir),
-            "runtime_dir": (
-                Path(os.environ["LIVETRAIN_RUNTIME_DIR"])
-                if os.environ.get("LIVETRAIN_RUNTIME_DIR")
-                else None
-            ),
-        }
-        for f in fields(cls):
-            key = f"LIVETRAIN_{f.name.upper()}"
-            if f.name not in env and key in os.environ:
-                env[f.name] = _parse(os.environ[key], type(getattr(defaults, f.name)))
-        return cls(**env)
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PluginConfig:
+        """Settings from `LIVETRAIN_<FIELD>` (`LIVETRAIN_TRAIN_<FAMILY>` for `train`)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name, kind in get_type_hints(cls).items():
+            key = f"LIVETRAIN_{name.upper()}"
+            if name == "train":
+                families = {
+                    family: _parse(f"{key}_{family.upper()}", env[f"{key}_{family.upper()}"], bool)
+                    for family in get_type_hints(TrainableFamilies)
+                    if f"{key}_{family.upper()}" in env
+                }
+                values[name] = TrainableFamilies(**families)  # type: ignore[arg-type]
+            elif env.get(key):
+                values[name] = _parse(key, env[key], kind)
+        return cls(**values)  # type: ignore[arg-type]
 
     def private_state_dir(self) -> Path:
         return _private_dir(self.state_dir)
@@ -100,3 +126,9 @@ class PluginConfig:
         if self.runtime_dir is not None:
             return _private_dir(self.runtime_dir)
         return Path(tempfile.mkdtemp(prefix="livetrain-"))  # mkdtemp makes it 0700
+
+
+@cache
+def plugin_config() -> PluginConfig:
+    """This process's settings, read from its environment the first time they are asked for."""
+    return PluginConfig.from_env()

@@ -1,0 +1,50 @@
+"""Settings are read from LIVETRAIN_* once, typed by their field, with errors that name
+the variable; nothing is written back to the environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from livetrain.config import PluginConfig, TrainableFamilies
+
+
+def test_defaults_without_environment():
+    assert PluginConfig.from_env({}) == PluginConfig()
+
+
+def test_every_kind_of_field_is_parsed():
+    config = PluginConfig.from_env(
+        {
+            "LIVETRAIN_SYNC_DELAY_S": "2.5",
+            "LIVETRAIN_TRAINER_MAX_RESTARTS": "7",
+            "LIVETRAIN_STATE_DIR": "~/state",
+            "LIVETRAIN_READOUT": "/srv/readout",
+            "LIVETRAIN_READOUT_LAYERS": "5, 2,5",
+            "LIVETRAIN_TRAIN_NORMS": "yes",
+            "LIVETRAIN_TRAIN_LINEAR": "0",
+        }
+    )
+    assert config.sync_delay_s == 2.5 and config.trainer_max_restarts == 7
+    assert config.state_dir == Path.home() / "state"
+    assert config.readout == Path("/srv/readout") and config.readout_layers == (2, 5)
+    assert config.train == TrainableFamilies(linear=False, norms=True)
+    assert config.readout_enabled
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("LIVETRAIN_TRAIN_NORMS", "maybe"), ("LIVETRAIN_MAX_BODY_BYTES", "1e9x")],
+)
+def test_bad_values_name_the_variable(key, value):
+    with pytest.raises(ValueError, match=key):
+        PluginConfig.from_env({key: value})
+
+
+def test_reading_leaves_the_environment_alone(monkeypatch):
+    monkeypatch.setenv("LIVETRAIN_READOUT_LAYERS", "1")
+    before = dict(os.environ)
+    PluginConfig.from_env()
+    assert dict(os.environ) == before

@@ -1,0 +1,292 @@
+"""Online training end to end: a real vLLM server (Llama-style tiny model, --api-key set,
+compiled as vLLM defaults to) trains in place while it serves, and the Trainer itself on a
+Hugging Face model of its own.
+
+The server is shared by the session; every test states what it expects relative to the
+state it found, so tests do not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import LOGPROB_ATOL, served_state
+from transformers import AutoModelForCausalLM
+
+from livetrain.config import OptimizerSettings, TrainableFamilies
+from livetrain.formats import messages as msg
+from livetrain.trainer import state as trainer_state
+from livetrain.trainer.apollo import Apollo
+from livetrain.trainer.model import classify
+from livetrain.trainer.trainer import Trainer
+
+
+def score(client, context, continuation) -> list[float]:
+    body = {"context_ids": context, "continuation_ids": continuation}
+    reply = client.http.post("/train/score", json=body).raise_for_status().json()
+    return reply["token_logprobs"][0]
+
+
+def test_views_give_vllm_logprobs(llama_server, sample):
+    served = llama_server.continuation_logprobs(*sample)
+    np.testing.assert_allclose(score(llama_server, *sample), served, atol=LOGPROB_ATOL)
+
+
+def test_training_raises_served_logprob_in_place(llama_server, sample):
+    before = sum(llama_server.continuation_logprobs(*sample))
+    start = llama_server.status()["weight_version"]
+    versions = []
+    for _ in range(4):
+        reply = llama_server.train(*sample, lr=3e-3, retrain=True).raise_for_status().json()
+        versions.append(reply["weight_version"])
+        assert reply["tokens"] == len(sample[1]) and reply["elapsed_ms"] > 0
+        # The very next completion already sees the new weights, exactly as trained.
+        served = llama_server.continuation_logprobs(*sample)
+        np.testing.assert_allclose(score(llama_server, *sample), served, atol=LOGPROB_ATOL)
+    after = sum(served)
+    assert versions == [start + 1, start + 2, start + 3, start + 4]
+    assert after > before + 5.0, (before, after)
+
+
+def test_first_reply_loss_is_the_served_loss(llama_server, sample):
+    served = llama_server.continuation_logprobs(*sample)
+    start = llama_server.status()["weight_version"]
+    reply = llama_server.train(*sample, lr=1e-3, retrain=True).raise_for_status().json()
+    assert reply["loss"] == pytest.approx(-np.mean(served), abs=LOGPROB_ATOL)
+    assert reply["weight_version"] == start + 1
+
+
+def test_prefix_cache_never_serves_old_weights(llama_server, sample):
+    # Same prompt twice warms the prefix cache; a step in between must invalidate it.
+    first = llama_server.continuation_logprobs(*sample)
+    assert llama_server.continuation_logprobs(*sample) == first
+    llama_server.train(*sample, lr=3e-3, retrain=True).raise_for_status()
+    again = llama_server.continuation_logprobs(*sample)
+    np.testing.assert_allclose(again, score(llama_server, *sample), atol=LOGPROB_ATOL)
+    assert sum(again) > sum(first)
+
+
+def test_completions_succeed_while_training(llama_server, sample):
+    done = threading.Event()
+
+    def generate() -> int:
+        """Completions until told to stop; raises on the first one that fails."""
+        completed = 0
+        with httpx.Client(
+            base_url=llama_server.http.base_url, headers=llama_server.http.headers, timeout=120
+        ) as http:
+            while not done.is_set():
+                body = {
+                    "model": llama_server.model,
+                    "prompt": "Once upon a time",
+                    "max_tokens": 24,
+                    "temperature": 0,
+                }
+                reply = http.post("/v1/completions", json=body).raise_for_status()
+                assert reply.json()["choices"][0]["text"], reply.text
+                completed += 1
+        return completed
+
+    before = llama_server.status()["weight_version"]
+    with ThreadPoolExecutor(3) as pool:
+        generators = [pool.submit(generate) for _ in range(3)]
+        try:
+            for _ in range(3):
+                llama_server.train(*sample, lr=1e-3, retrain=True).raise_for_status()
+        finally:
+            done.set()
+        completed = [g.result() for g in generators]  # re-raises a generator's failure
+    assert all(n >= 1 for n in completed), completed
+    assert llama_server.status()["weight_version"] == before + 3
+
+
+def test_concurrent_train_requests_queue(llama_server, sample):
+    before = llama_server.status()
+
+    def train() -> dict:
+        with httpx.Client(
+            base_url=llama_server.http.base_url, headers=llama_server.http.headers, timeout=120
+        ) as http:
+            body = {
+                "context_ids": sample[0],
+                "continuation_ids": sample[1],
+                "lr": 1e-4,
+                "retrain": True,
+            }
+            return http.post("/train", json=body).raise_for_status().json()
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = [f.result() for f in [pool.submit(train) for _ in range(4)]]
+    versions = sorted(r["weight_version"] for r in replies)
+    steps = sorted(r["optimizer_steps"] for r in replies)
+    assert versions == [before["weight_version"] + i for i in range(1, 5)]
+    assert steps == [before["steps"] + i for i in range(1, 5)]
+
+
+def test_a_sample_is_not_trained_twice_unless_asked(llama_server):
+    old = (
+        llama_server.tokenize("The ferry left at dawn;"),
+        llama_server.tokenize(" gulls followed."),
+    )
+    new = (llama_server.tokenize("At noon the market"), llama_server.tokenize(" smelled of bread."))
+    first = llama_server.train(*old, lr=1e-4).raise_for_status().json()
+    assert first["skipped_samples"] == 0
+    before = served_state(llama_server, old)
+    again = llama_server.train(*old, lr=1e-4)
+    assert again.status_code == 409 and "retrain" in again.json()["error"]["message"]
+    assert served_state(llama_server, old) == before
+    mixed = {"samples": [{"context_ids": c, "continuation_ids": t} for c, t in (old, new)]}
+    reply = llama_server.http.post("/train", json={**mixed, "lr": 1e-4}).raise_for_status().json()
+    assert reply["skipped_samples"] == 1 and reply["tokens"] == len(new[1])
+    forced = llama_server.train(*old, lr=1e-4, retrain=True).raise_for_status().json()
+    assert (
+        forced["skipped_samples"] == 0 and forced["weight_version"] == reply["weight_version"] + 1
+    )
+
+
+def test_overflowing_update_is_refused_and_changes_nothing(llama_server, sample):
+    before = served_state(llama_server, sample)
+    reply = llama_server.train(*sample, lr=1e300, retrain=True)
+    assert reply.status_code == 422, reply.text
+    assert "weights unchanged" in reply.json()["error"]["message"]
+    assert served_state(llama_server, sample) == before
+    assert llama_server.status()["state"] == "idle"
+
+
+def test_trainer_restart_keeps_state(llama_server, sample):
+    score(llama_server, *sample)  # any op but prepare waits for the background save
+    before = llama_server.status()
+    assert before["saved_version"] == before["weight_version"] > 0
+    os.kill(before["trainer_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while (pid := llama_server.status()["trainer_pid"]) == before["trainer_pid"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # Freeze the new trainer while it is still importing torch: the route must say why.
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert llama_server.status()["state"] == "starting"
+        reply = llama_server.train(*sample)
+        assert reply.status_code == 503 and "starting" in reply.json()["error"]["message"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    after = llama_server.wait_trainer()
+    assert after["restarts"] == before["restarts"] + 1
+    assert after["trainer"]["resumed_from_version"] == before["weight_version"]
+    assert (after["weight_version"], after["steps"], after["optimizer_state_bytes"]) == (
+        before["weight_version"],
+        before["steps"],
+        before["optimizer_state_bytes"],
+    )
+    assert llama_server.train(*sample, lr=1e-3).status_code == 409  # the record survived
+    reply = llama_server.train(*sample, lr=1e-3, retrain=True).raise_for_status().json()
+    assert reply["optimizer_steps"] == before["steps"] + 1
+    assert reply["weight_version"] == before["weight_version"] + 1
+
+
+# ---- the Trainer on its own (no vLLM) ------------------------------------------------
+
+SAMPLES = [([5, 6, 7], [8, 9])]
+
+
+def make_trainer(model_dir, state_dir=None, weight_version=0) -> Trainer:
+    """A Trainer on a Hugging Face model of its own (no vLLM), as the bench builds one."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    attached = classify(model, TrainableFamilies())
+    return Trainer(attached, model_dir, state_dir, weight_version=weight_version)
+
+
+def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.attached.model.state_dict().items()}
+
+
+def test_classify_makes_only_linear_weights_trainable(models):
+    attached = make_trainer(models["llama"]).attached
+    assert set(attached.apollo_params) == {
+        f"model.layers.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    }  # fmt: skip
+    assert not attached.adamw_params
+    assert "model.embed_tokens.weight" in attached.frozen and "lm_head.weight" in attached.frozen
+
+
+def test_a_finite_step_changes_weights(models, tmp_path):
+    trainer = make_trainer(models["llama"], tmp_path)
+    before = snapshot(trainer)
+    assert isinstance(trainer.prepare(SAMPLES, OptimizerSettings(lr=1e-2)), msg.Prepared)
+    assert isinstance(trainer.apply(1), msg.Applied)
+    after = trainer.attached.model.state_dict()
+    assert not torch.equal(after["model.layers.0.mlp.down_proj.weight"],
+                           before["model.layers.0.mlp.down_proj.weight"])  # fmt: skip
+    assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])  # frozen
+
+
+def test_non_finite_loss_is_refused_and_nothing_changes(models):
+    trainer = make_trainer(models["llama"])
+    with torch.no_grad():
+        trainer.attached.model.model.norm.weight[3] = float("nan")
+    before = snapshot(trainer)
+    reply = trainer.prepare(SAMPLES, OptimizerSettings())
+    assert reply == msg.Failed(kind="refused", error="non-finite loss (nan)")
+    assert trainer.pending is None and trainer.optimizer.steps == 0
+    assert trainer.optimizer.state_bytes() == Apollo({}, {}).state_bytes()
+    after = trainer.attached.model.state_dict()
+    for name, tensor in before.items():
+        assert torch.allclose(after[name], tensor, rtol=0, atol=0, equal_nan=True), name
+    assert trainer.apply(1) == msg.Failed(kind="refused", error="no prepared step to apply")
+
+
+def saved_trainer(models, tmp_path, saved_version: int, served_version: int) -> Trainer:
+    """A trainer whose state dir holds a state written at `saved_version`."""
+    (tmp_path / "writer").mkdir(exist_ok=True)
+    writer = make_trainer(models["llama"], tmp_path / "writer")
+    assert isinstance(writer.prepare(SAMPLES, OptimizerSettings()), msg.Prepared)
+    assert isinstance(writer.apply(1), msg.Applied)
+    writer.finish_save()
+    trainer_state.save(
+        tmp_path, {"weight_version": saved_version, "optimizer": writer.optimizer.state_dict()}
+    )
+    return make_trainer(models["llama"], tmp_path, weight_version=served_version)
+
+
+def test_resume_at_the_served_version(models, tmp_path):
+    trainer = saved_trainer(models, tmp_path, saved_version=4, served_version=4)
+    assert trainer.resume() == 4 and trainer.optimizer.steps == 1
+
+
+def test_resume_a_state_one_step_behind(models, tmp_path):
+    # A trainer killed while its background save ran leaves the previous state.
+    trainer = saved_trainer(models, tmp_path, saved_version=3, served_version=4)
+    assert trainer.resume() == 3 and trainer.optimizer.steps == 1
+
+
+def test_state_for_other_weights_is_set_aside(models, tmp_path):
+    for served in (0, 2):  # vLLM reloaded the files / a state from the future
+        trainer = saved_trainer(models, tmp_path, saved_version=3, served_version=served)
+        assert trainer.resume() is None and trainer.optimizer.steps == 0
+        assert not (tmp_path / trainer_state.STATE_FILE).exists()
+    assert list(tmp_path.glob(f"{trainer_state.STATE_FILE}*")) == [
+        tmp_path / f"{trainer_state.STATE_FILE}.stale"
+    ]
+
+
+def test_background_save_writes_the_applied_state(models, tmp_path):
+    trainer = make_trainer(models["llama"], tmp_path)
+    assert isinstance(trainer.prepare(SAMPLES, OptimizerSettings()), msg.Prepared)
+    assert isinstance(trainer.apply(7), msg.Applied)
+    trainer.finish_save()
+    saved = trainer_state.load(tmp_path)
+    assert trainer.saved_version == saved["weight_version"] == 7
+    state = trainer.optimizer.state_dict()
+    assert all(torch.equal(saved["optimizer"][k], state[k]) for k in state)

@@ -1,0 +1,162 @@
+"""What every privileged route promises: the API key is demanded, bad input is refused
+with a 4xx naming the field and changes nothing, and state files are private."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import httpx
+import pytest
+from conftest import API_KEY, served_state
+
+from livetrain.api.http import RequestError, validate
+from livetrain.api.requests import (
+    CheckpointRequest,
+    ReadoutLoadRequest,
+    ReadoutQuery,
+    ScoreRequest,
+    TrainRequest,
+)
+from livetrain.config import OptimizerSettings
+
+BAD_BODIES = {
+    "malformed JSON": (b'{"context_ids": [1, 2', 400, "body"),
+    "not an object": (b"[1, 2, 3]", 422, None),
+    "missing continuation": ({"context_ids": [1, 2]}, 422, None),
+    "empty context": ({"context_ids": [], "continuation_ids": [1]}, 422, "context_ids"),
+    "empty continuation": ({"context_ids": [1], "continuation_ids": []}, 422, "continuation_ids"),
+    "float id": ({"context_ids": [1.5], "continuation_ids": [2]}, 422, "context_ids.0"),
+    "string id": ({"context_ids": ["7"], "continuation_ids": [2]}, 422, "context_ids.0"),
+    "negative id": ({"context_ids": [1], "continuation_ids": [-3]}, 422, "continuation_ids.0"),
+    "id over vocab": ({"context_ids": [1], "continuation_ids": [10**6]}, 422, "continuation_ids"),
+    "too long": ({"context_ids": [1] * 200, "continuation_ids": [2] * 100}, 422, None),
+    "nan lr": (b'{"context_ids": [1], "continuation_ids": [2], "lr": NaN}', 422, "lr"),
+    "infinite lr": (b'{"context_ids": [1], "continuation_ids": [2], "lr": Infinity}', 422, "lr"),
+    "negative lr": ({"context_ids": [1], "continuation_ids": [2], "lr": -1e-3}, 422, "lr"),
+    "rank zero": ({"context_ids": [1], "continuation_ids": [2], "rank": 0}, 422, "rank"),
+    "unknown field": ({"context_ids": [1], "continuation_ids": [2], "lrr": 1}, 422, "lrr"),
+    "both forms": ({"context_ids": [1], "continuation_ids": [2], "samples": []}, 422, None),
+    "bad sample": (
+        {"samples": [{"context_ids": [1], "continuation_ids": [2], "x": 1}]},
+        422,
+        "samples.0.x",
+    ),
+    "oversized body": (
+        b'{"context_ids": [1], "continuation_ids": [2], "pad": "' + b"x" * (9 * 2**20) + b'"}',
+        413,
+        "body",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_bad_input_is_refused_and_changes_nothing(llama_server, sample, case):
+    body, status, field = BAD_BODIES[case]
+    before = served_state(llama_server, sample)
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    reply = llama_server.http.post("/train", **kwargs)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    if field is not None:
+        assert error["field"] == field, error
+    assert error["message"]
+    assert served_state(llama_server, sample) == before
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        ("POST", "/train"),
+        ("POST", "/train/score"),
+        ("GET", "/train/status"),
+        ("POST", "/checkpoint"),
+    ],
+)
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_routes_demand_the_api_key(llama_server, sample, route, key):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"context_ids": sample[0], "continuation_ids": sample[1]}
+    version = llama_server.status()["weight_version"]
+    with httpx.Client(base_url=llama_server.http.base_url, timeout=60) as http:
+        reply = http.request(
+            route[0], route[1], headers=headers, json=body if route[0] == "POST" else None
+        )
+    assert reply.status_code == 401
+    assert llama_server.status()["weight_version"] == version
+
+
+def test_the_right_key_is_accepted(llama_server):
+    with httpx.Client(base_url=llama_server.http.base_url, timeout=60) as http:
+        reply = http.get("/train/status", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert reply.status_code == 200 and reply.json()["state"] == "idle"
+
+
+def test_state_files_are_private(llama_server):
+    state_root = llama_server.workdir / "state"
+    model_dirs = list(state_root.iterdir())
+    assert stat.S_IMODE(state_root.stat().st_mode) == 0o700
+    assert len(model_dirs) == 1 and stat.S_IMODE(model_dirs[0].stat().st_mode) == 0o700
+    state_file = model_dirs[0] / "trainer_state.pt"
+    assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((llama_server.workdir / "run").stat().st_mode) == 0o700
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("torch_")]
+
+
+# ---- the request models alone (no server) ---------------------------------------------
+
+LIMITS = {"vocab_size": 1000, "max_model_len": 256}  # the tiny llama's, as the server sets
+BODY_CASES = [case for case, (_, status, _) in BAD_BODIES.items() if status == 422]
+
+
+@pytest.mark.parametrize("case", BODY_CASES)
+def test_request_models_refuse_what_the_route_refuses(case):
+    """The same bodies as the server test, through the request model the route uses."""
+    body, status, field = BAD_BODIES[case]
+    data = json.loads(body) if isinstance(body, bytes) else body
+    with pytest.raises(RequestError) as refused:
+        validate(TrainRequest, data, LIMITS)
+    assert refused.value.status == status
+    if field is not None:
+        assert refused.value.field == field
+
+
+def test_a_valid_body_gives_samples_and_typed_settings():
+    body = {"samples": [{"context_ids": [1, 2], "continuation_ids": [3]}], "lr": 0.01}
+    request = validate(TrainRequest, body, LIMITS)
+    assert request.sample_list() == [([1, 2], [3])]
+    assert request.settings() == OptimizerSettings(lr=0.01)
+    inline = validate(ScoreRequest, {"context_ids": [1], "continuation_ids": [2]}, LIMITS)
+    assert inline.sample_list() == [([1], [2])]
+
+
+def test_limits_come_from_the_served_model():
+    body = {"context_ids": [999], "continuation_ids": [1] * 100}
+    validate(TrainRequest, body, LIMITS)
+    with pytest.raises(RequestError, match="vocabulary size 999"):
+        validate(TrainRequest, body, {**LIMITS, "vocab_size": 999})
+    with pytest.raises(RequestError, match="over max_model_len 100"):
+        validate(TrainRequest, body, {**LIMITS, "max_model_len": 100})
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "field"),
+    [
+        (CheckpointRequest, {"force": True}, "force"),
+        (ReadoutLoadRequest, {"path": ""}, "path"),
+        (ReadoutLoadRequest, {}, "path"),
+        (ReadoutQuery, {"choice": "-1"}, "choice"),
+        (ReadoutQuery, {"rows": "perhaps"}, "rows"),
+        (ReadoutQuery, {"choise": "1"}, "choise"),
+    ],
+)
+def test_other_request_models_name_the_bad_field(model, data, field):
+    with pytest.raises(RequestError) as refused:
+        validate(model, data, {})
+    assert refused.value.status == 422 and refused.value.field == field
+
+
+def test_query_strings_are_parsed():
+    query = validate(ReadoutQuery, {"choice": "2", "rows": "false"}, {})
+    assert (query.choice, query.rows) == (2, False)

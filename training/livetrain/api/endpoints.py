@@ -1,0 +1,127 @@
+"""Endpoint plugin (API server process): the HTTP routes of livetrain.
+
+POST /train          one optimizer step on raw token ids
+POST /train/score    continuation log-probs as the trainer's model sees them
+GET  /train/status   trainer state, weight version, optimizer settings and size
+POST /checkpoint     write the trained weights into the model's safetensors now
+/readout...          the live readout (readout_routes.py)
+
+All of them change or reveal training state, so all honour vLLM's --api-key
+(vLLM's own middleware only guards /v1 and a few other prefixes).
+"""
+
+from __future__ import annotations
+
+import logging
+from argparse import Namespace
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from livetrain import vllm_internals
+from livetrain.api.http import RequestError, read_json, validate
+from livetrain.api.readout_routes import ReadoutRoutes
+from livetrain.api.requests import CheckpointRequest, ScoreRequest, TrainRequest
+from livetrain.api.supervisor import StepRefused, TrainerSupervisor, TrainerUnavailable
+from livetrain.config import plugin_config
+
+log = logging.getLogger("livetrain.api")
+
+
+def resolve_model_dir(model: str) -> Path:
+    """vLLM's --model as a local directory (a path, or a hub id already cached)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, local_files_only=True))
+
+
+class LivetrainEndpoints:
+    """Entry point of the `vllm.endpoint_plugins` group (see vLLM's EndpointPlugin)."""
+
+    name = "livetrain_api"
+    required_tasks = ("generate",)
+
+    def __init__(self) -> None:
+        self.config = plugin_config()
+        self.supervisor: TrainerSupervisor | None = None
+        self.limits: dict[str, int] = {}
+        self.key_ok: Callable[[Any], bool] | None = None  # None: the server has no API key
+        self.readout = ReadoutRoutes(self.config)
+
+    def attach_router(self, app: FastAPI) -> None:
+        router = APIRouter(dependencies=[Depends(self._authorize)])
+        router.add_api_route("/train", self._train, methods=["POST"])
+        router.add_api_route("/train/score", self._score, methods=["POST"])
+        router.add_api_route("/train/status", self._status, methods=["GET"])
+        router.add_api_route("/checkpoint", self._checkpoint, methods=["POST"])
+        app.include_router(router)
+        self.readout.attach(app, self._authorize)
+        app.add_exception_handler(RequestError, lambda _req, exc: exc.response())
+
+    async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        self.key_ok = vllm_internals.api_key_checker(args)
+        if engine_client is None:
+            return
+        model_config = engine_client.model_config
+        self.limits = {
+            "vocab_size": model_config.get_vocab_size(),
+            "max_model_len": model_config.max_model_len,
+        }
+        self.supervisor = TrainerSupervisor(
+            engine_client, resolve_model_dir(model_config.model), self.config
+        )
+        self.supervisor.start()
+        await self.readout.start(engine_client)
+
+    async def _authorize(self, request: Request) -> None:
+        if self.key_ok is not None and not self.key_ok(request.headers):
+            raise RequestError(401, "missing or wrong API key (Authorization: Bearer ...)")
+
+    def _ready_supervisor(self) -> TrainerSupervisor:
+        if self.supervisor is None:
+            raise RequestError(503, "livetrain needs a generation engine; none is running")
+        return self.supervisor
+
+    async def _train(self, request: Request) -> JSONResponse:
+        supervisor = self._ready_supervisor()
+        data = await read_json(request, self.config.max_body_bytes)
+        body = validate(TrainRequest, data, self.limits)
+        try:
+            result = await supervisor.train(body.sample_list(), body.settings(), body.retrain)
+        except TrainerUnavailable as exc:
+            raise RequestError(503, str(exc), state=supervisor.state) from None
+        except StepRefused as exc:
+            status = exc.status or 422
+            raise RequestError(status, f"step refused, weights unchanged: {exc}") from None
+        return JSONResponse(result)
+
+    async def _score(self, request: Request) -> JSONResponse:
+        supervisor = self._ready_supervisor()
+        data = await read_json(request, self.config.max_body_bytes)
+        body = validate(ScoreRequest, data, self.limits)
+        try:
+            return JSONResponse(await supervisor.score(body.sample_list()))
+        except TrainerUnavailable as exc:
+            raise RequestError(503, str(exc), state=supervisor.state) from None
+        except StepRefused as exc:
+            raise RequestError(422, str(exc)) from None
+
+    async def _checkpoint(self, request: Request) -> JSONResponse:
+        supervisor = self._ready_supervisor()
+        data = await read_json(request, self.config.max_body_bytes, empty={})
+        validate(CheckpointRequest, data, self.limits)
+        try:
+            return JSONResponse(await supervisor.checkpoint())
+        except TrainerUnavailable as exc:
+            raise RequestError(503, str(exc), state=supervisor.state) from None
+        except StepRefused as exc:
+            raise RequestError(500, f"{exc}; the previous checkpoint is intact") from None
+
+    async def _status(self) -> JSONResponse:
+        return JSONResponse(self._ready_supervisor().status())

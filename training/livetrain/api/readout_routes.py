@@ -1,0 +1,230 @@
+"""API server: the live readout's HTTP routes.
+
+GET  /readout                the loaded readout (concepts, layers, calibration)
+POST /readout/load           swap in another readout folder; on any error the old one stays
+GET  /readout/{id}           per-token scores of a completion, by the `id` it returned
+GET  /readout/{id}/stream    the same as server-sent events while it generates
+GET  /readout/ui             the playground page (static; it asks for the key itself)
+
+Scores come from the store the collector fills (readout_store.py, readout_collector.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import inspect
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
+from livetrain import vllm_internals as vllm
+from livetrain.api.http import RequestError, read_json, validate
+from livetrain.api.readout_collector import ScoreCollector
+from livetrain.api.readout_launch import create_ring, remove
+from livetrain.api.readout_store import ReadoutStore, ReadoutVersions, RequestScores, Scored
+from livetrain.api.requests import ReadoutLoadRequest, ReadoutQuery
+from livetrain.config import PluginConfig
+from livetrain.formats import readout_format
+from livetrain.formats.messages import ReadoutLoaded, TapStats, decode
+
+STREAM_WAIT_S = 10.0  # how long a stream waits for its completion's first token
+
+
+class ReadoutRoutes:
+    """The readout half of the endpoint plugin; LivetrainEndpoints owns auth and startup."""
+
+    def __init__(self, config: PluginConfig) -> None:
+        self.config = config
+        self.store = ReadoutStore(config.readout_ttl_s, config.readout_max_requests)
+        self.versions = ReadoutVersions()
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.captured: list[int] = []
+        self.collector: ScoreCollector | None = None
+
+    def attach(self, app: FastAPI, authorize: Callable[[Request], Awaitable[None]]) -> None:
+        app.add_api_route("/readout/ui", self._ui, methods=["GET"])  # static: no data, no key
+        router = APIRouter(dependencies=[Depends(authorize)])
+        router.add_api_route("/readout", self._describe, methods=["GET"])
+        router.add_api_route("/readout/load", self._load, methods=["POST"])
+        router.add_api_route("/readout/{request_id}/stream", self._stream, methods=["GET"])
+        router.add_api_route("/readout/{request_id}", self._get, methods=["GET"])
+        app.include_router(router)
+
+    async def start(self, engine_client: Any) -> None:
+        """When the launch captured blocks: create the score ring, have the workers open
+        it and load the launch readout, and start draining it."""
+        self.captured = list(
+            vllm.additional_config(engine_client.vllm_config).get("readout_layers", [])
+        )
+        if not self.captured:
+            return
+        ring = create_ring(self.config)
+        atexit.register(remove, ring)  # if a worker fails before it has mapped the ring
+        launch = str(self.config.readout) if self.config.readout else None
+        answers = await engine_client.collective_rpc(
+            "livetrain_readout_start", args=(str(ring.path), launch)
+        )
+        remove(ring)  # both ends have it mapped now; nothing is left behind on a crash
+        if errors := [a.error for a in (decode(x, ReadoutLoaded) for x in answers) if a.error]:
+            raise readout_format.ReadoutError(f"live readout: {errors[0]}")
+        self.engine = engine_client
+        self.collector = ScoreCollector(ring, self.store)
+        vllm.watch_added_requests(engine_client, self.collector.note_fanout)
+        tokenizer = engine_client.get_tokenizer()
+        self.tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer
+        if self.config.readout is not None:
+            self.versions.add(0, str(self.config.readout), readout_format.load(self.config.readout))
+        asyncio.get_running_loop().create_task(self.collector.run())
+
+    def _drain(self) -> None:
+        if self.collector is not None:
+            self.collector.drain()
+
+    def _require_enabled(self) -> None:
+        if self.collector is None:
+            raise RequestError(
+                409,
+                "the live readout was not enabled at launch: start the server with "
+                "LIVETRAIN_READOUT=DIR (or LIVETRAIN_READOUT_LAYERS=i,j,...)",
+            )
+
+    async def _ui(self) -> HTMLResponse:
+        page = resources.files("livetrain").joinpath("data/readout_ui.html").read_text("utf-8")
+        return HTMLResponse(page)
+
+    async def _describe(self) -> JSONResponse:
+        self._require_enabled()
+        (answer, *_) = await self.engine.collective_rpc("livetrain_readout_stats")
+        worker = msgspec.structs.asdict(decode(answer, TapStats))
+        body = self.versions.describe()
+        return JSONResponse({**body, "captured_layers": self.captured, "worker": worker})
+
+    async def _load(self, request: Request) -> JSONResponse:
+        self._require_enabled()
+        body = validate(ReadoutLoadRequest, await read_json(request, 1 << 16), {})
+        path = str(Path(body.path).resolve())
+        try:
+            readout = await asyncio.to_thread(readout_format.load, Path(body.path))
+            readout_format.check_fits(
+                readout, self.engine.model_config.get_hidden_size(), self.captured
+            )
+        except readout_format.ReadoutError as exc:
+            raise RequestError(422, f"path: {exc}", field="path") from None
+        version = self.versions.next_version()
+        answers = await self.engine.collective_rpc("livetrain_readout_load", args=(path, version))
+        if errors := [a.error for a in (decode(x, ReadoutLoaded) for x in answers) if a.error]:
+            raise RequestError(422, f"path: {errors[0]}", field="path")
+        return JSONResponse(self.versions.add(version, path, readout).describe())
+
+    def _query(self, request: Request) -> ReadoutQuery:
+        return validate(ReadoutQuery, dict(request.query_params), {})
+
+    async def _get(self, request_id: str, request: Request) -> JSONResponse:
+        self._require_enabled()
+        query = self._query(request)
+        choice = query.choice
+        self._drain()
+        entry = self.store.requests.get(request_id)
+        if entry is None or not entry.has(choice):
+            raise RequestError(404, f"no readout for id {request_id!r} (choice {choice})")
+        version = entry.version(choice)
+        prompt, generated = entry.rows(choice, version)
+        body = self._header(request_id, choice, version)
+        body["finished"] = self._finished(entry)
+        if prompt and query.rows:
+            body["prompt_tokens"] = [self._token(i, row) for i, row in prompt]
+        if query.rows:
+            body["tokens"] = [self._token(i, row) for i, row in generated]
+        summary = self.versions[version].summary(prompt, generated)
+        if summary is not None:
+            body["summary"] = summary
+        return JSONResponse(body)
+
+    async def _stream(self, request_id: str, request: Request) -> StreamingResponse:
+        self._require_enabled()
+        choice = self._query(request).choice
+        return StreamingResponse(
+            self._events(request_id, choice),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    async def _events(self, request_id: str, choice: int) -> AsyncIterator[str]:
+        """meta, then prompt rows (`event: prompt`, when the prompt is read) and generated
+        rows (plain messages) as they arrive, then the whole-text summary and done."""
+        deadline = time.monotonic() + STREAM_WAIT_S
+        while (entry := self.store.requests.get(request_id)) is None or not entry.has(choice):
+            if time.monotonic() > deadline:
+                yield _sse({"message": f"no readout for id {request_id!r}"}, "error")
+                return
+            await asyncio.sleep(0.02)
+        version = entry.version(choice)
+        yield _sse(self._header(request_id, choice, version), "meta")
+        sent = {"prompt": 0, None: 0}  # next index to send, per kind of row
+        while True:
+            for kind, by_choice in (("prompt", entry.prompts), (None, entry.choices)):
+                rows = by_choice.get(choice, {})
+                while sent[kind] in rows:
+                    row = rows[sent[kind]]
+                    if row.version == version:
+                        yield _sse(self._token(sent[kind], row), kind)
+                    sent[kind] += 1
+            if self._finished(entry):
+                self._drain()
+                if sent[None] not in entry.choices.get(choice, {}):
+                    break
+                continue
+            entry.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):  # re-check finished now and then
+                await asyncio.wait_for(entry.changed.wait(), timeout=0.25)
+        prompt, generated = entry.rows(choice, version)
+        summary = self.versions[version].summary(prompt, generated)
+        if summary is not None:
+            yield _sse(summary, "summary")
+        yield _sse({}, "done")
+
+    def _finished(self, entry: RequestScores) -> bool:
+        """No engine request of this completion is still running (vLLM's own bookkeeping)."""
+        states = vllm.running_request_ids(self.engine)
+        if states is None:  # unknown engine client: fall back on silence
+            return time.monotonic() - entry.updated > 2.0
+        return not any(internal in states for internal in entry.internal_ids)
+
+    def _header(self, request_id: str, choice: int, version: int) -> dict[str, Any]:
+        loaded = self.versions[version]
+        return {
+            "id": request_id,
+            "choice": choice,
+            "concepts": loaded.concepts,
+            "layers": loaded.layers,
+        }
+
+    def _token(self, index: int, row: Scored) -> dict[str, Any]:
+        loaded = self.versions[row.version]
+        entry: dict[str, Any] = {
+            "index": index,
+            "token_id": row.token_id,
+            "text": self.tokenizer.decode([row.token_id]) if self.tokenizer else None,
+            "scores": {str(layer): row.scores[j].tolist() for j, layer in enumerate(loaded.layers)},
+        }
+        # One row is one token: z against single neutral tokens where the readout has
+        # that calibration (readouts read at the last token have only one kind).
+        z = loaded.z(row.scores, loaded.token_calibration or loaded.calibration)
+        if z is not None:
+            entry["z"] = z
+        return entry
+
+
+def _sse(data: dict[str, Any], event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n"

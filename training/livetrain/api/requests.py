@@ -1,0 +1,152 @@
+"""API server: request bodies of the plugin routes, validated before anything runs.
+
+Limits that depend on the served model (vocabulary size, maximum length) come in
+through pydantic's validation context, so one model class serves every server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from livetrain.config import OptimizerSettings
+
+_DEFAULTS = OptimizerSettings()
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+
+
+def _below_vocab(ids: list[int] | None, info: ValidationInfo) -> list[int] | None:
+    vocab = (info.context or {}).get("vocab_size")
+    if ids is not None and vocab is not None:
+        for i, token in enumerate(ids):
+            if token >= vocab:
+                raise ValueError(
+                    f"id {token} at index {i} is not below the vocabulary size {vocab}"
+                )
+    return ids
+
+
+def _fits_length(context: list[int], continuation: list[int], info: ValidationInfo) -> None:
+    max_len = (info.context or {}).get("max_model_len")
+    total = len(context) + len(continuation)
+    if max_len is not None and total > max_len:
+        raise ValueError(
+            f"context_ids + continuation_ids is {total} tokens, over max_model_len {max_len}"
+        )
+
+
+class Sample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    context_ids: TokenIds
+    continuation_ids: TokenIds
+
+    _vocab = field_validator("context_ids", "continuation_ids")(_below_vocab)
+
+    @model_validator(mode="after")
+    def _fits_model(self, info: ValidationInfo) -> Sample:
+        _fits_length(self.context_ids, self.continuation_ids, info)
+        return self
+
+
+class _Samples(BaseModel):
+    """Either one sample inline or a list of samples; `samples()` normalises."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    context_ids: TokenIds | None = None
+    continuation_ids: TokenIds | None = None
+    samples: Annotated[list[Sample], Field(min_length=1)] | None = None
+
+    _vocab = field_validator("context_ids", "continuation_ids")(_below_vocab)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError("the body must be a JSON object")
+        inline = "context_ids" in data or "continuation_ids" in data
+        if inline and "samples" in data:
+            raise ValueError("give either samples or context_ids + continuation_ids, not both")
+        if not inline and "samples" not in data:
+            raise ValueError("missing field: samples (or context_ids + continuation_ids)")
+        if inline:
+            for key in ("context_ids", "continuation_ids"):
+                data.setdefault(key, None)
+        return data
+
+    @model_validator(mode="after")
+    def _inline_is_valid(self, info: ValidationInfo) -> _Samples:
+        if self.samples is None:
+            for key in ("context_ids", "continuation_ids"):
+                if getattr(self, key) is None:
+                    raise ValueError(f"{key}: field required")
+            _fits_length(self.context_ids or [], self.continuation_ids or [], info)
+        return self
+
+    def sample_list(self) -> list[tuple[list[int], list[int]]]:
+        if self.samples is not None:
+            return [(s.context_ids, s.continuation_ids) for s in self.samples]
+        assert self.context_ids is not None and self.continuation_ids is not None  # validated
+        return [(self.context_ids, self.continuation_ids)]
+
+
+class ScoreRequest(_Samples):
+    """POST /train/score: continuation log-probs from the trainer's model, no step."""
+
+
+class TrainRequest(_Samples):
+    """POST /train: one optimizer step on the given samples."""
+
+    lr: float = Field(_DEFAULTS.lr, ge=0)
+    rank: int = Field(_DEFAULTS.rank, ge=1)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        _DEFAULTS.betas
+    )
+    eps: float = Field(_DEFAULTS.eps, gt=0)
+    weight_decay: float = Field(_DEFAULTS.weight_decay, ge=0)
+    warmup_steps: int = Field(_DEFAULTS.warmup_steps, ge=0)
+    scale: float = Field(_DEFAULTS.scale, gt=0)
+    proj_refresh: int = Field(_DEFAULTS.proj_refresh, ge=1)
+    norm_growth_limit: float = Field(_DEFAULTS.norm_growth_limit, ge=1)
+    seed: int = Field(_DEFAULTS.seed, ge=0, lt=2**63)
+    retrain: bool = False  # train samples even if an earlier step already trained them
+
+    def settings(self) -> OptimizerSettings:
+        """The step's optimizer settings (finite: the model forbids inf and nan)."""
+        return OptimizerSettings(
+            **{f.name: getattr(self, f.name) for f in fields(OptimizerSettings)}
+        )
+
+
+class CheckpointRequest(BaseModel):
+    """POST /checkpoint takes no settings today; an empty object (or no body) is fine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ReadoutLoadRequest(BaseModel):
+    """POST /readout/load: a readout folder on the server's filesystem."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: Annotated[str, Field(min_length=1)]
+
+
+class ReadoutQuery(BaseModel):
+    """Query of GET /readout/{id}: which choice (for n > 1 or several prompts), and
+    whether to list every row (`rows=false`: the header and the whole-text summary,
+    for clients that score texts, without serialising every token's scores)."""
+
+    model_config = ConfigDict(extra="forbid")
+    choice: Annotated[int, Field(ge=0)] = 0
+    rows: bool = True

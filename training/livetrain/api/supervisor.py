@@ -1,0 +1,310 @@
+"""API server: the one owner of both vLLM's engine client and the trainer.
+
+It serialises steps (one at a time, in arrival order) and fences the weight write:
+inference is paused only between `Prepare` (done while serving) and the end of
+`Apply`, then the prefix cache is dropped so no KV computed with the old weights is
+reused. It restarts a trainer that exits, up to a limit, unless it died while writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from livetrain import vllm_internals as vllm
+from livetrain.api.sync_timer import SyncTimer
+from livetrain.api.trainer_process import TrainerExited, TrainerProcess
+from livetrain.checkpoint.files import list_tensors
+from livetrain.config import OptimizerSettings, PluginConfig
+from livetrain.formats import messages as msg
+
+log = logging.getLogger("livetrain.api")
+Body = TypeVar("Body", bound=msg.ReplyBody)
+
+
+class TrainerUnavailable(RuntimeError):
+    """The trainer is starting or has failed; the message says which and why."""
+
+
+class StepRefused(RuntimeError):
+    """The trainer refused a request (e.g. non-finite loss); nothing was changed."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def model_state_dir(config: PluginConfig, model_dir: Path) -> Path:
+    """Per-model state directory, private to the user."""
+    digest = hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:12]
+    path = config.private_state_dir() / f"{model_dir.name}-{digest}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def parse_weight_version(value: str) -> int:
+    """vLLM starts at "default" (weights as loaded); we count steps from there."""
+    if value == "default":
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        raise TrainerUnavailable(
+            f"vLLM's weight version {value!r} was set by something other than livetrain"
+        ) from None
+
+
+class TrainerSupervisor:
+    def __init__(self, engine: Any, model_dir: Path, config: PluginConfig) -> None:
+        self.engine = engine
+        self.model_dir = model_dir
+        self.config = config
+        self.state = "starting"  # starting | idle | training | failed
+        self.reason: str | None = "trainer is starting"
+        self.weight_version = 0
+        self.attached: msg.Attached | None = None
+        self.optimizer = msg.OptimizerStatus(optimizer_steps=0, state_bytes=0)
+        self.last_loss: float | None = None
+        self.last_settings = OptimizerSettings()
+        self.restarts = 0
+        self.trainer: TrainerProcess | None = None
+        self.last_sync: dict[str, Any] | None = None
+        self.bytes_synced = 0
+        self.syncs = 0
+        self.sync_timer = SyncTimer(config.sync_delay_s, self._automatic_sync)
+        self._runtime_dir = config.private_runtime_dir()
+        self._state_dir = model_state_dir(config, model_dir)
+        self._lock = asyncio.Lock()
+        self._writing = False  # True while the trainer writes into the served weights
+        self._launching: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._launching = asyncio.get_running_loop().create_task(self._launch())
+
+    async def _launch(self) -> None:
+        self.state, self.reason = "starting", "trainer is starting"
+        try:
+            await self._start_trainer()
+        except Exception as exc:
+            log.exception("livetrain trainer failed to start")
+            self._fail(f"trainer failed to start: {exc}")
+            return
+        self.state, self.reason = "idle", None
+        log.info("livetrain trainer ready (pid %s): %s", self.trainer_pid, self.attached)
+
+    async def _start_trainer(self) -> None:
+        names = list(list_tensors(self.model_dir))
+        (frame, *_) = await self.engine.collective_rpc("livetrain_export_weights", args=(names,))
+        export = msg.decode(frame, msg.WeightExport)
+        self.weight_version = parse_weight_version(await self.engine.get_weight_version())
+        trainer = TrainerProcess(self._runtime_dir, self.restarts)
+        await trainer.start(self._on_exit)
+        self.trainer = trainer  # only now: status shows the previous pid until this one runs
+        attached, _ = await self._call(
+            msg.Attach,
+            msg.Attached,
+            timeout=self.config.trainer_start_timeout_s,
+            protocol_version=msg.PROTOCOL_VERSION,
+            model_dir=str(self.model_dir),
+            state_dir=str(self._state_dir),
+            export=export,
+            families=self.config.train,
+            weight_version=self.weight_version,
+            sync_block_bytes=self.config.sync_block_bytes,
+        )
+        if attached.weight_version != self.weight_version:  # resumed from a checkpoint
+            self.weight_version = attached.weight_version
+            await self.engine.update_weight_version(str(self.weight_version))
+        self.attached, self.optimizer = attached, attached.optimizer
+
+    async def _on_exit(self, trainer: TrainerProcess, code: int) -> None:
+        if trainer is not self.trainer or self.state == "failed":
+            return
+        if self._writing:
+            self._fail(
+                f"trainer exited (code {code}) while writing weights; the served weights may "
+                "be partially updated, restart vLLM"
+            )
+            return
+        if self.restarts >= self.config.trainer_max_restarts:
+            self._fail(f"trainer exited with code {code}; restart limit reached")
+            return
+        self.restarts += 1
+        log.warning("livetrain trainer exited with code %s; restarting", code)
+        await self._launch()
+
+    def _fail(self, reason: str) -> None:
+        self.state, self.reason = "failed", reason
+        if self.trainer is not None:
+            self.trainer.kill()
+
+    def _require_ready(self) -> TrainerProcess:
+        if self.state in ("starting", "failed") or self.trainer is None:
+            raise TrainerUnavailable(self.reason or self.state)
+        return self.trainer
+
+    async def _call(
+        self,
+        request: type[msg.TrainerRequest],
+        expected: type[Body],
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> tuple[Body, float]:
+        """One request to the trainer and the reply it must get, with the trainer's own
+        time on it (ms): a `Failed` reply raises StepRefused (after failing the supervisor
+        if it is fatal), an exit raises TrainerUnavailable."""
+        trainer = self.trainer
+        assert trainer is not None
+        try:
+            reply = await trainer.call(request(id=trainer.next_id(), **fields), timeout)
+        except TrainerExited as exc:
+            raise TrainerUnavailable(str(exc)) from None
+        body = reply.body
+        if isinstance(body, msg.Failed):
+            if body.kind == "fatal":
+                self._fail(body.error)
+            raise StepRefused(body.error, body.status)
+        if not isinstance(body, expected):
+            self._fail(f"trainer answered {type(body).__name__} to {request.__name__}")
+            raise TrainerUnavailable(self.reason)
+        return body, reply.trainer_ms
+
+    # ---- operations ----------------------------------------------------------------
+
+    async def train(
+        self, samples: Sequence[msg.Sample], settings: OptimizerSettings, retrain: bool = False
+    ) -> dict[str, Any]:
+        """One optimizer step; shielded so a client hang-up cannot split a step."""
+        step = self._train(list(samples), settings, retrain)
+        return await asyncio.shield(asyncio.ensure_future(step))
+
+    async def _train(
+        self, samples: list[msg.Sample], settings: OptimizerSettings, retrain: bool
+    ) -> dict[str, Any]:
+        async with self._lock:
+            self._require_ready()
+            started = time.perf_counter()
+            self.state = "training"
+            try:
+                result = await self._step(samples, settings, retrain)
+            finally:
+                if self.state == "training":
+                    self.state = "idle"
+            result["elapsed_ms"] = (time.perf_counter() - started) * 1000
+            return result
+
+    async def _step(
+        self, samples: list[msg.Sample], settings: OptimizerSettings, retrain: bool
+    ) -> dict[str, Any]:
+        prepared, prepare_ms = await self._call(
+            msg.Prepare, msg.Prepared, samples=samples, settings=settings, retrain=retrain
+        )
+        version = self.weight_version + 1
+        paused = time.perf_counter()
+        await vllm.pause_engine(self.engine)
+        try:
+            self._writing = True
+            try:
+                applied, apply_ms = await self._call(msg.Apply, msg.Applied, weight_version=version)
+            finally:
+                self._writing = False
+            self.weight_version = version
+            # Running requests are preempted and recomputed: their KV came from the old weights.
+            if not await self.engine.reset_prefix_cache(reset_running_requests=True):
+                self._fail(f"prefix cache reset refused after step {version}")
+                raise TrainerUnavailable(self.reason)
+            await self.engine.update_weight_version(str(version))
+        finally:
+            await self.engine.resume_generation()
+        pause_ms = (time.perf_counter() - paused) * 1000
+        self.last_loss, self.last_settings = prepared.loss, settings
+        self.optimizer = applied.optimizer
+        self.sync_timer.arm()
+        return {
+            "loss": prepared.loss,
+            "tokens": prepared.tokens,
+            "skipped_samples": prepared.skipped_samples,
+            "weight_version": version,
+            "optimizer_steps": applied.optimizer.optimizer_steps,
+            "moments_reset": prepared.moments_reset,
+            "pause_ms": pause_ms,
+            "trainer_ms": {"prepare": prepare_ms, "apply": apply_ms},
+        }
+
+    async def _automatic_sync(self) -> None:
+        try:
+            await self.checkpoint()
+        except (TrainerUnavailable, StepRefused) as exc:
+            log.error("automatic checkpoint sync failed: %s", exc)
+
+    async def checkpoint(self) -> dict[str, Any]:
+        """Write the live weights into the model files now (shielded like a step)."""
+        return await asyncio.shield(asyncio.ensure_future(self._checkpoint()))
+
+    async def _checkpoint(self) -> dict[str, Any]:
+        async with self._lock:
+            self._require_ready()
+            self.sync_timer.disarm()  # this sync covers every step so far
+            started = time.perf_counter()
+            synced, _ = await self._call(msg.Checkpoint, msg.Synced)
+            result: dict[str, Any] = {f: getattr(synced, f) for f in synced.__struct_fields__}
+            result["elapsed_ms"] = (time.perf_counter() - started) * 1000
+            self.bytes_synced += synced.bytes_written
+            self.syncs += 1
+            self.last_sync = {**result, "at": time.time()}
+            return result
+
+    async def score(self, samples: Sequence[msg.Sample]) -> dict[str, Any]:
+        async with self._lock:
+            self._require_ready()
+            scored, _ = await self._call(msg.Score, msg.Scored, samples=list(samples))
+            return {
+                "token_logprobs": scored.token_logprobs,
+                "loss": scored.loss,
+                "weight_version": self.weight_version,
+            }
+
+    # ---- status --------------------------------------------------------------------
+
+    @property
+    def trainer_pid(self) -> int | None:
+        return self.trainer.pid if self.trainer else None
+
+    def status(self) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        if self.attached is not None:
+            info = {f: getattr(self.attached, f) for f in self.attached.__struct_fields__}
+            info.pop("weight_version")
+            info.pop("optimizer")
+            info.update(
+                optimizer_steps=self.optimizer.optimizer_steps,
+                state_bytes=self.optimizer.state_bytes,
+            )
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "weight_version": self.weight_version,
+            "steps": self.optimizer.optimizer_steps,
+            "last_loss": self.last_loss,
+            "settings": dataclasses.asdict(self.last_settings),
+            "trainer_pid": self.trainer_pid,
+            "optimizer_state_bytes": self.optimizer.state_bytes,
+            "saved_version": self.trainer.saved_version if self.trainer else None,
+            "save_error": self.trainer.save_error if self.trainer else None,
+            "restarts": self.restarts,
+            "last_sync": self.last_sync,
+            "sync_pending": self.sync_timer.pending,
+            "sync_due_in_s": self.sync_timer.due_in_s(),
+            "bytes_synced": self.bytes_synced,
+            "syncs": self.syncs,
+            "model_dir": str(self.model_dir),
+            "trainer": info,
+        }

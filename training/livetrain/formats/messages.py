@@ -1,0 +1,254 @@
+"""Every message that crosses a process boundary, as one typed class both ends import.
+
+Encoding is msgpack through msgspec (a vLLM dependency): decoding builds these classes
+and nothing else, so no message can run code, and a renamed or missing field fails at
+the decoder with the field's name instead of as a KeyError somewhere in another process.
+
+Boundaries, and who writes what:
+- API server -> training subprocess (ZMQ DEALER pair): a `TrainerRequest`, answered by
+  one `Reply` with the same `id`. `Attach` carries `PROTOCOL_VERSION`; a trainer built
+  from other code refuses it.
+- vLLM worker -> API server (`collective_rpc` results): `WeightExport`, `ReadoutLoaded`,
+  `TapStats`, encoded to bytes by the worker, so vLLM's own serialiser carries opaque
+  bytes and the typed decode happens here.
+- vLLM worker -> API server (the shared-memory score ring): one `ScoreRecord` per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from livetrain.config import OptimizerSettings, TrainableFamilies
+
+PROTOCOL_VERSION = 1
+
+T = TypeVar("T")
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(message: object) -> bytes:
+    return _encoder.encode(message)
+
+
+_decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+
+
+def decode(frame: bytes, kind: type[T]) -> T:
+    """`frame` as a `kind` (a message class, or a union alias such as TrainerRequest:
+    type checkers cannot spell those as a type[T], so those callers name the alias);
+    msgspec.ValidationError names the field when it is not one."""
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    return decoder.decode(frame)
+
+
+def decode_request(frame: bytes) -> TrainerRequest:
+    return decode(frame, TrainerRequest)  # type: ignore[arg-type]
+
+
+# ---- zero-copy tensor handles (formats/shared_tensors.py makes and opens them) --------
+
+
+class CpuFdHandle(msgspec.Struct, frozen=True, tag="cpu_fd", tag_field="kind"):
+    """Anonymous shared memory, opened through /proc/<pid>/fd/<fd> (same user only)."""
+
+    pid: int
+    fd: int
+    nbytes: int
+    dtype: str
+    shape: list[int]
+    stride: list[int]
+    offset: int
+
+
+class CudaIpcHandle(msgspec.Struct, frozen=True, tag="cuda_ipc", tag_field="kind"):
+    """torch's CUDA IPC export of a storage (the fields of `_share_cuda_`)."""
+
+    device: int
+    handle: bytes
+    nbytes: int
+    offset_bytes: int
+    ref_handle: bytes
+    ref_offset: int
+    event: bytes | None
+    event_sync: bool
+    dtype: str
+    shape: list[int]
+    stride: list[int]
+    offset: int
+
+
+TensorHandle = CpuFdHandle | CudaIpcHandle
+
+
+# ---- vLLM worker -> API server (collective_rpc results) -----------------------------
+
+
+class ParamRows(msgspec.Struct, frozen=True):
+    """Rows [start, stop) of vLLM parameter `param` hold one checkpoint tensor."""
+
+    param: str
+    start: int
+    stop: int
+
+
+class WeightExport(msgspec.Struct, frozen=True):
+    params: dict[str, TensorHandle]  # vLLM parameter name -> handle
+    map: dict[str, ParamRows]  # checkpoint tensor name -> where it lives
+    dropped: list[str]  # checkpoint tensors vLLM's loader skips (e.g. a tied lm_head)
+
+
+class ReadoutLoaded(msgspec.Struct, frozen=True):
+    """A worker's answer to a readout swap: the layers it now scores, or why not."""
+
+    layers: list[int] = []
+    error: str | None = None
+
+
+class TapStats(msgspec.Struct, frozen=True):
+    """What the live readout has cost a worker so far (GET /readout's `worker`)."""
+
+    steps: int
+    seconds: float
+    dropped: int
+    active_requests: int
+
+
+# ---- vLLM worker -> API server (score ring) ------------------------------------------
+
+
+class ScoreRecord(msgspec.Struct, frozen=True, array_like=True):
+    """One engine step's scores. Rows are request-major; `scores` is the C-order bytes
+    of a float32 [rows, layers, concepts] array. Array-like: one record per step on the
+    decode path, so field names are not repeated in every record."""
+
+    version: int  # readout version the rows were scored with
+    req_ids: list[str]  # engine request id of each row
+    index: list[int]  # generated rows: the token's index; prompt rows: its position
+    n: list[int]  # the request's `n` as the worker saw it
+    prompt: list[bool]  # whether the row reads a prompt token
+    token_ids: list[int]
+    shape: tuple[int, int, int]
+    scores: bytes
+
+
+# ---- API server -> training subprocess ---------------------------------------------
+
+
+Sample = tuple[list[int], list[int]]  # (context_ids, continuation_ids)
+
+
+class _Request(msgspec.Struct, frozen=True, tag_field="op"):
+    id: int
+
+
+class Attach(_Request, frozen=True, tag="attach"):
+    """Map vLLM's weights, verify them against the files, resume any saved state."""
+
+    protocol_version: int
+    model_dir: str
+    state_dir: str
+    export: WeightExport
+    families: TrainableFamilies
+    weight_version: int
+    sync_block_bytes: int
+
+
+class Prepare(_Request, frozen=True, tag="prepare"):
+    """Forward, backward and optimizer math; nothing served changes."""
+
+    samples: list[Sample]
+    settings: OptimizerSettings
+    retrain: bool
+
+
+class Apply(_Request, frozen=True, tag="apply"):
+    """Write the prepared update into the served weights (inference is paused)."""
+
+    weight_version: int
+
+
+class Score(_Request, frozen=True, tag="score"):
+    samples: list[Sample]
+
+
+class Checkpoint(_Request, frozen=True, tag="checkpoint"):
+    """Write the live weights into the model's safetensors (changed blocks only)."""
+
+
+TrainerRequest = Attach | Prepare | Apply | Score | Checkpoint
+
+
+class RequestId(msgspec.Struct):
+    """Only the id of a request, to answer one that does not decode as a whole."""
+
+    id: int
+
+
+# ---- training subprocess -> API server -----------------------------------------------
+
+
+class OptimizerStatus(msgspec.Struct, frozen=True):
+    optimizer_steps: int
+    state_bytes: int
+
+
+class Attached(msgspec.Struct, frozen=True, tag="attached"):
+    weight_version: int  # higher than asked when resumed from a synced checkpoint
+    apollo_tensors: int
+    adamw_tensors: int
+    trainable_params: int
+    frozen_tensors: int
+    resumed_from_version: int | None
+    torch_threads: int
+    optimizer: OptimizerStatus
+
+
+class Prepared(msgspec.Struct, frozen=True, tag="prepared"):
+    loss: float
+    tokens: int
+    skipped_samples: int
+    moments_reset: list[str]
+
+
+class Applied(msgspec.Struct, frozen=True, tag="applied"):
+    optimizer: OptimizerStatus
+
+
+class Scored(msgspec.Struct, frozen=True, tag="scored"):
+    token_logprobs: list[list[float]]
+    loss: float
+
+
+class Synced(msgspec.Struct, frozen=True, tag="synced"):
+    weight_version: int
+    files: list[str]
+    bytes_written: int
+    blocks_changed: int
+    blocks_total: int
+    tensors_skipped: int
+
+
+# How the API server reacts to a failure. "refused": the request could not be honoured
+# and nothing changed. "fatal": the trainer can no longer vouch for its state.
+FailureKind = Literal["refused", "fatal"]
+
+
+class Failed(msgspec.Struct, frozen=True, tag="failed"):
+    kind: FailureKind
+    error: str
+    status: int | None = None  # the HTTP status the API server should answer with
+
+
+ReplyBody = Attached | Prepared | Applied | Scored | Synced | Failed
+
+
+class Reply(msgspec.Struct, frozen=True):
+    id: int
+    body: ReplyBody
+    trainer_ms: float
+    saved_version: int | None  # weight version of the last optimizer state on disk
+    save_error: str | None

@@ -1,0 +1,48 @@
+"""General plugin (`vllm.general_plugins`): runs in every vLLM process it is loaded in
+(API server, engine core, workers) and installs what each of them needs.
+
+- CPU workers keep plain, writable linear weights (vLLM would prepack them).
+- Workers gain the `livetrain_*` methods of worker/rpc.py (collective_rpc).
+- Before vLLM's loader reads a model directory, an interrupted checkpoint sync in it
+  is finished or discarded (checkpoint/sync.recover), so vLLM never loads a torn file.
+- The API server, when it builds vLLM's config, validates the launch readout and puts
+  the blocks to capture into that config (api/readout_launch.py); the model runner then
+  scores those blocks for requests that ask (worker/readout_tap.py).
+
+Every patch itself is in vllm_internals.py; this module only decides which to install.
+vLLM may load general plugins more than once per process, so registering is idempotent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_registered = False
+
+
+def _recover(model: str) -> None:
+    from livetrain.checkpoint.sync import recover
+
+    if Path(model).is_dir():
+        recover(Path(model))
+
+
+def register() -> None:
+    """Entry point of the `vllm.general_plugins` group."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    from livetrain import vllm_internals
+    from livetrain.api import readout_launch
+    from livetrain.worker import readout_tap, rpc
+
+    vllm_internals.check_version()
+    if vllm_internals.is_cpu():
+        vllm_internals.install_plain_cpu_weights()
+    vllm_internals.install_worker_methods(rpc.METHODS)
+    vllm_internals.install_before_model_load(_recover)
+    vllm_internals.install_engine_config_hook(readout_launch.engine_config_entry)
+    vllm_internals.install_prefix_cache_skip(readout_tap.reads_prompt)
+    vllm_internals.install_runner_tap(readout_tap.make_tap)

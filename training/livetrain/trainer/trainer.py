@@ -1,0 +1,273 @@
+"""Training subprocess: the trainer, which owns the model views, APOLLO and a step.
+
+A step is split in two so that the API server can pause inference only while weights
+are written:
+  prepare: forward, backward, optimizer math; nothing served changes.
+  apply:   write the prepared update into the shared weights (engine paused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from livetrain.checkpoint import sync as checkpoint_sync
+from livetrain.checkpoint.files import fingerprint
+from livetrain.config import OptimizerSettings, PluginConfig
+from livetrain.formats import messages as msg
+from livetrain.trainer import state as trainer_state
+from livetrain.trainer.apollo import Apollo, NonFiniteUpdate, PendingStep
+from livetrain.trainer.loss import continuation_logprobs, mean_loss
+from livetrain.trainer.model import AttachedModel, attach
+
+log = logging.getLogger("livetrain.trainer")
+
+
+def sample_key(context: list[int], continuation: list[int]) -> bytes:
+    """SHA-256 of a sample's token ids (the split point included)."""
+    digest = hashlib.sha256(len(context).to_bytes(8, "little"))
+    for token in (*context, *continuation):
+        digest.update(token.to_bytes(8, "little"))
+    return digest.digest()
+
+
+class Trainer:
+    """Owns the model views, the optimizer and the pending (prepared) step.
+
+    Built on an attached model (`from_attach` maps vLLM's weights; tests and the bench
+    pass a Hugging Face model of their own); `weight_version` is the version vLLM
+    serves, so a trainer started on trained weights knows the files lag behind."""
+
+    def __init__(
+        self,
+        attached: AttachedModel,
+        model_dir: Path,
+        state_dir: Path | None = None,
+        weight_version: int = 0,
+        block_bytes: int = PluginConfig().sync_block_bytes,
+    ) -> None:
+        self.attached, self.model_dir, self.state_dir = attached, model_dir, state_dir
+        self.optimizer = Apollo(attached.apollo_params, attached.adamw_params)
+        self.pending: PendingStep | None = None
+        self.weight_version = weight_version
+        self.block_bytes = block_bytes
+        self.saved_version: int | None = None
+        self.save_error: str | None = None
+        self._saver: threading.Thread | None = None
+        # Ids of parameters changed since the files were synced. After a restart on
+        # trained weights we cannot know what the files already hold: compare everything.
+        trained = weight_version > 0
+        self.dirty: set[int] = {id(p) for p in attached.trainable.values()} if trained else set()
+        self.trained: set[bytes] = set()  # sample_key of every sample a step was applied to
+        self.pending_keys: set[bytes] = set()
+
+    @classmethod
+    def from_attach(cls, request: msg.Attach) -> tuple[Trainer, msg.Attached]:
+        """Map vLLM's weights, verify them, and resume any saved state that fits."""
+        model_dir = Path(request.model_dir)
+        trained = request.weight_version > 0
+        attached = attach(model_dir, request.export, request.families, weights_trained=trained)
+        trainer = cls(
+            attached,
+            model_dir,
+            Path(request.state_dir),
+            request.weight_version,
+            request.sync_block_bytes,
+        )
+        resumed_from = trainer.resume()
+        return trainer, msg.Attached(
+            weight_version=trainer.weight_version,
+            apollo_tensors=len(attached.apollo_params),
+            adamw_tensors=len(attached.adamw_params),
+            trainable_params=sum(p.numel() for p in attached.trainable.values()),
+            frozen_tensors=len(attached.frozen),
+            resumed_from_version=resumed_from,
+            torch_threads=torch.get_num_threads(),
+            optimizer=trainer.optimizer_status(),
+        )
+
+    def resume(self) -> int | None:
+        """Load the saved optimizer state if it was written for the weights vLLM serves."""
+        if self.weight_version == 0 and self._resume_checkpoint():
+            return self.weight_version
+        if self.state_dir is None:
+            return None
+        saved = trainer_state.load(self.state_dir)
+        if saved is None:
+            return None
+        if 0 < saved["weight_version"] <= self.weight_version and self._adopt(saved):
+            return saved["weight_version"]
+        moved = trainer_state.set_aside(self.state_dir, "stale")
+        log.warning(
+            "optimizer state (version %s) is not for these weights; moved to %s",
+            saved["weight_version"],
+            moved,
+        )
+        return None
+
+    def _resume_checkpoint(self) -> bool:
+        """vLLM loaded the files: resume the state synced with them, if they are unchanged.
+
+        The weight version continues from the checkpoint's, so the next step is the one
+        an uninterrupted run would take.
+        """
+        if self.state_dir is None:
+            return False
+        saved = trainer_state.load(self.state_dir, trainer_state.CHECKPOINT_FILE)
+        if saved is None or saved.get("files") != fingerprint(self.model_dir):
+            return False
+        if not self._adopt(saved):
+            return False
+        self.weight_version = saved["weight_version"]
+        trainer_state.save(self.state_dir, self._snapshot())
+        return True
+
+    def _adopt(self, saved: dict[str, Any]) -> bool:
+        """Take over a saved optimizer state and trained-sample record, if they fit."""
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as exc:
+            log.warning("saved optimizer state does not fit this model: %s", exc)
+            return False
+        self.saved_version = saved["weight_version"]
+        self.trained = trainer_state.samples_set(saved.get("trained_samples"))
+        return True
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What a state file holds; the tensors are never written to afterwards."""
+        return {
+            "weight_version": self.weight_version,
+            "optimizer": self.optimizer.state_dict(),
+            "trained_samples": trainer_state.samples_tensor(self.trained),
+        }
+
+    def optimizer_status(self) -> msg.OptimizerStatus:
+        return msg.OptimizerStatus(
+            optimizer_steps=self.optimizer.steps, state_bytes=self.optimizer.state_bytes()
+        )
+
+    def _start_save(self) -> None:
+        """Save the state in the background, overlapping the next step's forward/backward.
+
+        The snapshot stays valid while the thread runs: Apollo commits new state by
+        swapping tensors, never by writing into them, and every op other than
+        `prepare` waits for the save first (`finish_save`).
+        """
+        self.finish_save()
+        snapshot, state_dir = self._snapshot(), self.state_dir
+        if state_dir is None:  # a trainer without a state dir (tests, the bench) keeps none
+            return
+
+        def run() -> None:
+            try:
+                trainer_state.save(state_dir, snapshot)
+                self.saved_version, self.save_error = snapshot["weight_version"], None
+            except Exception as exc:  # surfaced in every reply and in /train/status
+                log.exception("optimizer state not saved")
+                self.save_error = f"{type(exc).__name__}: {exc}"
+
+        self._saver = threading.Thread(target=run, name="livetrain-save")
+        self._saver.start()
+
+    def finish_save(self) -> None:
+        if self._saver is not None:
+            self._saver.join()
+            self._saver = None
+
+    def prepare(
+        self, samples: Sequence[msg.Sample], settings: OptimizerSettings, retrain: bool = False
+    ) -> msg.Prepared | msg.Failed:
+        """Forward, backward and optimizer math for one step; nothing served changes."""
+        self.discard()
+        keys = [sample_key(ctx, cont) for ctx, cont in samples]
+        given = len(samples)
+        if not retrain:
+            fresh = [i for i, key in enumerate(keys) if key not in self.trained]
+            if not fresh:
+                return refused(
+                    "every sample was already trained; send retrain: true to train on it again",
+                    status=409,
+                )
+            samples, keys = [samples[i] for i in fresh], [keys[i] for i in fresh]
+        model = self.attached.model
+        with torch.enable_grad():
+            loss = mean_loss(continuation_logprobs(model, samples))
+            if not torch.isfinite(loss):
+                return refused(f"non-finite loss ({loss.item()})")
+            loss.backward()
+        try:
+            self.pending = self.optimizer.prepare(settings)
+        except NonFiniteUpdate as exc:
+            self.discard()
+            return refused(str(exc))
+        self.pending_keys = set(keys)
+        return msg.Prepared(
+            loss=loss.item(),
+            tokens=sum(len(cont) for _, cont in samples),
+            skipped_samples=given - len(samples),
+            moments_reset=list(self.pending.moments_reset),
+        )
+
+    def apply(self, weight_version: int) -> msg.Applied | msg.Failed:
+        """Write the prepared update into the served weights (vLLM is paused)."""
+        if self.pending is None:
+            return refused("no prepared step to apply")
+        with torch.no_grad():
+            self.optimizer.apply(self.pending)
+        if next(self.attached.model.parameters()).is_cuda:
+            torch.cuda.synchronize()  # the write must land before vLLM resumes
+        self.weight_version = weight_version
+        self.dirty.update(id(p) for p in self.attached.trainable.values())
+        self.trained |= self.pending_keys
+        self.discard()
+        self._start_save()
+        return msg.Applied(optimizer=self.optimizer_status())
+
+    def checkpoint(self) -> msg.Synced | msg.Failed:
+        """Write the live weights into the model's safetensors (changed blocks only)."""
+        params = dict(self.attached.model.named_parameters(remove_duplicate=False))
+        try:
+            result = checkpoint_sync.sync(
+                self.model_dir,
+                live=params.__getitem__,
+                dirty=lambda name: id(params[name]) in self.dirty,
+                block_size=self.block_bytes,
+            )
+        except (OSError, checkpoint_sync.JournalCorrupt) as exc:
+            return refused(f"checkpoint failed: {exc}")
+        self.dirty.clear()
+        if self.state_dir is not None:
+            snapshot = {**self._snapshot(), "files": fingerprint(self.model_dir)}
+            trainer_state.save(self.state_dir, snapshot, trainer_state.CHECKPOINT_FILE)
+        return msg.Synced(
+            weight_version=self.weight_version,
+            files=result.files,
+            bytes_written=result.bytes_written,
+            blocks_changed=result.blocks_changed,
+            blocks_total=result.blocks_total,
+            tensors_skipped=result.tensors_skipped,
+        )
+
+    def discard(self) -> None:
+        """Forget a prepared step and its gradients (a refused or failed step)."""
+        self.pending, self.pending_keys = None, set()
+        for param in self.attached.trainable.values():
+            param.grad = None
+
+    def score(self, samples: Sequence[msg.Sample]) -> msg.Scored:
+        """Continuation log-probs as the trainer's model sees them; no step."""
+        with torch.no_grad():
+            logprobs = continuation_logprobs(self.attached.model, samples)
+        return msg.Scored(
+            token_logprobs=[lp.tolist() for lp in logprobs], loss=mean_loss(logprobs).item()
+        )
+
+
+def refused(error: str, status: int | None = None) -> msg.Failed:
+    return msg.Failed(kind="refused", error=error, status=status)

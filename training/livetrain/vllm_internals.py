@@ -1,0 +1,493 @@
+"""Every place livetrain reaches into vLLM beyond its public plugin interfaces.
+
+vLLM gives plugins two documented hooks (general plugins and endpoint plugins); the
+rest of what livetrain needs (plain CPU weights, worker methods, block outputs, the
+engine's pause) is done here, against private names of the supported vLLM range. A
+vLLM upgrade that moves one of them breaks this module and its test
+(tests/test_vllm_internals.py checks that every name in `TOUCHED` exists), not code
+spread over four processes. `check_version` refuses other versions when the plugin
+registers, with the range in the message.
+
+Callers are grouped by the process they run in: patches installed in every process
+(`install_*`), the worker's view of a model-runner step, and the API server's handles on
+the engine client.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+SUPPORTED_VLLM = ">=0.32.0,<0.33"  # also the pin of the `gpu` and `cpu` extras
+ADDITIONAL_CONFIG_KEY = "livetrain"  # our entry in VllmConfig.additional_config
+
+# Every vLLM name used below, for tests/test_vllm_internals.py: (module, class or
+# attribute path) resolved by import, and (module, class, attributes) that instances
+# have (class attributes, dataclass or namedtuple fields, or `self.X =` in its source).
+TOUCHED: tuple[tuple[str, str], ...] = (
+    ("vllm.model_executor.layers.linear", "UnquantizedLinearMethod.process_weights_after_loading"),
+    (
+        "vllm.model_executor.layers.vocab_parallel_embedding",
+        "UnquantizedEmbeddingMethod.process_weights_after_loading",
+    ),
+    ("vllm.model_executor.layers.vocab_parallel_embedding", "VocabParallelEmbedding"),
+    ("vllm.model_executor.model_loader.base_loader", "BaseModelLoader.load_model"),
+    ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.load_model"),
+    ("vllm.v1.request", "Request.get_skip_reading_prefix_cache"),
+    ("vllm.engine.arg_utils", "EngineArgs.create_engine_config"),
+    ("vllm.platforms", "current_platform"),
+    ("vllm.envs", "VLLM_API_KEY"),
+    ("vllm.entrypoints.serve.middleware.authenticate", "AuthenticationMiddleware.verify_token"),
+    ("vllm.model_executor.models.llama", "LlamaForCausalLM.set_aux_hidden_state_layers"),
+    ("vllm.model_executor.models.utils", "WeightsMapper._map_name_with_shard"),
+    ("vllm.model_executor.layers.linear", "QKVParallelLinear._get_shard_offset_mapping"),
+    ("vllm.model_executor.layers.linear", "QKVParallelLinear._get_shard_size_mapping"),
+    ("vllm.v1.engine.core_client", "AsyncMPClient.pause_scheduler_async"),
+)
+ATTRIBUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "vllm.v1.worker.gpu_model_runner",
+        "GPUModelRunner",
+        (
+            "load_model",
+            "execute_model",
+            "sample_tokens",
+            "get_model",
+            "execute_model_state",
+            "use_aux_hidden_state_outputs",
+            "use_async_scheduling",
+            "input_batch",
+            "discard_request_mask",
+            "query_start_loc",
+            "requests",
+            "model_config",
+            "vllm_config",
+            "device",
+        ),
+    ),
+    ("vllm.v1.worker.gpu_model_runner", "ExecuteModelState", ("aux_hidden_states",)),
+    (
+        "vllm.v1.worker.gpu_input_batch",
+        "InputBatch",
+        ("num_reqs", "req_ids", "num_computed_tokens_cpu"),
+    ),
+    (
+        "vllm.v1.worker.gpu_input_batch",
+        "CachedRequestState",
+        ("sampling_params", "num_prompt_tokens", "prompt_token_ids", "output_token_ids"),
+    ),
+    ("vllm.v1.core.sched.output", "SchedulerOutput", ("scheduled_new_reqs", "finished_req_ids")),
+    ("vllm.v1.core.sched.output", "NewRequestData", ("req_id", "sampling_params")),
+    ("vllm.v1.outputs", "ModelRunnerOutput", ("req_id_to_index", "sampled_token_ids")),
+    ("vllm.v1.worker.worker_base", "WorkerBase", ("model_runner", "parallel_config")),
+    ("vllm.model_executor.layers.linear", "MergedColumnParallelLinear", ("output_sizes",)),
+    (
+        "vllm.model_executor.layers.vocab_parallel_embedding",
+        "VocabParallelEmbedding",
+        ("org_vocab_size",),
+    ),
+    ("vllm.config", "VllmConfig", ("additional_config", "compute_hash")),
+    ("vllm.v1.engine.output_processor", "OutputProcessor", ("add_request", "request_states")),
+    (
+        "vllm.v1.engine.async_llm",
+        "AsyncLLM",
+        (
+            "engine_core",
+            "output_processor",
+            "vllm_config",
+            "model_config",
+            "collective_rpc",
+            "get_tokenizer",
+            "get_weight_version",
+            "update_weight_version",
+            "pause_generation",
+            "resume_generation",
+            "reset_prefix_cache",
+        ),
+    ),
+)
+
+
+class UnsupportedVllm(RuntimeError):
+    """The installed vLLM is outside the range these patches were written against."""
+
+
+def check_version() -> None:
+    import vllm
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    installed = Version(vllm.__version__)
+    if Version(installed.base_version) not in SpecifierSet(SUPPORTED_VLLM):
+        raise UnsupportedVllm(
+            f"livetrain supports vLLM {SUPPORTED_VLLM}; vLLM {vllm.__version__} is installed "
+            "(install a supported version, or a livetrain release for yours)"
+        )
+
+
+def resolve(module: str, path: str) -> Any:
+    """The object at `module`.`path` (dotted), raising AttributeError if vLLM moved it."""
+    target: Any = importlib.import_module(module)
+    for part in path.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _patch(owner: Any, name: str, value: Any) -> None:
+    """Replace `owner.name` (a class's method, or an object's attribute) with `value`."""
+    setattr(owner, name, value)
+
+
+def _once(owner: Any, flag: str) -> bool:
+    """True the first time for (owner, flag): vLLM may load general plugins repeatedly."""
+    if getattr(owner, flag, False):
+        return False
+    setattr(owner, flag, True)
+    return True
+
+
+# ---- patches (installed by plugin.register in every vLLM process) ------------------
+
+
+def _use_plain_weight(self: Any, layer: nn.Module) -> None:
+    # vLLM's CPU `apply` calls `layer.cpu_linear(x, layer.weight, bias)`; pointing
+    # it at F.linear makes inference read the very tensor the trainer updates.
+    _patch(layer, "cpu_linear", torch.nn.functional.linear)
+
+
+def install_plain_cpu_weights() -> None:
+    """On CPU, vLLM prepacks each linear weight into a kernel-specific layout and frees
+    the original, so writes to `layer.weight` would never reach inference. Keep the plain
+    weight and run F.linear on it (the cost is measured in bench/)."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    _patch(UnquantizedLinearMethod, "process_weights_after_loading", _use_plain_weight)
+    _patch(UnquantizedEmbeddingMethod, "process_weights_after_loading", _use_plain_weight)
+
+
+def install_worker_methods(methods: dict[str, Callable[..., Any]]) -> None:
+    """Add methods to every worker, reachable through `engine_client.collective_rpc`."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    for name, method in methods.items():
+        setattr(WorkerBase, name, method)
+
+
+def install_before_model_load(hook: Callable[[str], None]) -> None:
+    """Call `hook(model_path)` before vLLM's loader reads a model's files."""
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    if not _once(BaseModelLoader, "_livetrain_before_load"):
+        return
+    load_model = BaseModelLoader.load_model
+
+    def load_model_after_hook(self, vllm_config, model_config, *args, **kwargs):
+        hook(model_config.model)
+        return load_model(self, vllm_config, model_config, *args, **kwargs)
+
+    _patch(BaseModelLoader, "load_model", load_model_after_hook)
+
+
+def install_engine_config_hook(extend: Callable[[], dict[str, Any] | None]) -> None:
+    """When this process builds vLLM's config (the API server does, once), run `extend`
+    first and put what it returns into `additional_config[ADDITIONAL_CONFIG_KEY]`.
+
+    additional_config is how settings reach the engine and worker processes vLLM starts:
+    it travels with the config, and it is part of the compile cache key, which is right
+    for what goes there (the captured blocks are outputs of the compiled graph)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if not _once(EngineArgs, "_livetrain_config_hook"):
+        return
+    create = EngineArgs.create_engine_config
+
+    def create_engine_config(self, *args, **kwargs):
+        extra = extend()
+        config = create(self, *args, **kwargs)
+        if extra:
+            if not isinstance(config.additional_config, dict):
+                raise ValueError("livetrain needs --additional-config to be a JSON object")
+            config.additional_config[ADDITIONAL_CONFIG_KEY] = extra
+        return config
+
+    _patch(EngineArgs, "create_engine_config", create_engine_config)
+
+
+def pin_v1_model_runner() -> None:
+    """Keep vLLM on the V1 model runner (the one install_runner_tap patches). A vLLM
+    setting read by the engine processes from the environment they inherit; CUDA builds
+    default to V2 when Triton is present. An explicit request for V2 is refused."""
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").lower() in ("1", "true"):
+        raise ValueError(
+            "the live readout patches vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"
+        )
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
+def additional_config(vllm_config: Any) -> dict[str, Any]:
+    """Our entry of a VllmConfig's additional_config ({} when there is none)."""
+    extra = getattr(vllm_config, "additional_config", None)
+    return extra.get(ADDITIONAL_CONFIG_KEY, {}) if isinstance(extra, dict) else {}
+
+
+def install_prefix_cache_skip(skip: Callable[[dict[str, Any]], bool]) -> None:
+    """Engine core: requests whose extra_args satisfy `skip` never read the prefix cache
+    (they still write to it). The same rule vLLM applies to prompt-logprob requests."""
+    from vllm.v1.request import Request
+
+    if not _once(Request, "_livetrain_prefix_skip"):
+        return
+    original = Request.get_skip_reading_prefix_cache
+
+    def get_skip_reading_prefix_cache(self) -> bool:
+        return skip(extra_args(self.sampling_params)) or original(self)
+
+    _patch(Request, "get_skip_reading_prefix_cache", get_skip_reading_prefix_cache)
+
+
+class RunnerTap(Protocol):
+    """What the live readout does around each model-runner step (worker/readout_tap.py)."""
+
+    def before_step(self, scheduler_output: Any) -> None: ...
+    def after_forward(self, runner: Any) -> None: ...
+    def after_sample(self, output: Any) -> None: ...
+
+
+def install_runner_tap(make_tap: Callable[[Any], RunnerTap | None]) -> None:
+    """Wrap the V1 model runner's load, forward and sampling: after the model loads,
+    `make_tap(runner)` decides whether this runner has a tap (None: the step methods
+    run untouched but for one attribute read). On CPU, CPUModelRunner's load_model
+    replaces the base one, so that is the one wrapped."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if not _once(GPUModelRunner, "_livetrain_patched"):
+        return
+    loader: Any = GPUModelRunner
+    if is_cpu():
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner as loader
+    load_model = loader.load_model
+    execute_model, sample_tokens = GPUModelRunner.execute_model, GPUModelRunner.sample_tokens
+
+    def patched_load_model(self, *args, **kwargs):
+        load_model(self, *args, **kwargs)
+        self._livetrain_tap = make_tap(self)
+
+    def patched_execute_model(self, scheduler_output, *args, **kwargs):
+        tap = getattr(self, "_livetrain_tap", None)
+        if tap is None:
+            return execute_model(self, scheduler_output, *args, **kwargs)
+        tap.before_step(scheduler_output)
+        result = execute_model(self, scheduler_output, *args, **kwargs)
+        tap.after_forward(self)
+        return result
+
+    def patched_sample_tokens(self, *args, **kwargs):
+        output = sample_tokens(self, *args, **kwargs)
+        if (tap := getattr(self, "_livetrain_tap", None)) is not None:
+            tap.after_sample(output)
+        return output
+
+    _patch(loader, "load_model", patched_load_model)
+    _patch(GPUModelRunner, "execute_model", patched_execute_model)
+    _patch(GPUModelRunner, "sample_tokens", patched_sample_tokens)
+
+
+def worker_tap(worker: Any) -> Any:
+    """The tap `install_runner_tap` gave this worker's model runner (None: none)."""
+    return getattr(worker.model_runner, "_livetrain_tap", None)
+
+
+# ---- worker: the model and one model-runner step -------------------------------------
+
+
+def worker_model(worker: Any) -> nn.Module:
+    return worker.model_runner.get_model()
+
+
+def worker_world_size(worker: Any) -> int:
+    return int(worker.parallel_config.world_size)
+
+
+def checkpoint_param(model: nn.Module, hf_name: str) -> tuple[str, Any] | None:
+    """(vLLM parameter name, shard id) a checkpoint tensor loads into, by the model
+    class's own `hf_to_vllm_mapper`; None where the loader skips the tensor."""
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    return mapper._map_name_with_shard(hf_name) if mapper else (hf_name, None)
+
+
+def shard_rows(module: Any, attr: str, shard: Any, param: torch.Tensor) -> tuple[int, int]:
+    """Row range (dim 0) of `param` that holds the checkpoint tensor for `shard`, from the
+    fused layer's own shard tables."""
+    if shard is None:
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        if isinstance(module, VocabParallelEmbedding) and attr == "weight":
+            return 0, int(module.org_vocab_size)  # rows past it are vLLM's padding
+        return 0, param.shape[0]
+    offset = size = None
+    if isinstance(shard, str) and hasattr(module, "_get_shard_offset_mapping"):
+        offset = module._get_shard_offset_mapping(shard)
+        size = module._get_shard_size_mapping(shard)
+    elif isinstance(shard, int) and hasattr(module, "output_sizes"):
+        offset, size = sum(module.output_sizes[:shard]), module.output_sizes[shard]
+    if offset is None or size is None:
+        raise KeyError(f"no row table for shard {shard!r} of {type(module).__name__}")
+    return offset, offset + size
+
+
+def capture_block_outputs(runner: Any, blocks: Sequence[int]) -> None:
+    """Make the loaded model also return the outputs of `blocks` (0-based) every step,
+    through vLLM's EAGLE-3 aux-hidden-state path, which survives compilation."""
+    model = runner.get_model()
+    if not hasattr(model, "set_aux_hidden_state_layers"):
+        raise RuntimeError(f"live readout: {type(model).__name__} cannot return block outputs")
+    if runner.use_aux_hidden_state_outputs:
+        raise RuntimeError("live readout: speculative decoding already uses the aux outputs")
+    if runner.use_async_scheduling:  # tokens arrive later, off this path (CUDA only)
+        raise RuntimeError("live readout: start vLLM with --no-async-scheduling")
+    model.set_aux_hidden_state_layers(tuple(i + 1 for i in blocks))
+    runner.use_aux_hidden_state_outputs = True
+
+
+def runner_settings(runner: Any) -> tuple[dict[str, Any], int, torch.device]:
+    """(our additional_config entry, hidden size, device) of a model runner."""
+    return (
+        additional_config(runner.vllm_config),
+        int(runner.model_config.get_hidden_size()),
+        runner.device,
+    )
+
+
+def extra_args(sampling_params: Any) -> dict[str, Any]:
+    """A request's `vllm_xargs` (JSON true arrives as 1: vllm_xargs has no bool)."""
+    return getattr(sampling_params, "extra_args", None) or {}
+
+
+def new_requests(scheduler_output: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(request id, extra_args) of the requests a step schedules for the first time."""
+    for new in scheduler_output.scheduled_new_reqs:
+        yield new.req_id, extra_args(new.sampling_params)
+
+
+def finished_requests(scheduler_output: Any) -> set[str]:
+    return set(scheduler_output.finished_req_ids)
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """One running request's share of a step's flattened token rows."""
+
+    req_id: str
+    n: int  # the request's `n` as the worker sees it (children of n > 1 have 1)
+    first_row: int  # row of its first token in this step
+    first_position: int  # position of that token in the sequence
+    num_rows: int
+    samples: bool  # False for a partial prefill chunk, which samples nothing
+    num_prompt_tokens: int
+    prompt_token_ids: Sequence[int]
+    num_output_tokens: int
+
+
+def step_block_outputs(runner: Any) -> list[torch.Tensor] | None:
+    """The captured block outputs of the step just run, [rows, hidden] each, or None."""
+    state = runner.execute_model_state
+    return None if state is None else state.aux_hidden_states
+
+
+def step_requests(runner: Any, wanted: set[str]) -> Iterator[StepRequest]:
+    """The requests of the step just run that are in `wanted`, in batch order."""
+    batch = runner.input_batch
+    n = batch.num_reqs
+    discard = runner.discard_request_mask.np[:n]
+    ends = runner.query_start_loc.np
+    for k, rid in enumerate(batch.req_ids[:n]):
+        if rid not in wanted:
+            continue
+        request = runner.requests[rid]
+        yield StepRequest(
+            req_id=rid,
+            n=int(request.sampling_params.n or 1),
+            first_row=int(ends[k]),
+            first_position=int(batch.num_computed_tokens_cpu[k]),
+            num_rows=int(ends[k + 1] - ends[k]),
+            samples=not discard[k],
+            num_prompt_tokens=int(request.num_prompt_tokens),
+            prompt_token_ids=request.prompt_token_ids,
+            num_output_tokens=len(request.output_token_ids),
+        )
+
+
+def sampled_token(output: Any, req_id: str) -> int:
+    """The token a step sampled for a request (-1 if none)."""
+    sampled = output.sampled_token_ids[output.req_id_to_index[req_id]]
+    return int(sampled[0]) if len(sampled) else -1
+
+
+def has_sampled_tokens(output: Any) -> bool:
+    return hasattr(output, "req_id_to_index")
+
+
+# ---- API server: the engine client ---------------------------------------------------
+
+
+async def pause_engine(engine: Any) -> None:
+    """Hold all requests in place until `engine.resume_generation()`.
+
+    AsyncLLM.pause_generation adds a fixed 20 ms sleep after the engine has paused
+    (for log ordering, "not required for correctness" in vLLM's source); calling the
+    engine-core client directly keeps the pause to the write itself.
+    """
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "pause_scheduler_async"):
+        await core.pause_scheduler_async(mode="keep", clear_cache=False)
+    else:
+        await engine.pause_generation(mode="keep", clear_cache=False)
+
+
+def running_request_ids(engine: Any) -> Any:
+    """A live container of the engine requests still running (None: not knowable)."""
+    return getattr(getattr(engine, "output_processor", None), "request_states", None)
+
+
+def watch_added_requests(engine: Any, note: Callable[[str, dict[str, Any], int], None]) -> None:
+    """Call `note(request id, extra_args, parent's n)` for each child of an n > 1 request as
+    the API server adds it: children reach the worker with n = 1, and the engine's own
+    record of the parent is gone once the request finishes."""
+    processor = getattr(engine, "output_processor", None)
+    if processor is None:
+        return
+    add_request = processor.add_request
+
+    def add_request_noting_n(request, prompt, parent_req=None, *args, **kwargs):
+        if parent_req is not None:
+            note(request.request_id, extra_args(request.sampling_params), parent_req.n)
+        return add_request(request, prompt, parent_req, *args, **kwargs)
+
+    _patch(processor, "add_request", add_request_noting_n)
+
+
+def api_key_checker(args: Any) -> Callable[[Any], bool] | None:
+    """A check of request headers against the keys vLLM's own middleware accepts
+    (--api-key, else VLLM_API_KEY); None when the server has no key."""
+    from vllm import envs
+
+    tokens = [key for key in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
+    if not tokens:
+        return None
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    middleware = AuthenticationMiddleware(None, tokens)  # type: ignore[arg-type]
+    return middleware.verify_token  # only the check is used
