@@ -40,9 +40,12 @@ from conftest import start_server
 from safetensors.torch import load_file, save, save_file
 
 from livetrain.checkpoint.files import list_tensors
+from livetrain.checkpoint.lock import lock_model_dir
 from livetrain.checkpoint.sync import (
     JOURNAL,
+    BlockWrite,
     JournalCorrupt,
+    UnsafeModelDir,
     apply_journal,
     plan,
     recover,
@@ -389,7 +392,8 @@ def _sync_with_faults(job: dict[str, Any], new: dict[str, torch.Tensor], block: 
 
     def path_open(self: pathlib.Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         f = real_path_open(self, mode, *args, **kwargs)
-        return FaultyFile(f) if self.name == TMP_JOURNAL and "w" in mode else f
+        writing = "w" in mode or "x" in mode
+        return FaultyFile(f) if self.name == TMP_JOURNAL and writing else f
 
     os.pwrite, os.fsync, os.replace, os.unlink = pwrite, fsync, replace, unlink
     pathlib.Path.open = path_open  # type: ignore[method-assign]
@@ -518,7 +522,7 @@ def deny_writes(monkeypatch: pytest.MonkeyPatch, model: Model, target: str) -> N
         real_path_open = pathlib.Path.open
 
         def path_open(self: pathlib.Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-            if self.parent == model.dir and not self.exists() and "w" in mode:
+            if self.parent == model.dir and not self.exists() and ("w" in mode or "x" in mode):
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
             return real_path_open(self, mode, *args, **kwargs)
 
@@ -562,6 +566,113 @@ def test_failed_sync_on_read_only_file_leaves_no_committed_journal(
     with pytest.raises(OSError):
         sync(model.dir, model.live, model.dirty.__contains__)
     assert no_journal(model.dir)
+
+
+# 7. Planted files and short writes -------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "config.json", "range"])
+def test_recover_refuses_a_checksummed_journal_aimed_elsewhere(model: Model, target: str) -> None:
+    """A journal with a valid checksum (anyone who can write the folder can make one) may
+    only write inside the model's own weight files."""
+    outside = model.dir.parent / "outside.safetensors"
+    outside.write_bytes(b"\0" * 64)
+    (model.dir / "config.json").write_text("{}")
+    before = {**snapshot(model), "outside": outside.read_bytes()}
+    size = (model.dir / model.files[0]).stat().st_size
+    name, offset = (model.files[0], size - 2) if target == "range" else (target, 0)
+    write_journal(model.dir, [BlockWrite(name, offset, b"\xff" * 8)])
+
+    with pytest.raises(JournalCorrupt, match="refusing to apply it"):
+        recover(model.dir)
+    assert {**snapshot(model), "outside": outside.read_bytes()} == before
+    assert (model.dir / "config.json").read_text() == "{}"
+
+
+def test_an_index_naming_files_outside_the_folder_is_refused(model: Model) -> None:
+    index = model.dir / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
+    with pytest.raises(ValueError, match="not a .safetensors file in the folder"):
+        sync(model.dir, model.live, model.dirty.__contains__)
+
+
+def test_the_journal_is_never_written_through_a_planted_symlink(model: Model) -> None:
+    victim = model.dir.parent / "victim"
+    victim.write_bytes(b"keep")
+    (model.dir / TMP_JOURNAL).symlink_to(victim)
+    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
+    with pytest.raises(FileExistsError):
+        write_journal(model.dir, writes)
+    assert victim.read_bytes() == b"keep"
+    sync(model.dir, model.live, model.dirty.__contains__)  # recovery removes the link first
+    assert victim.read_bytes() == b"keep"
+    assert_holds(model, "new")
+
+
+def test_short_pwrites_are_continued_until_every_byte_is_written(
+    model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pwrite may write less than asked (Linux: at most ~2 GiB per call)."""
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real_pwrite(fd, data[:100], offset))
+    sync(model.dir, model.live, model.dirty.__contains__, block_size=512)
+    assert_holds(model, "new")
+
+
+def test_symlinked_weight_files_are_refused_with_the_reason(model: Model, tmp_path: Path) -> None:
+    """A Hugging Face cache snapshot: every file a link to a shared blob."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for name in model.files:
+        (model.dir / name).rename(blobs / name)
+        (model.dir / name).symlink_to(blobs / name)
+    before = {name: (blobs / name).read_bytes() for name in model.files}
+    with pytest.raises(UnsafeModelDir, match="symlink"):
+        sync(model.dir, model.live, model.dirty.__contains__)
+    assert {name: (blobs / name).read_bytes() for name in model.files} == before
+
+
+LOCK_CHILD = """
+import sys
+from pathlib import Path
+from livetrain.checkpoint.lock import ModelInUse, lock_model_dir
+try:
+    lock_model_dir(Path(sys.argv[1]))
+except ModelInUse as e:
+    print(e)
+    sys.exit(3)
+"""
+
+
+def test_a_second_server_on_one_model_folder_is_refused(model: Model) -> None:
+    """The lock is the kernel's (flock): another process is refused, naming the holder,
+    until the holder closes it or dies."""
+    fd = lock_model_dir(model.dir)
+    assert fd is not None
+    second = subprocess.run(
+        [sys.executable, "-c", LOCK_CHILD, str(model.dir)], capture_output=True, text=True
+    )
+    assert second.returncode == 3 and f"pid {os.getpid()}" in second.stdout
+    os.close(fd)
+    again = subprocess.run([sys.executable, "-c", LOCK_CHILD, str(model.dir)], capture_output=True)
+    assert again.returncode == 0
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])
+def test_a_read_only_model_folder_needs_no_lock(
+    model: Model, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Nothing is ever synced into a folder this user cannot write (simulated: root
+    ignores permissions)."""
+    real_open = os.open
+
+    def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(path).name == ".livetrain.lock":
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    assert lock_model_dir(model.dir) is None
 
 
 # ---- through real vLLM restarts ----------------------------------------------------

@@ -8,7 +8,9 @@ state it found, so tests do not depend on each other's order.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import threading
 import time
@@ -152,11 +154,21 @@ def test_a_sample_is_not_trained_twice_unless_asked(llama_server):
     )
 
 
-def test_overflowing_update_is_refused_and_changes_nothing(llama_server, sample):
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"lr": 1.0}, "of its norm, over the limit of 2"),  # the tiny model moves 61 x lr
+        ({"lr": 1.0, "weight_decay": 1.0}, "decay factor 1 - lr * weight_decay = 0"),
+    ],
+)
+def test_a_destructive_step_is_refused_and_changes_nothing(llama_server, sample, settings, says):
+    """Both within the request bounds, both would wreck the model: refused by the trainer,
+    naming the tensor (or setting) and the figure."""
     before = served_state(llama_server, sample)
-    reply = llama_server.train(*sample, lr=1e300, retrain=True)
+    reply = llama_server.train(*sample, retrain=True, **settings)
     assert reply.status_code == 422, reply.text
-    assert "weights unchanged" in reply.json()["error"]["message"]
+    message = reply.json()["error"]["message"]
+    assert "weights unchanged" in message and says in message, message
     assert served_state(llama_server, sample) == before
     assert llama_server.status()["state"] == "idle"
 
@@ -197,12 +209,12 @@ def test_trainer_restart_keeps_state(llama_server, sample):
 SAMPLES = [([5, 6, 7], [8, 9])]
 
 
-def make_trainer(model_dir, state_dir=None, weight_version=0) -> Trainer:
+def make_trainer(model_dir, state_dir=None, weight_version=0, **settings) -> Trainer:
     """A Trainer on a Hugging Face model of its own (no vLLM), as the bench builds one."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.requires_grad_(False)
     attached = classify(model, TrainableFamilies())
-    return Trainer(attached, model_dir, state_dir, weight_version=weight_version)
+    return Trainer(attached, model_dir, state_dir, weight_version=weight_version, **settings)
 
 
 def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -224,7 +236,7 @@ def test_classify_makes_only_linear_weights_trainable(models):
 def test_a_finite_step_changes_weights(models, tmp_path):
     trainer = make_trainer(models["llama"], tmp_path)
     before = snapshot(trainer)
-    assert isinstance(trainer.prepare(SAMPLES, OptimizerSettings(lr=1e-2)), msg.Prepared)
+    assert isinstance(trainer.prepare(SAMPLES, OptimizerSettings(lr=1e-3)), msg.Prepared)
     assert isinstance(trainer.apply(1), msg.Applied)
     after = trainer.attached.model.state_dict()
     assert not torch.equal(after["model.layers.0.mlp.down_proj.weight"],
@@ -245,6 +257,36 @@ def test_non_finite_loss_is_refused_and_nothing_changes(models):
     for name, tensor in before.items():
         assert torch.allclose(after[name], tensor, rtol=0, atol=0, equal_nan=True), name
     assert trainer.apply(1) == msg.Failed(kind="refused", error="no prepared step to apply")
+
+
+def test_a_step_moving_a_tensor_too_far_is_refused_with_its_true_ratio(models):
+    """The guard's figure is the real movement: refused at the default limit, the same
+    step applied by a trainer without a limit moves that tensor by exactly that much."""
+    guarded = make_trainer(models["llama"])  # the default limit
+    before = snapshot(guarded)
+    reply = guarded.prepare(SAMPLES, OptimizerSettings(lr=1e-2))
+    assert isinstance(reply, msg.Failed) and reply.kind == "refused"
+    match = re.fullmatch(r"(\S+): the step would move it by (\S+) of its norm, .*", reply.error)
+    assert match and "over the limit of 0.1" in reply.error, reply.error
+    name, ratio = match[1], float(match[2])
+    assert guarded.pending is None and guarded.optimizer.steps == 0
+    assert all(p.grad is None for p in guarded.attached.trainable.values())
+    assert all(torch.equal(v, before[k]) for k, v in guarded.attached.model.state_dict().items())
+
+    free = make_trainer(models["llama"], max_update_ratio=math.inf)
+    weight = free.attached.model.get_parameter(name)
+    old = weight.detach().clone()
+    assert isinstance(free.prepare(SAMPLES, OptimizerSettings(lr=1e-2)), msg.Prepared)
+    assert isinstance(free.apply(1), msg.Applied)
+    moved = torch.linalg.vector_norm(weight.detach() - old) / torch.linalg.vector_norm(old)
+    assert moved.item() == pytest.approx(ratio, rel=1e-2)
+
+
+def test_a_decay_factor_outside_zero_one_is_refused(models):
+    trainer = make_trainer(models["llama"], max_update_ratio=math.inf)
+    reply = trainer.prepare(SAMPLES, OptimizerSettings(lr=1.0, weight_decay=1.0))
+    assert isinstance(reply, msg.Failed) and "decay factor" in reply.error
+    assert trainer.pending is None
 
 
 def saved_trainer(models, tmp_path, saved_version: int, served_version: int) -> Trainer:

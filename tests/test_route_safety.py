@@ -19,10 +19,28 @@ from livetrain.api.requests import (
     ScoreRequest,
     TrainRequest,
 )
-from livetrain.config import OptimizerSettings
+from livetrain.config import OptimizerSettings, PluginConfig
 
+ONE = {"context_ids": [1], "continuation_ids": [2]}
 BAD_BODIES = {
     "malformed JSON": (b'{"context_ids": [1, 2', 400, "body"),
+    "nested too deeply": (
+        b'{"context_ids": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        400,
+        "body",
+    ),
+    "string rank": ({**ONE, "rank": "8"}, 422, "rank"),
+    "string retrain": ({**ONE, "retrain": "yes"}, 422, "retrain"),
+    "string lr": ({**ONE, "lr": "0.001"}, 422, "lr"),
+    "rank over 2**64": ({**ONE, "rank": 2**70}, 422, "rank"),
+    "lr over 1": ({**ONE, "lr": 1.5}, 422, "lr"),
+    "weight decay over 1": ({**ONE, "weight_decay": 2.0}, 422, "weight_decay"),
+    "too many samples": ({"samples": [ONE] * 257}, 422, None),
+    "padded batch too large": (
+        {"samples": [{"context_ids": [1] * 200, "continuation_ids": [2] * 50}] * 33},
+        422,
+        None,
+    ),
     "not an object": (b"[1, 2, 3]", 422, None),
     "missing continuation": ({"context_ids": [1, 2]}, 422, None),
     "empty context": ({"context_ids": [], "continuation_ids": [1]}, 422, "context_ids"),
@@ -55,7 +73,8 @@ BAD_BODIES = {
 def test_bad_input_is_refused_and_changes_nothing(llama_server, sample, case):
     body, status, field = BAD_BODIES[case]
     before = served_state(llama_server, sample)
-    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    json_type = {"Content-Type": "application/json"}
+    kwargs = {"content": body, "headers": json_type} if isinstance(body, bytes) else {"json": body}
     reply = llama_server.http.post("/train", **kwargs)
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
@@ -106,8 +125,25 @@ def test_state_files_are_private(llama_server):
 
 # ---- the request models alone (no server) ---------------------------------------------
 
-LIMITS = {"vocab_size": 1000, "max_model_len": 256}  # the tiny llama's, as the server sets
+# The tiny llama's, and the server's defaults, as the server passes them.
+LIMITS = {
+    "vocab_size": 1000,
+    "max_model_len": 256,
+    "max_samples": PluginConfig().max_samples,
+    "max_batch_tokens": PluginConfig().max_batch_tokens,
+}
 BODY_CASES = [case for case, (_, status, _) in BAD_BODIES.items() if status == 422]
+
+
+@pytest.mark.parametrize("kind", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_bodies_that_are_not_labelled_json_are_refused(llama_server, sample, kind):
+    """A web page can POST text/plain or a form without a CORS preflight; JSON it cannot."""
+    before = served_state(llama_server, sample)
+    body = json.dumps({"context_ids": sample[0], "continuation_ids": sample[1]}).encode()
+    headers = {"Content-Type": kind} if kind else {}
+    reply = llama_server.http.post("/train", content=body, headers=headers)
+    assert reply.status_code == 415 and reply.json()["error"]["field"] == "body", reply.text
+    assert served_state(llama_server, sample) == before
 
 
 @pytest.mark.parametrize("case", BODY_CASES)

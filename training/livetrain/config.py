@@ -77,7 +77,23 @@ class PluginConfig:
     state_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "livetrain" / "state")
     runtime_dir: Path | None = None  # sockets; a fresh private temp dir when None
     max_body_bytes: int = 8 * 1024 * 1024
+    # One /train or /train/score request: at most this many samples, and this many tokens
+    # once padded to the longest sample. The logits alone are padded tokens x vocabulary
+    # x 4 bytes, twice with their gradient: 8192 tokens of a 49k vocabulary is ~3.2 GB.
+    max_samples: int = 256
+    max_batch_tokens: int = 8192
+    # A step that would move any tensor by more than this fraction of its norm
+    # (||delta W|| / ||W||) is refused: see DESIGN.md for the figures it was chosen from.
+    max_update_ratio: float = 0.1
     trainer_start_timeout_s: float = 600.0
+    # Deadlines of trainer calls: a trainer that misses one is killed (and restarted).
+    # Writing the weights (apply) holds generation paused, so its deadline is short; a
+    # prepare or score is a forward and backward of at most max_batch_tokens; a sync
+    # reads and writes the model files.
+    trainer_apply_timeout_s: float = 30.0
+    trainer_call_timeout_s: float = 600.0
+    # A trainer that ran this long before exiting gives back the restart budget.
+    trainer_healthy_s: float = 600.0
     trainer_max_restarts: int = 3
     # Checkpoint sync: automatic sync this long after the last step (0 disables it),
     # comparing and writing the files in blocks of this many bytes.

@@ -22,10 +22,11 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from livetrain import vllm_internals
-from livetrain.api.http import RequestError, read_json, validate
+from livetrain.api.http import RequestError, parse
 from livetrain.api.readout_routes import ReadoutRoutes
 from livetrain.api.requests import CheckpointRequest, ScoreRequest, TrainRequest
 from livetrain.api.supervisor import StepRefused, TrainerSupervisor, TrainerUnavailable
+from livetrain.checkpoint.lock import lock_model_dir
 from livetrain.config import plugin_config
 
 log = logging.getLogger("livetrain.api")
@@ -53,6 +54,7 @@ class LivetrainEndpoints:
         self.limits: dict[str, int] = {}
         self.key_ok: Callable[[Any], bool] | None = None  # None: the server has no API key
         self.readout = ReadoutRoutes(self.config)
+        self.lock: int | None = None  # the model folder's lock (checkpoint/lock.py)
 
     def attach_router(self, app: FastAPI) -> None:
         router = APIRouter(dependencies=[Depends(self._authorize)])
@@ -68,14 +70,21 @@ class LivetrainEndpoints:
         self.key_ok = vllm_internals.api_key_checker(args)
         if engine_client is None:
             return
+        if (count := getattr(args, "api_server_count", None) or 1) > 1:
+            raise RuntimeError(
+                f"livetrain needs one API server process (--api-server-count {count}): each "
+                "would start its own trainer on the same weights"
+            )
         model_config = engine_client.model_config
+        model_dir = resolve_model_dir(model_config.model)
+        self.lock = lock_model_dir(model_dir)  # held for the server's lifetime
         self.limits = {
             "vocab_size": model_config.get_vocab_size(),
             "max_model_len": model_config.max_model_len,
+            "max_samples": self.config.max_samples,
+            "max_batch_tokens": self.config.max_batch_tokens,
         }
-        self.supervisor = TrainerSupervisor(
-            engine_client, resolve_model_dir(model_config.model), self.config
-        )
+        self.supervisor = TrainerSupervisor(engine_client, model_dir, self.config)
         self.supervisor.start()
         await self.readout.start(engine_client)
 
@@ -90,8 +99,7 @@ class LivetrainEndpoints:
 
     async def _train(self, request: Request) -> JSONResponse:
         supervisor = self._ready_supervisor()
-        data = await read_json(request, self.config.max_body_bytes)
-        body = validate(TrainRequest, data, self.limits)
+        body = await parse(request, TrainRequest, self.config.max_body_bytes, self.limits)
         try:
             result = await supervisor.train(body.sample_list(), body.settings(), body.retrain)
         except TrainerUnavailable as exc:
@@ -103,8 +111,7 @@ class LivetrainEndpoints:
 
     async def _score(self, request: Request) -> JSONResponse:
         supervisor = self._ready_supervisor()
-        data = await read_json(request, self.config.max_body_bytes)
-        body = validate(ScoreRequest, data, self.limits)
+        body = await parse(request, ScoreRequest, self.config.max_body_bytes, self.limits)
         try:
             return JSONResponse(await supervisor.score(body.sample_list()))
         except TrainerUnavailable as exc:
@@ -114,8 +121,7 @@ class LivetrainEndpoints:
 
     async def _checkpoint(self, request: Request) -> JSONResponse:
         supervisor = self._ready_supervisor()
-        data = await read_json(request, self.config.max_body_bytes, empty={})
-        validate(CheckpointRequest, data, self.limits)
+        await parse(request, CheckpointRequest, self.config.max_body_bytes, {}, empty={})
         try:
             return JSONResponse(await supervisor.checkpoint())
         except TrainerUnavailable as exc:

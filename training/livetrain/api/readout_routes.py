@@ -27,7 +27,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from livetrain import vllm_internals as vllm
-from livetrain.api.http import RequestError, read_json, validate
+from livetrain.api.http import RequestError, parse, validate
 from livetrain.api.readout_collector import ScoreCollector
 from livetrain.api.readout_launch import create_ring, remove
 from livetrain.api.readout_store import ReadoutStore, ReadoutVersions, RequestScores, Scored
@@ -111,7 +111,7 @@ class ReadoutRoutes:
 
     async def _load(self, request: Request) -> JSONResponse:
         self._require_enabled()
-        body = validate(ReadoutLoadRequest, await read_json(request, 1 << 16), {})
+        body = await parse(request, ReadoutLoadRequest, 1 << 16, {})
         path = str(Path(body.path).resolve())
         try:
             readout = await asyncio.to_thread(readout_format.load, Path(body.path))

@@ -1,7 +1,9 @@
 """API server: request bodies of the plugin routes, validated before anything runs.
 
-Limits that depend on the served model (vocabulary size, maximum length) come in
-through pydantic's validation context, so one model class serves every server.
+Limits that depend on the served model or the server (vocabulary size, maximum length,
+samples and padded tokens per step) come in through pydantic's validation context, so
+one model class serves every server. Types are strict: JSON "8" is not a number and
+"yes" is not a boolean. Every setting has an upper bound, named in the error.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     ValidationInfo,
     field_validator,
@@ -23,6 +26,7 @@ from livetrain.config import OptimizerSettings
 
 _DEFAULTS = OptimizerSettings()
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+Beta = Annotated[float, Field(strict=True, ge=0, lt=1)]
 
 
 def _below_vocab(ids: list[int] | None, info: ValidationInfo) -> list[int] | None:
@@ -34,6 +38,20 @@ def _below_vocab(ids: list[int] | None, info: ValidationInfo) -> list[int] | Non
                     f"id {token} at index {i} is not below the vocabulary size {vocab}"
                 )
     return ids
+
+
+def _fits_batch(samples: list[tuple[list[int], list[int]]], info: ValidationInfo) -> None:
+    """At most `max_samples` samples, and at most `max_batch_tokens` once padded to the
+    longest (the trainer's forward and logits are that size)."""
+    limits = info.context or {}
+    if (most := limits.get("max_samples")) is not None and len(samples) > most:
+        raise ValueError(f"{len(samples)} samples, over the limit of {most} per request")
+    padded = len(samples) * max(len(c) + len(t) for c, t in samples)
+    if (budget := limits.get("max_batch_tokens")) is not None and padded > budget:
+        raise ValueError(
+            f"{len(samples)} samples padded to the longest are {padded} tokens, over the "
+            f"limit of {budget} per request"
+        )
 
 
 def _fits_length(context: list[int], continuation: list[int], info: ValidationInfo) -> None:
@@ -92,6 +110,7 @@ class _Samples(BaseModel):
                 if getattr(self, key) is None:
                     raise ValueError(f"{key}: field required")
             _fits_length(self.context_ids or [], self.continuation_ids or [], info)
+        _fits_batch(self.sample_list(), info)
         return self
 
     def sample_list(self) -> list[tuple[list[int], list[int]]]:
@@ -108,19 +127,20 @@ class ScoreRequest(_Samples):
 class TrainRequest(_Samples):
     """POST /train: one optimizer step on the given samples."""
 
-    lr: float = Field(_DEFAULTS.lr, ge=0)
-    rank: int = Field(_DEFAULTS.rank, ge=1)
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
-        _DEFAULTS.betas
-    )
-    eps: float = Field(_DEFAULTS.eps, gt=0)
-    weight_decay: float = Field(_DEFAULTS.weight_decay, ge=0)
-    warmup_steps: int = Field(_DEFAULTS.warmup_steps, ge=0)
-    scale: float = Field(_DEFAULTS.scale, gt=0)
-    proj_refresh: int = Field(_DEFAULTS.proj_refresh, ge=1)
-    norm_growth_limit: float = Field(_DEFAULTS.norm_growth_limit, ge=1)
-    seed: int = Field(_DEFAULTS.seed, ge=0, lt=2**63)
-    retrain: bool = False  # train samples even if an earlier step already trained them
+    # Upper bounds are what any sane step stays far below; they keep a typo (lr 10 for
+    # 1e-1) or a hostile value from reaching the optimizer at all. strict=True on floats:
+    # an int is a number, a string is not.
+    lr: float = Field(_DEFAULTS.lr, strict=True, ge=0, le=1)
+    rank: StrictInt = Field(_DEFAULTS.rank, ge=1, le=4096)
+    betas: tuple[Beta, Beta] = _DEFAULTS.betas
+    eps: float = Field(_DEFAULTS.eps, strict=True, gt=0, le=1)
+    weight_decay: float = Field(_DEFAULTS.weight_decay, strict=True, ge=0, le=1)
+    warmup_steps: StrictInt = Field(_DEFAULTS.warmup_steps, ge=0, le=1_000_000)
+    scale: float = Field(_DEFAULTS.scale, strict=True, gt=0, le=1000)
+    proj_refresh: StrictInt = Field(_DEFAULTS.proj_refresh, ge=1, le=1_000_000)
+    norm_growth_limit: float = Field(_DEFAULTS.norm_growth_limit, strict=True, ge=1, le=100)
+    seed: StrictInt = Field(_DEFAULTS.seed, ge=0, lt=2**63)
+    retrain: StrictBool = False  # train samples even if an earlier step already trained them
 
     def settings(self) -> OptimizerSettings:
         """The step's optimizer settings (finite: the model forbids inf and nan)."""

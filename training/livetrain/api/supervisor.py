@@ -72,8 +72,10 @@ class TrainerSupervisor:
         self.optimizer = msg.OptimizerStatus(optimizer_steps=0, state_bytes=0)
         self.last_loss: float | None = None
         self.last_settings = OptimizerSettings()
-        self.restarts = 0
+        self.restarts = 0  # in all
+        self._restart_budget_used = 0  # since the last trainer that ran healthy_s
         self.trainer: TrainerProcess | None = None
+        self._started_at = 0.0
         self.last_sync: dict[str, Any] | None = None
         self.bytes_synced = 0
         self.syncs = 0
@@ -108,6 +110,7 @@ class TrainerSupervisor:
         trainer = TrainerProcess(self._runtime_dir, self.restarts)
         await trainer.start(self._on_exit)
         self.trainer = trainer  # only now: status shows the previous pid until this one runs
+        self._started_at = time.monotonic()
         attached, _ = await self._call(
             msg.Attach,
             msg.Attached,
@@ -119,6 +122,7 @@ class TrainerSupervisor:
             families=self.config.train,
             weight_version=self.weight_version,
             sync_block_bytes=self.config.sync_block_bytes,
+            max_update_ratio=self.config.max_update_ratio,
         )
         if attached.weight_version != self.weight_version:  # resumed from a checkpoint
             self.weight_version = attached.weight_version
@@ -134,10 +138,13 @@ class TrainerSupervisor:
                 "be partially updated, restart vLLM"
             )
             return
-        if self.restarts >= self.config.trainer_max_restarts:
+        if time.monotonic() - self._started_at >= self.config.trainer_healthy_s:
+            self._restart_budget_used = 0  # it ran healthy: this exit is not a crash loop
+        if self._restart_budget_used >= self.config.trainer_max_restarts:
             self._fail(f"trainer exited with code {code}; restart limit reached")
             return
         self.restarts += 1
+        self._restart_budget_used += 1
         log.warning("livetrain trainer exited with code %s; restarting", code)
         await self._launch()
 
@@ -160,13 +167,23 @@ class TrainerSupervisor:
     ) -> tuple[Body, float]:
         """One request to the trainer and the reply it must get, with the trainer's own
         time on it (ms): a `Failed` reply raises StepRefused (after failing the supervisor
-        if it is fatal), an exit raises TrainerUnavailable."""
+        if it is fatal), an exit raises TrainerUnavailable, and so does a missed deadline,
+        after killing the trainer (it is restarted like any trainer that exits)."""
         trainer = self.trainer
         assert trainer is not None
+        if timeout is None:
+            timeout = self.config.trainer_call_timeout_s
         try:
             reply = await trainer.call(request(id=trainer.next_id(), **fields), timeout)
         except TrainerExited as exc:
             raise TrainerUnavailable(str(exc)) from None
+        except asyncio.TimeoutError:
+            op = request.__name__.lower()
+            log.error("livetrain trainer missed the %s deadline (%s s); killing it", op, timeout)
+            trainer.kill()
+            raise TrainerUnavailable(
+                f"trainer did not answer {op} within {timeout:g} s; it was killed and restarts"
+            ) from None
         body = reply.body
         if isinstance(body, msg.Failed):
             if body.kind == "fatal":
@@ -213,7 +230,18 @@ class TrainerSupervisor:
         try:
             self._writing = True
             try:
-                applied, apply_ms = await self._call(msg.Apply, msg.Applied, weight_version=version)
+                applied, apply_ms = await self._call(
+                    msg.Apply,
+                    msg.Applied,
+                    timeout=self.config.trainer_apply_timeout_s,
+                    weight_version=version,
+                )
+            except TrainerUnavailable as exc:
+                self._fail(
+                    f"{exc} while writing weights; the served weights may be partially "
+                    "updated, restart vLLM"
+                )
+                raise TrainerUnavailable(self.reason) from None
             finally:
                 self._writing = False
             self.weight_version = version

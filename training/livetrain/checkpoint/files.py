@@ -26,11 +26,26 @@ class FileTensor:
     end: int
 
 
+def is_plain_weight_name(name: object) -> bool:
+    """A file name (no directory part) of a .safetensors file."""
+    return (
+        isinstance(name, str)
+        and name.endswith(".safetensors")
+        and "/" not in name
+        and "\\" not in name
+        and name not in (".", "..")
+        and "\0" not in name
+    )
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
     """The model's weight files, as listed by the index when there is one."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for name in names:  # the files are written in place: never outside the folder
+            if not is_plain_weight_name(name):
+                raise ValueError(f"{index}: {name!r} is not a .safetensors file in the folder")
         return [model_dir / n for n in names]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:

@@ -21,6 +21,7 @@ valid safetensors file throughout.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from livetrain.checkpoint.files import FileTensor, list_tensors
+from livetrain.checkpoint.files import FileTensor, list_tensors, safetensors_files
 
 JOURNAL = ".livetrain-sync.journal"
 _MAGIC = b"LTJOURNAL1"
@@ -46,7 +47,12 @@ SAFETENSORS_DTYPES = {
 
 
 class JournalCorrupt(RuntimeError):
-    """A committed journal failed its checksum; the directory needs a person."""
+    """A committed journal failed its checksum, or names a file or range that is not one
+    of the model's weight files; the directory needs a person."""
+
+
+class UnsafeModelDir(RuntimeError):
+    """The model folder cannot be written in place safely; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,29 @@ def _check_writable(model_dir: Path, writes: list[BlockWrite]) -> None:
     """Fail before the commit point: a committed journal that cannot be applied would
     block every later load of the directory."""
     for name in sorted({w.file for w in writes}):
-        os.close(os.open(model_dir / name, os.O_WRONLY))
+        os.close(os.open(model_dir / name, os.O_WRONLY | os.O_NOFOLLOW))
+
+
+def check_in_place_safe(model_dir: Path) -> None:
+    """Refuse weight files that are symlinks: a Hugging Face cache snapshot links each
+    file to a blob other snapshots share, and an in-place write would change them all."""
+    for path in safetensors_files(model_dir):
+        if path.is_symlink():
+            raise UnsafeModelDir(
+                f"{path} is a symlink (a Hugging Face cache folder?); livetrain writes weights "
+                "in place and would change every snapshot that shares it: serve a copy of "
+                "the model in a folder of its own (huggingface-cli download --local-dir DIR)"
+            )
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite until every byte is written (Linux writes at most ~2 GiB per call)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, f"pwrite wrote nothing at offset {offset}")
+        view, offset = view[written:], offset + written
 
 
 def write_journal(model_dir: Path, writes: list[BlockWrite]) -> Path:
@@ -154,7 +182,7 @@ def write_journal(model_dir: Path, writes: list[BlockWrite]) -> Path:
     header = json.dumps({"writes": table, "sha256": _digest(table, payload)}).encode()
     tmp = model_dir / f"{JOURNAL}.tmp"
     try:
-        with tmp.open("wb") as f:
+        with tmp.open("xb") as f:  # exclusive: never through a symlink planted there
             f.write(_MAGIC + struct.pack("<Q", len(header)) + header)
             f.write(payload)
             f.flush()
@@ -183,9 +211,24 @@ def _read_journal(path: Path) -> list[BlockWrite]:
         for w in table:
             writes.append(BlockWrite(w["file"], w["offset"], payload[pos : pos + w["length"]]))
             pos += w["length"]
+        _check_targets(path.parent, table)
     except (ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
         raise JournalCorrupt(f"{path}: {exc}; refusing to apply it") from None
     return writes
+
+
+def _check_targets(model_dir: Path, table: list[dict]) -> None:
+    """Every write lands inside one of the model's own weight files (a journal planted in
+    the folder must not write anywhere else), so checksums alone are not enough."""
+    sizes = {p.name: p.stat().st_size for p in safetensors_files(model_dir)}
+    for w in table:
+        name, offset, length = w["file"], w["offset"], w["length"]
+        if name not in sizes:
+            raise ValueError(f"{name!r} is not one of the model's weight files")
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0):
+            raise ValueError(f"bad range {offset!r}+{length!r} in {name}")
+        if length < 0 or offset + length > sizes[name]:
+            raise ValueError(f"range {offset}+{length} is outside {name} ({sizes[name]} bytes)")
 
 
 def apply_journal(model_dir: Path, writes: list[BlockWrite] | None = None) -> None:
@@ -201,10 +244,10 @@ def apply_journal(model_dir: Path, writes: list[BlockWrite] | None = None) -> No
     for w in writes:
         by_file.setdefault(w.file, []).append(w)
     for name, file_writes in by_file.items():
-        fd = os.open(model_dir / name, os.O_WRONLY)
+        fd = os.open(model_dir / name, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             for w in file_writes:
-                os.pwrite(fd, w.data, w.offset)
+                _pwrite_all(fd, w.data, w.offset)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -234,6 +277,7 @@ def sync(
 ) -> SyncResult:
     """Bring the model files up to date with the live weights (all three steps)."""
     started = time.perf_counter()
+    check_in_place_safe(model_dir)
     recover(model_dir)
     writes, result = plan(model_dir, live, dirty, block_size)
     if writes:

@@ -155,6 +155,7 @@ class Attach(_Request, frozen=True, tag="attach"):
     families: TrainableFamilies
     weight_version: int
     sync_block_bytes: int
+    max_update_ratio: float  # a step moving a tensor by more of its norm is refused
 
 
 class Prepare(_Request, frozen=True, tag="prepare"):

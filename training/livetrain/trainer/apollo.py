@@ -36,7 +36,7 @@ _APOLLO_FIELDS = ("exp_avg", "exp_avg_sq", "steps", "prev_update_norm", "rank")
 _ADAMW_FIELDS = ("exp_avg", "exp_avg_sq", "steps")
 
 
-class NonFiniteUpdate(ValueError):
+class RefusedUpdate(ValueError):
     """Raised by prepare(); names the offending tensor. Nothing has been modified."""
 
     def __init__(self, name: str, reason: str) -> None:
@@ -46,6 +46,15 @@ class NonFiniteUpdate(ValueError):
 
     def __str__(self) -> str:
         return f"{self.name}: {self.reason} (nothing was modified)"
+
+
+class DestructiveUpdate(RefusedUpdate):
+    """The step would move a tensor by more than the allowed fraction of its norm, or
+    the weight decay factor would not be in (0, 1]."""
+
+
+class NonFiniteUpdate(RefusedUpdate):
+    """A gradient, moment, scale, update norm or resulting weight would not be finite."""
 
 
 @dataclass(frozen=True)
@@ -247,6 +256,30 @@ def _decay_and_subtract(
     target.addcmul_(direction, coef, value=-1.0)
 
 
+def _movement(
+    param: torch.Tensor, step_norm: torch.Tensor, decay: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a bound on ||delta W||, ||W||) for W <- W * decay - step, in fp32 on W's device."""
+    weight_norm = torch.linalg.vector_norm(param, dtype=torch.float32)
+    return step_norm + (1.0 - decay) * weight_norm, weight_norm
+
+
+def _refuse_large_moves(moves: list[tuple[str, torch.Tensor, torch.Tensor]], limit: float) -> None:
+    """Raise DestructiveUpdate for the first tensor the step would move by more than
+    `limit` of its norm (tensors that are all zero have no scale to compare with)."""
+    if not moves:
+        return
+    moved = torch.stack([m.to("cpu") for _, m, _ in moves]).tolist()
+    norms = torch.stack([w.to("cpu") for _, _, w in moves]).tolist()
+    for (name, _, _), delta, norm in zip(moves, moved, norms, strict=True):
+        if norm > 0 and delta > limit * norm:
+            raise DestructiveUpdate(
+                name,
+                f"the step would move it by {delta / norm:.3g} of its norm, over the limit of "
+                f"{limit:g} (lower lr, or raise LIVETRAIN_MAX_UPDATE_RATIO)",
+            )
+
+
 def _raise_first_failure(checks: list[tuple[str, str, torch.Tensor]]) -> None:
     """Raise NonFiniteUpdate for the first failed (name, reason, ok) check.
 
@@ -296,28 +329,47 @@ class Apollo:
         return pending
 
     @torch.no_grad()
-    def prepare(self, settings: OptimizerSettings) -> PendingStep:
+    def prepare(
+        self, settings: OptimizerSettings, max_update_ratio: float = math.inf
+    ) -> PendingStep:
         """Compute and check the next step from the current .grad, modifying nothing.
 
-        Raises ValueError if a parameter has no gradient and NonFiniteUpdate if any
-        gradient, moment, scale, update norm or resulting weight would not be finite.
-        The gradients must not change in place before the matching apply().
+        Raises ValueError if a parameter has no gradient, NonFiniteUpdate if any
+        gradient, moment, scale, update norm or resulting weight would not be finite,
+        and DestructiveUpdate if the decay factor 1 - lr * weight_decay is not in (0, 1]
+        or the step would move a tensor by more than `max_update_ratio` of its norm
+        (||delta W|| / ||W||, bounded by the triangle inequality: the gradient step's
+        norm, which APOLLO's limiter computes anyway, plus the decay's). The gradients
+        must not change in place before the matching apply().
         """
         assert settings.rank >= 1, "settings.rank must be >= 1"
         self._require_grads()
         step = self._steps + 1
         lr = _effective_lr(settings, step)
         decay = 1.0 - lr * settings.weight_decay
+        if not 0.0 < decay <= 1.0:
+            raise DestructiveUpdate(
+                "weight_decay", f"decay factor 1 - lr * weight_decay = {decay:g} is not in (0, 1]"
+            )
         checks: list[tuple[str, str, torch.Tensor]] = []
+        moves: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # name, ||delta||, ||W||
         apollo: dict[str, ApolloTensorStep] = {}
         adamw: dict[str, AdamWTensorStep] = {}
         for name, param in self._apollo_params.items():
-            apollo[name], tensor_checks = self._prepare_apollo(name, param, settings, lr, decay)
+            apollo[name], tensor_checks, step_norm = self._prepare_apollo(
+                name, param, settings, lr, decay
+            )
             checks += [(name, reason, ok) for reason, ok in tensor_checks]
+            moves.append((name, *_movement(param, step_norm, decay)))
         for name, param in self._adamw_params.items():
-            adamw[name], tensor_checks = self._prepare_adamw(name, param, settings, lr, decay)
+            adamw[name], tensor_checks, step_norm = self._prepare_adamw(
+                name, param, settings, lr, decay
+            )
             checks += [(name, reason, ok) for reason, ok in tensor_checks]
+            moves.append((name, *_movement(param, step_norm, decay)))
         _raise_first_failure(checks)
+        if math.isfinite(max_update_ratio):
+            _refuse_large_moves(moves, max_update_ratio)
         reset = [
             name
             for name, result in apollo.items()
@@ -353,7 +405,7 @@ class Apollo:
         settings: OptimizerSettings,
         lr: float,
         decay: float,
-    ) -> tuple[ApolloTensorStep, list[tuple[str, torch.Tensor]]]:
+    ) -> tuple[ApolloTensorStep, list[tuple[str, torch.Tensor]], torch.Tensor]:
         grad = param.grad
         assert grad is not None  # _require_grads ran first
         g = grad.float()
@@ -380,7 +432,7 @@ class Apollo:
             (f"updated weight would not be finite in {param.dtype}", _fits(bound, param.dtype)),
         ]
         state = ApolloTensorState(new_avg, new_sq, t, rank, norm * limiter)
-        return ApolloTensorStep(state, grad, scale, limiter, coef), checks
+        return ApolloTensorStep(state, grad, scale, limiter, coef), checks, norm * limiter * lr
 
     def _apollo_base(self, name: str, g: torch.Tensor, rank: int) -> ApolloTensorState:
         """The state this step builds on; zero moments at steps=0 if new or re-ranked.
@@ -403,7 +455,7 @@ class Apollo:
         settings: OptimizerSettings,
         lr: float,
         decay: float,
-    ) -> tuple[AdamWTensorStep, list[tuple[str, torch.Tensor]]]:
+    ) -> tuple[AdamWTensorStep, list[tuple[str, torch.Tensor]], torch.Tensor]:
         assert param.grad is not None  # _require_grads ran first
         g = param.grad.float()
         base = self._adamw_state.get(name)
@@ -421,7 +473,8 @@ class Apollo:
             ("non-finite update", _all_finite(update_max)),
             (f"updated weight would not be finite in {param.dtype}", _fits(bound, param.dtype)),
         ]
-        return AdamWTensorStep(AdamWTensorState(new_avg, new_sq, t), update, coef), checks
+        step = AdamWTensorStep(AdamWTensorState(new_avg, new_sq, t), update, coef)
+        return step, checks, torch.linalg.vector_norm(update) * lr
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat, tensors-only snapshot (moments on their parameter's device, counters on CPU).

@@ -22,7 +22,7 @@ from livetrain.checkpoint.files import fingerprint
 from livetrain.config import OptimizerSettings, PluginConfig
 from livetrain.formats import messages as msg
 from livetrain.trainer import state as trainer_state
-from livetrain.trainer.apollo import Apollo, NonFiniteUpdate, PendingStep
+from livetrain.trainer.apollo import Apollo, PendingStep, RefusedUpdate
 from livetrain.trainer.loss import continuation_logprobs, mean_loss
 from livetrain.trainer.model import AttachedModel, attach
 
@@ -51,12 +51,14 @@ class Trainer:
         state_dir: Path | None = None,
         weight_version: int = 0,
         block_bytes: int = PluginConfig().sync_block_bytes,
+        max_update_ratio: float = PluginConfig().max_update_ratio,
     ) -> None:
         self.attached, self.model_dir, self.state_dir = attached, model_dir, state_dir
         self.optimizer = Apollo(attached.apollo_params, attached.adamw_params)
         self.pending: PendingStep | None = None
         self.weight_version = weight_version
         self.block_bytes = block_bytes
+        self.max_update_ratio = max_update_ratio
         self.saved_version: int | None = None
         self.save_error: str | None = None
         self._saver: threading.Thread | None = None
@@ -79,6 +81,7 @@ class Trainer:
             Path(request.state_dir),
             request.weight_version,
             request.sync_block_bytes,
+            request.max_update_ratio,
         )
         resumed_from = trainer.resume()
         return trainer, msg.Attached(
@@ -202,8 +205,8 @@ class Trainer:
                 return refused(f"non-finite loss ({loss.item()})")
             loss.backward()
         try:
-            self.pending = self.optimizer.prepare(settings)
-        except NonFiniteUpdate as exc:
+            self.pending = self.optimizer.prepare(settings, self.max_update_ratio)
+        except RefusedUpdate as exc:
             self.discard()
             return refused(str(exc))
         self.pending_keys = set(keys)
@@ -239,7 +242,7 @@ class Trainer:
                 dirty=lambda name: id(params[name]) in self.dirty,
                 block_size=self.block_bytes,
             )
-        except (OSError, checkpoint_sync.JournalCorrupt) as exc:
+        except (OSError, checkpoint_sync.JournalCorrupt, checkpoint_sync.UnsafeModelDir) as exc:
             return refused(f"checkpoint failed: {exc}")
         self.dirty.clear()
         if self.state_dir is not None:
