@@ -738,6 +738,78 @@ def test_train_sync_restart_continue(models, tmp_path_factory):
         assert status["bytes_synced"] > 0 and not status["sync_pending"]
 
 
+def files_logprobs(model: Path, context: list[int], continuation: list[int]) -> list[float]:
+    """What the weights in the files assign to `continuation`, by Hugging Face."""
+    from transformers import AutoModelForCausalLM
+
+    from livetrain.trainer.loss import continuation_logprobs
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return continuation_logprobs(hf, [(context, continuation)])[0].tolist()
+
+
+def wait_gone(pid: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, f"process {pid} still running"
+        time.sleep(0.1)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_a_stopped_server_loses_only_what_it_must(models, tmp_path_factory, stop):
+    """SIGTERM (vLLM's graceful shutdown, sent to the process group): the trainer syncs
+    the steps since the last sync before it exits. SIGKILL: the files hold exactly the
+    last sync, and only the steps after it are lost."""
+    workdir = tmp_path_factory.mktemp(f"stop-{stop}")
+    model = shutil.copytree(models["llama"], workdir / "model")
+    serve = contextlib.contextmanager(start_server)
+    with serve(model, workdir, None) as client:  # automatic syncs on (600 s)
+        context = client.tokenize("The ferry horn sounded twice and")
+        continuation = client.tokenize(" the harbour woke to gulls.")
+        client.train(context, continuation, lr=3e-3, retrain=True).raise_for_status()
+        client.http.post("/checkpoint").raise_for_status()
+        synced = client.continuation_logprobs(context, continuation)
+        client.train(context, continuation, lr=3e-3, retrain=True).raise_for_status()
+        latest = client.continuation_logprobs(context, continuation)
+        trainer = client.status()["trainer_pid"]
+        os.killpg(client.server.process.pid, getattr(signal, stop))
+        client.server.process.wait(timeout=60)
+        wait_gone(trainer)
+    on_disk = files_logprobs(model, context, continuation)
+    expected, other = (latest, synced) if stop == "SIGTERM" else (synced, latest)
+    np.testing.assert_allclose(on_disk, expected, atol=RESTART_ATOL * 10)
+    assert np.abs(np.asarray(on_disk) - np.asarray(other)).max() > 1e-3
+    assert no_journal(model)
+
+
+@pytest.mark.server
+def test_a_failed_automatic_sync_shows_in_the_status_and_is_retried(models, tmp_path_factory):
+    """A model folder whose weight files are symlinks (as in a Hugging Face cache) is
+    refused for syncing: the automatic sync's failure is reported and retried, the
+    files stay as they were, and serving goes on."""
+    workdir = tmp_path_factory.mktemp("badsync")
+    model = shutil.copytree(models["llama"], workdir / "model")
+    blob = workdir / "blob.safetensors"
+    (model / "model.safetensors").rename(blob)
+    (model / "model.safetensors").symlink_to(blob)
+    before = blob.read_bytes()
+    serve = contextlib.contextmanager(start_server)
+    with serve(model, workdir, None, env={"LIVETRAIN_SYNC_DELAY_S": "1"}) as client:
+        context, continuation = client.tokenize("Fog on the pier"), client.tokenize(" again.")
+        client.train(context, continuation, lr=1e-3, retrain=True).raise_for_status()
+        deadline = time.monotonic() + 60
+        while ((status := client.status())["sync_error"] or {}).get("failures", 0) < 2:
+            assert time.monotonic() < deadline, status  # retried (after 1 s here)
+            time.sleep(0.2)
+        assert "symlink" in status["sync_error"]["reason"] and status["syncs"] == 0
+        assert status["sync_pending"] and status["state"] == "idle"
+        manual = client.http.post("/checkpoint")
+        assert manual.status_code == 500 and "symlink" in manual.json()["error"]["message"]
+    assert blob.read_bytes() == before
+
+
 def test_checkpoint_rejects_unknown_fields(llama_server):
     reply = llama_server.http.post("/checkpoint", json={"force": True})
     assert reply.status_code == 422 and reply.json()["error"]["field"] == "force"

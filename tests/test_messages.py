@@ -36,6 +36,7 @@ REQUESTS = [
         weight_version=3,
         sync_block_bytes=4096,
         max_update_ratio=0.1,
+        sync_on_exit=True,
     ),
     msg.Prepare(id=1, samples=[([1, 2], [3])], settings=OptimizerSettings(lr=0.5), retrain=True),
     msg.Apply(id=2, weight_version=4),

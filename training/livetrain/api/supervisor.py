@@ -25,6 +25,7 @@ from livetrain.config import OptimizerSettings, PluginConfig
 from livetrain.formats import messages as msg
 
 log = logging.getLogger("livetrain.api")
+SYNC_RETRY_S = 30.0  # first retry of a failed automatic sync; doubles up to sync_delay_s
 Body = TypeVar("Body", bound=msg.ReplyBody)
 
 
@@ -77,6 +78,7 @@ class TrainerSupervisor:
         self.trainer: TrainerProcess | None = None
         self._started_at = 0.0
         self.last_sync: dict[str, Any] | None = None
+        self.sync_error: dict[str, Any] | None = None  # the last failed automatic sync
         self.bytes_synced = 0
         self.syncs = 0
         self.sync_timer = SyncTimer(config.sync_delay_s, self._automatic_sync)
@@ -123,6 +125,7 @@ class TrainerSupervisor:
             weight_version=self.weight_version,
             sync_block_bytes=self.config.sync_block_bytes,
             max_update_ratio=self.config.max_update_ratio,
+            sync_on_exit=self.config.sync_delay_s > 0,
         )
         if attached.weight_version != self.weight_version:  # resumed from a checkpoint
             self.weight_version = attached.weight_version
@@ -268,10 +271,16 @@ class TrainerSupervisor:
         }
 
     async def _automatic_sync(self) -> None:
+        """The timer's sync; a failure is kept for /train/status and retried, waiting
+        twice as long each time (from SYNC_RETRY_S up to sync_delay_s)."""
         try:
             await self.checkpoint()
         except (TrainerUnavailable, StepRefused) as exc:
-            log.error("automatic checkpoint sync failed: %s", exc)
+            failures = (self.sync_error or {}).get("failures", 0) + 1
+            retry = min(SYNC_RETRY_S * 2 ** (failures - 1), self.config.sync_delay_s)
+            self.sync_error = {"at": time.time(), "reason": str(exc), "failures": failures}
+            log.error("automatic checkpoint sync failed (retry in %.0f s): %s", retry, exc)
+            self.sync_timer.arm(retry)
 
     async def checkpoint(self) -> dict[str, Any]:
         """Write the live weights into the model files now (shielded like a step)."""
@@ -288,6 +297,7 @@ class TrainerSupervisor:
             self.bytes_synced += synced.bytes_written
             self.syncs += 1
             self.last_sync = {**result, "at": time.time()}
+            self.sync_error = None
             return result
 
     async def score(self, samples: Sequence[msg.Sample]) -> dict[str, Any]:
@@ -329,6 +339,7 @@ class TrainerSupervisor:
             "save_error": self.trainer.save_error if self.trainer else None,
             "restarts": self.restarts,
             "last_sync": self.last_sync,
+            "sync_error": self.sync_error,
             "sync_pending": self.sync_timer.pending,
             "sync_due_in_s": self.sync_timer.due_in_s(),
             "bytes_synced": self.bytes_synced,

@@ -17,12 +17,14 @@ class SyncTimer:
         self._handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def arm(self) -> None:
-        """(Re)start the countdown; a delay of 0 disables automatic syncs."""
+    def arm(self, delay_s: float | None = None) -> None:
+        """(Re)start the countdown (`delay_s`, default the configured delay); a configured
+        delay of 0 disables automatic syncs."""
         if self.delay_s <= 0:
             return
         self.disarm()
-        self._handle = asyncio.get_running_loop().call_later(self.delay_s, self._fire)
+        when = self.delay_s if delay_s is None else delay_s
+        self._handle = asyncio.get_running_loop().call_later(when, self._fire)
 
     def disarm(self) -> None:
         if self._handle is not None:

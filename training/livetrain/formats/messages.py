@@ -156,6 +156,7 @@ class Attach(_Request, frozen=True, tag="attach"):
     weight_version: int
     sync_block_bytes: int
     max_update_ratio: float  # a step moving a tensor by more of its norm is refused
+    sync_on_exit: bool  # sync unsynced steps when the server shuts down
 
 
 class Prepare(_Request, frozen=True, tag="prepare"):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import threading
 import time
 
 import msgspec
@@ -91,18 +93,34 @@ def _decode(frame: bytes) -> msg.TrainerRequest | msg.Reply:
         )
 
 
-def serve(endpoint: str) -> None:
-    """Answer requests until the API server (our parent) goes away.
+def _finish(trainer: Trainer | None) -> None:
+    """Before exiting: let the state save land, and sync the steps the files lack when
+    automatic syncs are on (the views stay valid on CPU after vLLM's worker exits: the
+    mapping keeps the shared memory; on CUDA only while the worker still lives)."""
+    if trainer is None:
+        return
+    trainer.finish_save()
+    if trainer.sync_on_exit and trainer.dirty:
+        log.info("syncing unsynced steps into %s before exiting", trainer.model_dir)
+        result = trainer.checkpoint()
+        log.info("exit sync: %s", result)
 
-    Polling the parent pid is the shutdown signal: vLLM owns the server's lifespan,
-    and its engine processes are killed, not asked, when it stops.
+
+def serve(endpoint: str) -> None:
+    """Answer requests until the API server (our parent) goes away or SIGTERM arrives
+    (vLLM's graceful shutdown reaches the whole process group).
+
+    Polling the parent pid is the other shutdown signal: vLLM owns the server's
+    lifespan, and its engine processes are killed, not asked, when it stops.
     """
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     parent = os.getppid()
     socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.connect(endpoint)
     trainer: Trainer | None = None
-    while os.getppid() == parent:
+    while os.getppid() == parent and not stopping.is_set():
         if not socket.poll(1000):
             continue
         request = _decode(socket.recv())
@@ -119,9 +137,8 @@ def serve(endpoint: str) -> None:
             save_error=trainer.save_error if trainer else None,
         )
         socket.send(msg.encode(reply))
-    if trainer is not None:
-        trainer.finish_save()
-    log.info("parent process exited; trainer stopping")
+    log.info("trainer stopping (%s)", "SIGTERM" if stopping.is_set() else "parent exited")
+    _finish(trainer)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,6 +52,7 @@ class Trainer:
         weight_version: int = 0,
         block_bytes: int = PluginConfig().sync_block_bytes,
         max_update_ratio: float = PluginConfig().max_update_ratio,
+        sync_on_exit: bool = False,
     ) -> None:
         self.attached, self.model_dir, self.state_dir = attached, model_dir, state_dir
         self.optimizer = Apollo(attached.apollo_params, attached.adamw_params)
@@ -59,6 +60,7 @@ class Trainer:
         self.weight_version = weight_version
         self.block_bytes = block_bytes
         self.max_update_ratio = max_update_ratio
+        self.sync_on_exit = sync_on_exit
         self.saved_version: int | None = None
         self.save_error: str | None = None
         self._saver: threading.Thread | None = None
@@ -82,6 +84,7 @@ class Trainer:
             request.weight_version,
             request.sync_block_bytes,
             request.max_update_ratio,
+            request.sync_on_exit,
         )
         resumed_from = trainer.resume()
         return trainer, msg.Attached(
