@@ -189,7 +189,13 @@ def readout_server(models: dict[str, Path], tmp_path_factory) -> Iterator[Readou
         )["concepts"]
     )[:100]
     folder = write_readout(workdir / "readout", concepts, [0, 1], 128, seed=0)
-    env = {"LIVETRAIN_READOUT": str(folder), "LIVETRAIN_READOUT_MAX_REQUESTS": "40"}
+    env = {
+        "LIVETRAIN_READOUT": str(folder),
+        "LIVETRAIN_READOUT_MAX_REQUESTS": "40",
+        # the tests write readouts in their own temp dirs; 1 MiB holds every one of them
+        "LIVETRAIN_READOUT_ROOTS": str(tmp_path_factory.getbasetemp()),
+        "LIVETRAIN_READOUT_MAX_BYTES": str(1 << 20),
+    }
     template = workdir / "chat_template.jinja"  # the tiny tokenizer has none of its own
     template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     for client in start_server(

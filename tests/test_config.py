@@ -25,8 +25,10 @@ def test_every_kind_of_field_is_parsed():
             "LIVETRAIN_READOUT_LAYERS": "5, 2,5",
             "LIVETRAIN_TRAIN_NORMS": "yes",
             "LIVETRAIN_TRAIN_LINEAR": "0",
+            "LIVETRAIN_READOUT_ROOTS": f"/srv/a{os.pathsep}~/b",
         }
     )
+    assert config.readout_roots == (Path("/srv/a"), Path.home() / "b")
     assert config.sync_delay_s == 2.5 and config.trainer_max_restarts == 7
     assert config.state_dir == Path.home() / "state"
     assert config.readout == Path("/srv/readout") and config.readout_layers == (2, 5)
@@ -48,3 +50,16 @@ def test_reading_leaves_the_environment_alone(monkeypatch):
     before = dict(os.environ)
     PluginConfig.from_env()
     assert dict(os.environ) == before
+
+
+def test_readout_roots_default_to_the_launch_folder_built_ins_and_trainer_output(tmp_path):
+    from livetrain.api.readout_routes import readout_roots
+    from livetrain.tools.default_model import DEFAULT_READOUT
+
+    roots = readout_roots(PluginConfig(readout=tmp_path / "mine" / "readout"))
+    assert set(roots) == {
+        (tmp_path / "mine").resolve(),
+        DEFAULT_READOUT.parent.resolve(),
+        Path("readout_out").resolve(),
+    }
+    assert readout_roots(PluginConfig(readout_roots=(tmp_path,))) == (tmp_path.resolve(),)

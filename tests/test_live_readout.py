@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -440,6 +442,37 @@ def test_swap_readout_and_refuse_bad_ones(readout_server, http, hf, tmp_path):
         http.post(
             "/readout/load", json={"path": str(readout_server.readout_dir)}
         ).raise_for_status()
+
+
+def test_loading_is_confined_bounded_and_pruned(readout_server, http, tmp_path, tmp_path_factory):
+    """Only folders under the allowed roots, only tensors up to the size limit (checked
+    before any is read), and readouts no row uses any more are dropped."""
+    outside = Path(tempfile.mkdtemp(prefix="livetrain-outside-"))
+    try:
+        write_readout(outside / "r", ["a"], [1], 128, seed=4)
+        refused = http.post("/readout/load", json={"path": str(outside / "r")})
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "path"
+        assert "not under an allowed readout root" in refused.json()["error"]["message"]
+        sneaky = tmp_path / "link"  # inside a root, pointing outside: resolved first
+        sneaky.symlink_to(outside / "r")
+        assert http.post("/readout/load", json={"path": str(sneaky)}).status_code == 422
+    finally:
+        shutil.rmtree(outside)
+    concepts = [f"c{k}" for k in range(1100)]  # 1100 x 128 x 2 x 4 bytes > 1 MiB
+    big = write_readout(tmp_path / "big", concepts, [0, 1], 128, seed=5)
+    too_big = http.post("/readout/load", json={"path": str(big)})
+    assert too_big.status_code == 422 and "over the limit of 1048576" in too_big.text
+    assert http.get("/readout").json()["path"] == str(readout_server.readout_dir)
+
+    before = http.get("/readout").json()
+    for k in range(3):  # nothing is generated with these: each is dropped by the next
+        folder = write_readout(tmp_path / f"v{k}", ["p", "q"], [1], 128, seed=10 + k)
+        http.post("/readout/load", json={"path": str(folder)}).raise_for_status()
+    after = http.get("/readout").json()
+    assert after["version"] == before["version"] + 3
+    assert after["version"] in after["versions_kept"]
+    assert not {before["version"] + 1, before["version"] + 2} & set(after["versions_kept"])
+    http.post("/readout/load", json={"path": str(readout_server.readout_dir)}).raise_for_status()
 
 
 def test_every_readout_route_needs_the_key_but_the_page(readout_server):

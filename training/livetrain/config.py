@@ -58,6 +58,8 @@ def _parse(name: str, text: str, kind: object) -> object:
             return kind(text)
         if kind == tuple[int, ...]:
             return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+        if kind == tuple[Path, ...]:
+            return tuple(Path(p).expanduser() for p in text.split(os.pathsep) if p)
         return Path(text).expanduser()  # Path and Path | None
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
@@ -112,6 +114,12 @@ class PluginConfig:
     # Captured blocks are fixed at launch because they shape the compiled graph.
     readout: Path | None = None
     readout_layers: tuple[int, ...] = ()
+    # POST /readout/load reads folders under these roots only (LIVETRAIN_READOUT_ROOTS,
+    # separated like PATH); empty: the launch readout's folder's parent, the built-in
+    # readouts, and ./readout_out (where the readout trainers write by default). Its
+    # tensors file may be at most readout_max_bytes.
+    readout_roots: tuple[Path, ...] = ()
+    readout_max_bytes: int = 1 << 30
 
     @property
     def readout_enabled(self) -> bool:

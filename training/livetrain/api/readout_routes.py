@@ -39,6 +39,18 @@ from livetrain.formats.messages import ReadoutLoaded, TapStats, decode
 STREAM_WAIT_S = 10.0  # how long a stream waits for its completion's first token
 
 
+def readout_roots(config: PluginConfig) -> tuple[Path, ...]:
+    """Where POST /readout/load may read (resolved): LIVETRAIN_READOUT_ROOTS, or the
+    launch readout's parent, the built-in readouts and ./readout_out."""
+    if config.readout_roots:
+        return tuple(root.resolve() for root in config.readout_roots)
+    built_in = Path(str(resources.files("livetrain").joinpath("data/readouts")))
+    roots = [built_in, Path("readout_out")]
+    if config.readout is not None:
+        roots.append(config.readout.parent)
+    return tuple(root.resolve() for root in roots)
+
+
 class ReadoutRoutes:
     """The readout half of the endpoint plugin; LivetrainEndpoints owns auth and startup."""
 
@@ -50,6 +62,8 @@ class ReadoutRoutes:
         self.tokenizer: Any = None
         self.captured: list[int] = []
         self.collector: ScoreCollector | None = None
+        self.roots = readout_roots(config)
+        self._loading = asyncio.Lock()  # one swap at a time: versions are handed out in order
 
     def attach(self, app: FastAPI, authorize: Callable[[Request], Awaitable[None]]) -> None:
         app.add_api_route("/readout/ui", self._ui, methods=["GET"])  # static: no data, no key
@@ -112,9 +126,23 @@ class ReadoutRoutes:
     async def _load(self, request: Request) -> JSONResponse:
         self._require_enabled()
         body = await parse(request, ReadoutLoadRequest, 1 << 16, {})
-        path = str(Path(body.path).resolve())
+        resolved = Path(body.path).resolve()
+        if not any(resolved.is_relative_to(root) for root in self.roots):
+            roots = ", ".join(map(str, self.roots))
+            raise RequestError(
+                422,
+                f"path: {resolved} is not under an allowed readout root ({roots}); "
+                "set LIVETRAIN_READOUT_ROOTS at launch to allow others",
+                field="path",
+            )
+        async with self._loading:
+            return JSONResponse(await self._swap(str(resolved)))
+
+    async def _swap(self, path: str) -> dict[str, Any]:
         try:
-            readout = await asyncio.to_thread(readout_format.load, Path(body.path))
+            readout = await asyncio.to_thread(
+                readout_format.load, Path(path), self.config.readout_max_bytes
+            )
             readout_format.check_fits(
                 readout, self.engine.model_config.get_hidden_size(), self.captured
             )
@@ -124,7 +152,10 @@ class ReadoutRoutes:
         answers = await self.engine.collective_rpc("livetrain_readout_load", args=(path, version))
         if errors := [a.error for a in (decode(x, ReadoutLoaded) for x in answers) if a.error]:
             raise RequestError(422, f"path: {errors[0]}", field="path")
-        return JSONResponse(self.versions.add(version, path, readout).describe())
+        loaded = self.versions.add(version, path, readout)
+        self._drain()
+        self.versions.prune(self.store.versions_in_use())
+        return loaded.describe()
 
     def _query(self, request: Request) -> ReadoutQuery:
         return validate(ReadoutQuery, dict(request.query_params), {})

@@ -99,6 +99,15 @@ class ReadoutStore:
             entry.changed.set()
         self.expire()
 
+    def versions_in_use(self) -> set[int]:
+        """Readout versions some stored row was scored with."""
+        return {
+            row.version
+            for entry in self.requests.values()
+            for rows in (*entry.choices.values(), *entry.prompts.values())
+            for row in rows.values()
+        }
+
     def expire(self) -> None:
         now = time.monotonic()
         while self.requests and (
@@ -191,9 +200,15 @@ class ReadoutVersions:
     def next_version(self) -> int:
         return max(self.loaded, default=0) + 1
 
+    def prune(self, in_use: set[int]) -> None:
+        """Forget readouts no stored row and no new row will need."""
+        for version in [v for v in self.loaded if v != self.current and v not in in_use]:
+            del self.loaded[version]
+
     def __getitem__(self, version: int) -> LoadedReadout:
         return self.loaded[version]
 
     def describe(self) -> dict[str, Any]:
         loaded = self.loaded.get(self.current)
-        return loaded.describe() if loaded else {"loaded": False}
+        body = loaded.describe() if loaded else {"loaded": False}
+        return {**body, "version": self.current, "versions_kept": sorted(self.loaded)}

@@ -110,8 +110,9 @@ def save(out_dir: Path, readout: Readout) -> None:
     os.replace(tmp, out_dir / MANIFEST_FILE)
 
 
-def load(folder: Path) -> Readout:
-    """Read and validate a readout folder; raise ReadoutError on anything wrong."""
+def load(folder: Path, max_bytes: int | None = None) -> Readout:
+    """Read and validate a readout folder; raise ReadoutError on anything wrong
+    (including tensors over `max_bytes`, checked before any is read)."""
     folder = Path(folder)
     manifest = _read_manifest(folder)
     concepts = _field(manifest, "concepts", list)
@@ -123,7 +124,7 @@ def load(folder: Path) -> Readout:
         raise ReadoutError("readout.json: concepts has duplicates")
     if not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
         raise ReadoutError("readout.json: layers must be a non-empty list of layer indices")
-    vectors, centres = _read_tensors(folder, layers)
+    vectors, centres = _read_tensors(folder, layers, max_bytes)
     provenance = {
         k: v
         for k, v in manifest.items()
@@ -194,11 +195,13 @@ def _field(manifest: dict[str, Any], name: str, kind: type) -> Any:
 
 
 def _read_tensors(
-    folder: Path, layers: list[int]
+    folder: Path, layers: list[int], max_bytes: int | None
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     path = folder / TENSORS_FILE
     if not path.is_file():
         raise ReadoutError(f"{path}: missing")
+    if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
+        raise ReadoutError(f"{path}: {size} bytes, over the limit of {max_bytes}")
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
