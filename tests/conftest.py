@@ -7,6 +7,8 @@ rest in a minute); tests that start a server of their own carry the mark themsel
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -66,11 +68,19 @@ def start_server(
     eager: bool = True,
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
+    link_model: bool = False,
 ) -> Iterator[LivetrainClient]:
     """A real vLLM server on `model` with a private state dir; yields a client.
 
     `eager=False` keeps vLLM's default torch.compile path, which users get by default.
+    A model outside `workdir` is served from a private copy there (one server per model
+    folder: livetrain locks it); `link_model` hard-links the files instead of copying,
+    for a large model on a server that never syncs (a sync would write through links).
     """
+    if not Path(model).resolve().is_relative_to(workdir.resolve()):
+        copy = shutil.copy2 if not link_model else os.link
+        skip = shutil.ignore_patterns(".livetrain*")  # another server's lock or journal
+        model = shutil.copytree(model, workdir / "model", copy_function=copy, ignore=skip)
     env = {**plugin_env(), **(env or {})}
     # Random tiny models move about 60 x lr of their norm per step (the built-in model
     # 12 x lr), so the tests' learning rates need a wider guard than the default.

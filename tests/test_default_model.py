@@ -137,6 +137,7 @@ def real_server(model_dir, tmp_path_factory):
         None,
         env={"LIVETRAIN_SYNC_DELAY_S": "0"},
         extra_args=["--max-model-len", "512"],
+        link_model=True,  # its own folder (the demo locks the cached one), never synced
     )
 
 

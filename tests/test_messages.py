@@ -37,11 +37,13 @@ REQUESTS = [
         sync_block_bytes=4096,
         max_update_ratio=0.1,
         sync_on_exit=True,
+        restore_from_files=False,
     ),
     msg.Prepare(id=1, samples=[([1, 2], [3])], settings=OptimizerSettings(lr=0.5), retrain=True),
     msg.Apply(id=2, weight_version=4),
     msg.Score(id=3, samples=[([1], [2, 3])]),
     msg.Checkpoint(id=4),
+    msg.Rollback(id=5, weight_version=9),
 ]
 BODIES = [
     msg.Attached(3, 14, 0, 1000, 5, None, 2, msg.OptimizerStatus(0, 0)),
@@ -49,6 +51,7 @@ BODIES = [
     msg.Applied(msg.OptimizerStatus(1, 123)),
     msg.Scored(token_logprobs=[[-0.5, -1.0]], loss=0.75),
     msg.Synced(4, ["model.safetensors"], 4096, 1, 10, 0),
+    msg.RolledBack(9, 4, msg.OptimizerStatus(3, 100)),
     msg.Failed(kind="refused", error="no", status=409),
 ]
 

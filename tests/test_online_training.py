@@ -204,6 +204,30 @@ def test_trainer_restart_keeps_state(llama_server, sample):
     assert reply["weight_version"] == before["weight_version"] + 1
 
 
+def test_rollback_serves_the_last_checkpoint_again_exactly(llama_server, sample, tmp_path):
+    """Train past a sync, roll back: the served weights are the files' bit for bit (the
+    served log-probs are the synced ones, and equal Hugging Face's on the files), the
+    optimizer state is the synced one, and the version moves on (a new write)."""
+    llama_server.http.post("/checkpoint").raise_for_status()
+    synced = llama_server.continuation_logprobs(*sample)
+    at_sync = llama_server.status()
+    for _ in range(2):
+        llama_server.train(*sample, lr=1e-3, retrain=True).raise_for_status()
+    assert llama_server.continuation_logprobs(*sample) != synced
+    reply = llama_server.http.post("/train/rollback").raise_for_status().json()
+    assert reply["weight_version"] == at_sync["weight_version"] + 3
+    assert reply["checkpoint_version"] == at_sync["weight_version"]
+    assert reply["optimizer_steps"] == at_sync["steps"]
+    assert llama_server.continuation_logprobs(*sample) == synced
+    np.testing.assert_allclose(score(llama_server, *sample), synced, atol=LOGPROB_ATOL)
+    status = llama_server.status()
+    assert (status["steps"], status["optimizer_state_bytes"]) == (
+        at_sync["steps"],
+        at_sync["optimizer_state_bytes"],
+    )
+    assert not status["sync_pending"]  # nothing to sync: the weights are the files'
+
+
 # ---- the Trainer on its own (no vLLM) ------------------------------------------------
 
 SAMPLES = [([5, 6, 7], [8, 9])]

@@ -91,6 +91,7 @@ def test_bad_input_is_refused_and_changes_nothing(llama_server, sample, case):
         ("POST", "/train/score"),
         ("GET", "/train/status"),
         ("POST", "/checkpoint"),
+        ("POST", "/train/rollback"),
     ],
 )
 @pytest.mark.parametrize("key", [None, "wrong-key"])

@@ -67,3 +67,28 @@ def test_the_restart_budget_comes_back_after_healthy_time(strict_server):
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert strict_server.wait_trainer()["state"] == "idle"
+
+
+@pytest.fixture(scope="module")
+def torn_server(models: dict[str, Path], tmp_path_factory) -> Iterator[LivetrainClient]:
+    """Every weight write misses its deadline: the trainer is killed while (or right
+    after) writing, and the weights must come back from the files."""
+    env = {"LIVETRAIN_TRAINER_APPLY_TIMEOUT_S": "1e-6", "LIVETRAIN_SYNC_DELAY_S": "0"}
+    yield from start_server(models["llama"], tmp_path_factory.mktemp("torn"), None, env=env)
+
+
+@pytest.mark.server
+def test_a_trainer_killed_while_writing_weights_restores_them_from_the_files(torn_server):
+    context, continuation = sample(torn_server)
+    original = torn_server.continuation_logprobs(context, continuation)
+    before = torn_server.status()
+    reply = torn_server.train(context, continuation, lr=1e-3, retrain=True)
+    assert reply.status_code == 503, reply.text
+    assert "restored from the model files" in reply.json()["error"]["message"]
+    after = torn_server.wait_trainer()
+    assert after["restarts"] == before["restarts"] + 1
+    assert after["weight_version"] == before["weight_version"] + 1  # the restore is a write
+    assert torn_server.continuation_logprobs(context, continuation) == original
+    body = {"context_ids": context, "continuation_ids": continuation}
+    trainer = torn_server.http.post("/train/score", json=body).raise_for_status().json()
+    assert trainer["token_logprobs"][0] == pytest.approx(original, abs=1e-4)

@@ -4,6 +4,7 @@ POST /train          one optimizer step on raw token ids
 POST /train/score    continuation log-probs as the trainer's model sees them
 GET  /train/status   trainer state, weight version, optimizer settings and size
 POST /checkpoint     write the trained weights into the model's safetensors now
+POST /train/rollback serve the weights in the model's safetensors again
 /readout...          the live readout (readout_routes.py)
 
 All of them change or reveal training state, so all honour vLLM's --api-key
@@ -24,7 +25,12 @@ from fastapi.responses import JSONResponse
 from livetrain import vllm_internals
 from livetrain.api.http import RequestError, parse
 from livetrain.api.readout_routes import ReadoutRoutes
-from livetrain.api.requests import CheckpointRequest, ScoreRequest, TrainRequest
+from livetrain.api.requests import (
+    CheckpointRequest,
+    RollbackRequest,
+    ScoreRequest,
+    TrainRequest,
+)
 from livetrain.api.supervisor import StepRefused, TrainerSupervisor, TrainerUnavailable
 from livetrain.checkpoint.lock import lock_model_dir
 from livetrain.config import plugin_config
@@ -62,6 +68,7 @@ class LivetrainEndpoints:
         router.add_api_route("/train/score", self._score, methods=["POST"])
         router.add_api_route("/train/status", self._status, methods=["GET"])
         router.add_api_route("/checkpoint", self._checkpoint, methods=["POST"])
+        router.add_api_route("/train/rollback", self._rollback, methods=["POST"])
         app.include_router(router)
         self.readout.attach(app, self._authorize)
         app.add_exception_handler(RequestError, lambda _req, exc: exc.response())
@@ -128,6 +135,16 @@ class LivetrainEndpoints:
             raise RequestError(503, str(exc), state=supervisor.state) from None
         except StepRefused as exc:
             raise RequestError(500, f"{exc}; the previous checkpoint is intact") from None
+
+    async def _rollback(self, request: Request) -> JSONResponse:
+        supervisor = self._ready_supervisor()
+        await parse(request, RollbackRequest, self.config.max_body_bytes, {}, empty={})
+        try:
+            return JSONResponse(await supervisor.rollback())
+        except TrainerUnavailable as exc:
+            raise RequestError(503, str(exc), state=supervisor.state) from None
+        except StepRefused as exc:
+            raise RequestError(500, f"rollback failed: {exc}") from None
 
     async def _status(self) -> JSONResponse:
         return JSONResponse(self._ready_supervisor().status())

@@ -155,6 +155,12 @@ class CheckpointRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RollbackRequest(BaseModel):
+    """POST /train/rollback takes no settings today; an empty object (or no body) is fine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class ReadoutLoadRequest(BaseModel):
     """POST /readout/load: a readout folder on the server's filesystem."""
 

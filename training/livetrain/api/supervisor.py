@@ -86,6 +86,7 @@ class TrainerSupervisor:
         self._state_dir = model_state_dir(config, model_dir)
         self._lock = asyncio.Lock()
         self._writing = False  # True while the trainer writes into the served weights
+        self._torn = False  # a write did not finish: generation paused until restored
         self._launching: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------
@@ -94,15 +95,23 @@ class TrainerSupervisor:
         self._launching = asyncio.get_running_loop().create_task(self._launch())
 
     async def _launch(self) -> None:
+        """Start a trainer. After one died writing weights (`_torn`), generation is still
+        paused: the new one first restores the weights from the files, and only then
+        does generation resume (also when that fails, with the reason in the state)."""
         self.state, self.reason = "starting", "trainer is starting"
         try:
             await self._start_trainer()
         except Exception as exc:
             log.exception("livetrain trainer failed to start")
             self._fail(f"trainer failed to start: {exc}")
-            return
-        self.state, self.reason = "idle", None
-        log.info("livetrain trainer ready (pid %s): %s", self.trainer_pid, self.attached)
+            if self._torn:
+                self.reason = f"{self.reason}; the served weights may be partially updated"
+        else:
+            self.state, self.reason = "idle", None
+            log.info("livetrain trainer ready (pid %s): %s", self.trainer_pid, self.attached)
+        if self._torn:
+            self._torn = False
+            await self.engine.resume_generation()
 
     async def _start_trainer(self) -> None:
         names = list(list_tensors(self.model_dir))
@@ -126,8 +135,11 @@ class TrainerSupervisor:
             sync_block_bytes=self.config.sync_block_bytes,
             max_update_ratio=self.config.max_update_ratio,
             sync_on_exit=self.config.sync_delay_s > 0,
+            restore_from_files=self._torn,
         )
-        if attached.weight_version != self.weight_version:  # resumed from a checkpoint
+        if self._torn and not await self.engine.reset_prefix_cache(reset_running_requests=True):
+            raise TrainerUnavailable("prefix cache reset refused after restoring the weights")
+        if attached.weight_version != self.weight_version:  # resumed, or restored
             self.weight_version = attached.weight_version
             await self.engine.update_weight_version(str(self.weight_version))
         self.attached, self.optimizer = attached, attached.optimizer
@@ -135,16 +147,17 @@ class TrainerSupervisor:
     async def _on_exit(self, trainer: TrainerProcess, code: int) -> None:
         if trainer is not self.trainer or self.state == "failed":
             return
-        if self._writing:
-            self._fail(
-                f"trainer exited (code {code}) while writing weights; the served weights may "
-                "be partially updated, restart vLLM"
-            )
-            return
+        if self._writing:  # generation stays paused until the next trainer restores
+            self._torn = True
+            log.error("livetrain trainer exited (code %s) while writing weights", code)
         if time.monotonic() - self._started_at >= self.config.trainer_healthy_s:
             self._restart_budget_used = 0  # it ran healthy: this exit is not a crash loop
         if self._restart_budget_used >= self.config.trainer_max_restarts:
             self._fail(f"trainer exited with code {code}; restart limit reached")
+            if self._torn:
+                self._torn = False
+                self.reason = f"{self.reason}; the served weights may be partially updated"
+                await self.engine.resume_generation()
             return
         self.restarts += 1
         self._restart_budget_used += 1
@@ -184,9 +197,11 @@ class TrainerSupervisor:
             op = request.__name__.lower()
             log.error("livetrain trainer missed the %s deadline (%s s); killing it", op, timeout)
             trainer.kill()
-            raise TrainerUnavailable(
+            self.state = "starting"  # until the exit is seen and a new trainer attached
+            self.reason = (
                 f"trainer did not answer {op} within {timeout:g} s; it was killed and restarts"
-            ) from None
+            )
+            raise TrainerUnavailable(self.reason) from None
         body = reply.body
         if isinstance(body, msg.Failed):
             if body.kind == "fatal":
@@ -228,34 +243,7 @@ class TrainerSupervisor:
             msg.Prepare, msg.Prepared, samples=samples, settings=settings, retrain=retrain
         )
         version = self.weight_version + 1
-        paused = time.perf_counter()
-        await vllm.pause_engine(self.engine)
-        try:
-            self._writing = True
-            try:
-                applied, apply_ms = await self._call(
-                    msg.Apply,
-                    msg.Applied,
-                    timeout=self.config.trainer_apply_timeout_s,
-                    weight_version=version,
-                )
-            except TrainerUnavailable as exc:
-                self._fail(
-                    f"{exc} while writing weights; the served weights may be partially "
-                    "updated, restart vLLM"
-                )
-                raise TrainerUnavailable(self.reason) from None
-            finally:
-                self._writing = False
-            self.weight_version = version
-            # Running requests are preempted and recomputed: their KV came from the old weights.
-            if not await self.engine.reset_prefix_cache(reset_running_requests=True):
-                self._fail(f"prefix cache reset refused after step {version}")
-                raise TrainerUnavailable(self.reason)
-            await self.engine.update_weight_version(str(version))
-        finally:
-            await self.engine.resume_generation()
-        pause_ms = (time.perf_counter() - paused) * 1000
+        applied, apply_ms, pause_ms = await self._write(msg.Apply, msg.Applied, version)
         self.last_loss, self.last_settings = prepared.loss, settings
         self.optimizer = applied.optimizer
         self.sync_timer.arm()
@@ -269,6 +257,63 @@ class TrainerSupervisor:
             "pause_ms": pause_ms,
             "trainer_ms": {"prepare": prepare_ms, "apply": apply_ms},
         }
+
+    async def _write(
+        self, request: type[msg.Apply | msg.Rollback], expected: type[Body], version: int
+    ) -> tuple[Body, float, float]:
+        """A write into the served weights, fenced: generation paused, the write (with
+        its short deadline), the prefix cache dropped (running requests are recomputed:
+        their KV came from the old weights), the new version announced, generation
+        resumed. (body, trainer ms, pause ms). A write that did not finish leaves
+        generation paused until the next trainer has restored the weights (_launch)."""
+        paused = time.perf_counter()
+        await vllm.pause_engine(self.engine)
+        try:
+            self._writing = True
+            try:
+                body, trainer_ms = await self._call(
+                    request,
+                    expected,
+                    timeout=self.config.trainer_apply_timeout_s,
+                    weight_version=version,
+                )
+            except TrainerUnavailable as exc:
+                self._torn = self.state != "failed"  # a restart restores, then resumes
+                raise TrainerUnavailable(
+                    f"{exc}; the weights are being restored from the model files"
+                    if self._torn
+                    else str(exc)
+                ) from None
+            finally:
+                self._writing = False
+            self.weight_version = version
+            if not await self.engine.reset_prefix_cache(reset_running_requests=True):
+                self._fail(f"prefix cache reset refused after writing version {version}")
+                raise TrainerUnavailable(self.reason)
+            await self.engine.update_weight_version(str(version))
+        finally:
+            if not self._torn:
+                await self.engine.resume_generation()
+        return body, trainer_ms, (time.perf_counter() - paused) * 1000
+
+    async def rollback(self) -> dict[str, Any]:
+        """Serve the weights in the model files again (shielded like a step)."""
+        return await asyncio.shield(asyncio.ensure_future(self._rollback()))
+
+    async def _rollback(self) -> dict[str, Any]:
+        async with self._lock:
+            self._require_ready()
+            self.sync_timer.disarm()  # the served weights are about to equal the files
+            version = self.weight_version + 1
+            rolled, trainer_ms, pause_ms = await self._write(msg.Rollback, msg.RolledBack, version)
+            self.optimizer, self.last_loss = rolled.optimizer, None
+            return {
+                "weight_version": version,
+                "checkpoint_version": rolled.checkpoint_version,
+                "optimizer_steps": rolled.optimizer.optimizer_steps,
+                "pause_ms": pause_ms,
+                "trainer_ms": trainer_ms,
+            }
 
     async def _automatic_sync(self) -> None:
         """The timer's sync; a failure is kept for /train/status and retried, waiting

@@ -157,6 +157,7 @@ class Attach(_Request, frozen=True, tag="attach"):
     sync_block_bytes: int
     max_update_ratio: float  # a step moving a tensor by more of its norm is refused
     sync_on_exit: bool  # sync unsynced steps when the server shuts down
+    restore_from_files: bool  # the last trainer died writing: the served weights are torn
 
 
 class Prepare(_Request, frozen=True, tag="prepare"):
@@ -173,6 +174,13 @@ class Apply(_Request, frozen=True, tag="apply"):
     weight_version: int
 
 
+class Rollback(_Request, frozen=True, tag="rollback"):
+    """Write the model files' weights back into the served ones (inference is paused)
+    and take the optimizer state synced with them; `weight_version` is the new one."""
+
+    weight_version: int
+
+
 class Score(_Request, frozen=True, tag="score"):
     samples: list[Sample]
 
@@ -181,7 +189,7 @@ class Checkpoint(_Request, frozen=True, tag="checkpoint"):
     """Write the live weights into the model's safetensors (changed blocks only)."""
 
 
-TrainerRequest = Attach | Prepare | Apply | Score | Checkpoint
+TrainerRequest = Attach | Prepare | Apply | Score | Checkpoint | Rollback
 
 
 class RequestId(msgspec.Struct):
@@ -220,6 +228,12 @@ class Applied(msgspec.Struct, frozen=True, tag="applied"):
     optimizer: OptimizerStatus
 
 
+class RolledBack(msgspec.Struct, frozen=True, tag="rolled_back"):
+    weight_version: int
+    checkpoint_version: int | None  # the synced version the files hold; None: unknown
+    optimizer: OptimizerStatus
+
+
 class Scored(msgspec.Struct, frozen=True, tag="scored"):
     token_logprobs: list[list[float]]
     loss: float
@@ -245,7 +259,7 @@ class Failed(msgspec.Struct, frozen=True, tag="failed"):
     status: int | None = None  # the HTTP status the API server should answer with
 
 
-ReplyBody = Attached | Prepared | Applied | Scored | Synced | Failed
+ReplyBody = Attached | Prepared | Applied | Scored | Synced | RolledBack | Failed
 
 
 class Reply(msgspec.Struct, frozen=True):

@@ -48,6 +48,8 @@ def _run(trainer: Trainer, request: msg.TrainerRequest) -> msg.ReplyBody:
         return trainer.score(request.samples)
     if isinstance(request, msg.Checkpoint):
         return trainer.checkpoint()
+    if isinstance(request, msg.Rollback):
+        return trainer.rollback(request.weight_version)
     return refused("already attached")
 
 
@@ -72,7 +74,8 @@ def handle(
         if trainer is not None:
             trainer.discard()
         error = f"{type(exc).__name__}: {exc}"
-        return trainer, fatal(error) if op in ("attach", "apply") else refused(error)
+        writes = ("attach", "apply", "rollback")  # a failure there leaves unknown weights
+        return trainer, fatal(error) if op in writes else refused(error)
 
 
 def _decode(frame: bytes) -> msg.TrainerRequest | msg.Reply:

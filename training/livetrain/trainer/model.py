@@ -120,6 +120,21 @@ def verify_against_files(model: nn.Module, model_dir: Path, exempt: set[int]) ->
             )
 
 
+@torch.no_grad()
+def restore_weights(attached: AttachedModel, model_dir: Path) -> None:
+    """Copy each trainable tensor's file value into its view (cast to the served dtype:
+    bit-identical when the files hold that dtype). Frozen tensors were verified equal
+    to the files at attach and never change."""
+    params = dict(attached.model.named_parameters(remove_duplicate=False))
+    trainable = {id(p) for p in attached.trainable.values()}
+    for name, entry in list_tensors(model_dir).items():
+        param = params.get(name)
+        if param is not None and id(param) in trainable:
+            param.copy_(load_tensor(entry).to(device=param.device, dtype=param.dtype))
+    if next(attached.model.parameters()).is_cuda:
+        torch.cuda.synchronize()  # the write must land before vLLM resumes
+
+
 def classify(model: nn.Module, families: TrainableFamilies) -> AttachedModel:
     """Split parameters into APOLLO (2-D linear), AdamW (other trainables), frozen."""
     out_embed = model.get_output_embeddings().weight  # type: ignore[operator]

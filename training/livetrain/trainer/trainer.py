@@ -24,7 +24,7 @@ from livetrain.formats import messages as msg
 from livetrain.trainer import state as trainer_state
 from livetrain.trainer.apollo import Apollo, PendingStep, RefusedUpdate
 from livetrain.trainer.loss import continuation_logprobs, mean_loss
-from livetrain.trainer.model import AttachedModel, attach
+from livetrain.trainer.model import AttachedModel, attach, restore_weights
 
 log = logging.getLogger("livetrain.trainer")
 
@@ -86,7 +86,11 @@ class Trainer:
             request.max_update_ratio,
             request.sync_on_exit,
         )
-        resumed_from = trainer.resume()
+        if request.restore_from_files:
+            restored = trainer.rollback(request.weight_version + 1)
+            resumed_from = restored.checkpoint_version
+        else:
+            resumed_from = trainer.resume()
         return trainer, msg.Attached(
             weight_version=trainer.weight_version,
             apollo_tensors=len(attached.apollo_params),
@@ -133,6 +137,25 @@ class Trainer:
         self.weight_version = saved["weight_version"]
         trainer_state.save(self.state_dir, self._snapshot())
         return True
+
+    def rollback(self, weight_version: int) -> msg.RolledBack:
+        """Make the served trainable weights equal the model files (the engine is paused),
+        with the optimizer state and trained-sample record synced with them when the
+        files are still the ones that sync wrote; otherwise a fresh optimizer state."""
+        self.finish_save()
+        self.discard()
+        restore_weights(self.attached, self.model_dir)
+        saved = None
+        if self.state_dir is not None:
+            saved = trainer_state.load(self.state_dir, trainer_state.CHECKPOINT_FILE)
+        self.optimizer = Apollo(self.attached.apollo_params, self.attached.adamw_params)
+        self.trained, self.dirty = set(), set()
+        checkpoint_version = None
+        if saved is not None and saved.get("files") == fingerprint(self.model_dir):
+            checkpoint_version = saved["weight_version"] if self._adopt(saved) else None
+        self.weight_version = weight_version
+        self._start_save()
+        return msg.RolledBack(weight_version, checkpoint_version, self.optimizer_status())
 
     def _adopt(self, saved: dict[str, Any]) -> bool:
         """Take over a saved optimizer state and trained-sample record, if they fit."""
