@@ -121,6 +121,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="livetrain-bench-"))
     env = plugin_env()
     env["LIVETRAIN_STATE_DIR"] = str(work / "state")
+    env["LIVETRAIN_SYNC_DELAY_S"] = "0"  # never write the bench's random steps into the model
     vllm_args = ["--enforce-eager", "--max-model-len", "512", "--dtype", "float32"]
     with Server(model_dir, 8311, vllm_args, env=env, log_path=work / "server.log") as server:
         server.wait_healthy()

@@ -113,7 +113,10 @@ def test_the_right_key_is_accepted(llama_server):
     assert reply.status_code == 200 and reply.json()["state"] == "idle"
 
 
-def test_state_files_are_private(llama_server):
+def test_state_files_are_private(llama_server, sample):
+    llama_server.train(*sample, lr=1e-4, retrain=True).raise_for_status()  # a state file
+    body = {"context_ids": sample[0], "continuation_ids": sample[1]}
+    llama_server.http.post("/train/score", json=body).raise_for_status()  # waits for its save
     state_root = llama_server.workdir / "state"
     model_dirs = list(state_root.iterdir())
     assert stat.S_IMODE(state_root.stat().st_mode) == 0o700

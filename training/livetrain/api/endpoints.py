@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,47 +104,52 @@ class LivetrainEndpoints:
             raise RequestError(503, "livetrain needs a generation engine; none is running")
         return self.supervisor
 
-    async def _train(self, request: Request) -> JSONResponse:
-        supervisor = self._ready_supervisor()
-        body = await parse(request, TrainRequest, self.config.max_body_bytes, self.limits)
+    @staticmethod
+    async def _answer(
+        supervisor: TrainerSupervisor,
+        operation: Awaitable[dict[str, Any]],
+        refused: Callable[[StepRefused], RequestError],
+    ) -> JSONResponse:
+        """The operation's result, or the HTTP error for how it failed: 503 while the
+        trainer is unavailable, `refused(exc)` when it refused (nothing changed)."""
         try:
-            result = await supervisor.train(body.sample_list(), body.settings(), body.retrain)
+            return JSONResponse(await operation)
         except TrainerUnavailable as exc:
             raise RequestError(503, str(exc), state=supervisor.state) from None
         except StepRefused as exc:
-            status = exc.status or 422
-            raise RequestError(status, f"step refused, weights unchanged: {exc}") from None
-        return JSONResponse(result)
+            raise refused(exc) from None
+
+    async def _train(self, request: Request) -> JSONResponse:
+        supervisor = self._ready_supervisor()
+        body = await parse(request, TrainRequest, self.config.max_body_bytes, self.limits)
+        step = supervisor.train(body.sample_list(), body.settings(), body.retrain)
+        return await self._answer(
+            supervisor,
+            step,
+            lambda e: RequestError(e.status or 422, f"step refused, weights unchanged: {e}"),
+        )
 
     async def _score(self, request: Request) -> JSONResponse:
         supervisor = self._ready_supervisor()
         body = await parse(request, ScoreRequest, self.config.max_body_bytes, self.limits)
-        try:
-            return JSONResponse(await supervisor.score(body.sample_list()))
-        except TrainerUnavailable as exc:
-            raise RequestError(503, str(exc), state=supervisor.state) from None
-        except StepRefused as exc:
-            raise RequestError(422, str(exc)) from None
+        scored = supervisor.score(body.sample_list())
+        return await self._answer(supervisor, scored, lambda e: RequestError(422, str(e)))
 
     async def _checkpoint(self, request: Request) -> JSONResponse:
         supervisor = self._ready_supervisor()
         await parse(request, CheckpointRequest, self.config.max_body_bytes, {}, empty={})
-        try:
-            return JSONResponse(await supervisor.checkpoint())
-        except TrainerUnavailable as exc:
-            raise RequestError(503, str(exc), state=supervisor.state) from None
-        except StepRefused as exc:
-            raise RequestError(500, f"{exc}; the previous checkpoint is intact") from None
+        return await self._answer(
+            supervisor,
+            supervisor.checkpoint(),
+            lambda e: RequestError(500, f"{e}; the previous checkpoint is intact"),
+        )
 
     async def _rollback(self, request: Request) -> JSONResponse:
         supervisor = self._ready_supervisor()
         await parse(request, RollbackRequest, self.config.max_body_bytes, {}, empty={})
-        try:
-            return JSONResponse(await supervisor.rollback())
-        except TrainerUnavailable as exc:
-            raise RequestError(503, str(exc), state=supervisor.state) from None
-        except StepRefused as exc:
-            raise RequestError(500, f"rollback failed: {exc}") from None
+        return await self._answer(
+            supervisor, supervisor.rollback(), lambda e: RequestError(500, f"rollback failed: {e}")
+        )
 
     async def _status(self) -> JSONResponse:
         return JSONResponse(self._ready_supervisor().status())
