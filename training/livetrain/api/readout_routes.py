@@ -39,6 +39,12 @@ from livetrain.formats.messages import ReadoutLoaded, TapStats, decode
 STREAM_WAIT_S = 10.0  # how long a stream waits for its completion's first token
 
 
+def first_error(answers: list[bytes]) -> str | None:
+    """The first worker's refusal among `ReadoutLoaded` RPC answers, if any."""
+    errors = [a.error for a in (decode(x, ReadoutLoaded) for x in answers) if a.error]
+    return errors[0] if errors else None
+
+
 def readout_roots(config: PluginConfig) -> tuple[Path, ...]:
     """Where POST /readout/load may read (resolved): LIVETRAIN_READOUT_ROOTS, or the
     launch readout's parent, the built-in readouts and ./readout_out."""
@@ -89,8 +95,8 @@ class ReadoutRoutes:
             "livetrain_readout_start", args=(str(ring.path), launch)
         )
         remove(ring)  # both ends have it mapped now; nothing is left behind on a crash
-        if errors := [a.error for a in (decode(x, ReadoutLoaded) for x in answers) if a.error]:
-            raise readout_format.ReadoutError(f"live readout: {errors[0]}")
+        if error := first_error(answers):
+            raise readout_format.ReadoutError(f"live readout: {error}")
         self.engine = engine_client
         self.collector = ScoreCollector(ring, self.store)
         vllm.watch_added_requests(engine_client, self.collector.note_fanout)
@@ -150,8 +156,8 @@ class ReadoutRoutes:
             raise RequestError(422, f"path: {exc}", field="path") from None
         version = self.versions.next_version()
         answers = await self.engine.collective_rpc("livetrain_readout_load", args=(path, version))
-        if errors := [a.error for a in (decode(x, ReadoutLoaded) for x in answers) if a.error]:
-            raise RequestError(422, f"path: {errors[0]}", field="path")
+        if error := first_error(answers):
+            raise RequestError(422, f"path: {error}", field="path")
         loaded = self.versions.add(version, path, readout)
         self._drain()
         self.versions.prune(self.store.versions_in_use())

@@ -104,14 +104,10 @@ class TrainerSupervisor:
         except Exception as exc:
             log.exception("livetrain trainer failed to start")
             self._fail(f"trainer failed to start: {exc}")
-            if self._torn:
-                self.reason = f"{self.reason}; the served weights may be partially updated"
         else:
             self.state, self.reason = "idle", None
             log.info("livetrain trainer ready (pid %s): %s", self.trainer_pid, self.attached)
-        if self._torn:
-            self._torn = False
-            await self.engine.resume_generation()
+        await self._end_torn()
 
     async def _start_trainer(self) -> None:
         names = list(list_tensors(self.model_dir))
@@ -154,15 +150,22 @@ class TrainerSupervisor:
             self._restart_budget_used = 0  # it ran healthy: this exit is not a crash loop
         if self._restart_budget_used >= self.config.trainer_max_restarts:
             self._fail(f"trainer exited with code {code}; restart limit reached")
-            if self._torn:
-                self._torn = False
-                self.reason = f"{self.reason}; the served weights may be partially updated"
-                await self.engine.resume_generation()
+            await self._end_torn()
             return
         self.restarts += 1
         self._restart_budget_used += 1
         log.warning("livetrain trainer exited with code %s; restarting", code)
         await self._launch()
+
+    async def _end_torn(self) -> None:
+        """Resume the generation a torn write left paused (restored, or not: then the
+        failed state says the served weights may be partially updated)."""
+        if not self._torn:
+            return
+        self._torn = False
+        if self.state == "failed":
+            self.reason = f"{self.reason}; the served weights may be partially updated"
+        await self.engine.resume_generation()
 
     def _fail(self, reason: str) -> None:
         self.state, self.reason = "failed", reason

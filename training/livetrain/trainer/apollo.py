@@ -353,6 +353,7 @@ class Apollo:
             )
         checks: list[tuple[str, str, torch.Tensor]] = []
         moves: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # name, ||delta||, ||W||
+        guarded = math.isfinite(max_update_ratio)
         apollo: dict[str, ApolloTensorStep] = {}
         adamw: dict[str, AdamWTensorStep] = {}
         for name, param in self._apollo_params.items():
@@ -360,15 +361,17 @@ class Apollo:
                 name, param, settings, lr, decay
             )
             checks += [(name, reason, ok) for reason, ok in tensor_checks]
-            moves.append((name, *_movement(param, step_norm, decay)))
+            if guarded:  # one weight-norm reduction per tensor, only when it is checked
+                moves.append((name, *_movement(param, step_norm, decay)))
         for name, param in self._adamw_params.items():
             adamw[name], tensor_checks, step_norm = self._prepare_adamw(
                 name, param, settings, lr, decay
             )
             checks += [(name, reason, ok) for reason, ok in tensor_checks]
-            moves.append((name, *_movement(param, step_norm, decay)))
+            if guarded:  # one weight-norm reduction per tensor, only when it is checked
+                moves.append((name, *_movement(param, step_norm, decay)))
         _raise_first_failure(checks)
-        if math.isfinite(max_update_ratio):
+        if guarded:
             _refuse_large_moves(moves, max_update_ratio)
         reset = [
             name
