@@ -17,11 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
+from livetrain.config import TrainableFamilies
 from livetrain.formats import readout_format
 from livetrain.tools.client import LivetrainClient
 from livetrain.tools.launch import Server, plugin_env
 from livetrain.tools.tiny_model import build_tiny_model
+from livetrain.trainer.model import classify
+from livetrain.trainer.trainer import Trainer
 
 API_KEY = "test-key-123"
 SERVE_ARGS = [
@@ -107,13 +111,41 @@ def start_server(
 @pytest.fixture(scope="session")
 def llama_server(models: dict[str, Path], tmp_path_factory) -> Iterator[LivetrainClient]:
     """Llama (untied, GQA, padded vocab) behind --api-key, compiled as vLLM defaults to;
-    shared by the online-training and route-safety tests."""
-    yield from start_server(models["llama"], tmp_path_factory.mktemp("llama"), API_KEY, eager=False)
+    shared by the online-training, route-safety and undo tests (it keeps two steps)."""
+    workdir, env = tmp_path_factory.mktemp("llama"), {"LIVETRAIN_UNDO_STEPS": "2"}
+    yield from start_server(models["llama"], workdir, API_KEY, eager=False, env=env)
 
 
 @pytest.fixture(scope="session")
 def sample(llama_server: LivetrainClient) -> tuple[list[int], list[int]]:
     return llama_server.tokenize(SAMPLE_TEXT[0]), llama_server.tokenize(SAMPLE_TEXT[1])
+
+
+def make_trainer(
+    model_dir: Path,
+    state_dir: Path | None = None,
+    weight_version: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **settings,
+) -> Trainer:
+    """A Trainer on a Hugging Face model of its own (no vLLM), as the bench builds one."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    model.requires_grad_(False)
+    attached = classify(model, TrainableFamilies())
+    return Trainer(attached, model_dir, state_dir, weight_version=weight_version, **settings)
+
+
+def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.attached.model.state_dict().items()}
+
+
+def files_logprobs(model: Path, context: list[int], continuation: list[int]) -> list[float]:
+    """What the weights in the files assign to `continuation`, by Hugging Face."""
+    from livetrain.trainer.loss import continuation_logprobs
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return continuation_logprobs(hf, [(context, continuation)])[0].tolist()
 
 
 def served_state(client: LivetrainClient, sample: tuple[list[int], list[int]]) -> tuple:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import pytest
 import torch
-from conftest import start_server
+from conftest import files_logprobs, start_server
 from safetensors.torch import load_file, save, save_file
 
 from livetrain.checkpoint.files import list_tensors
@@ -736,17 +736,6 @@ def test_train_sync_restart_continue(models, tmp_path_factory):
         status = second.status()
         assert status["syncs"] == 1 and status["last_sync"]["weight_version"] == 6
         assert status["bytes_synced"] > 0 and not status["sync_pending"]
-
-
-def files_logprobs(model: Path, context: list[int], continuation: list[int]) -> list[float]:
-    """What the weights in the files assign to `continuation`, by Hugging Face."""
-    from transformers import AutoModelForCausalLM
-
-    from livetrain.trainer.loss import continuation_logprobs
-
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return continuation_logprobs(hf, [(context, continuation)])[0].tolist()
 
 
 def wait_gone(pid: int, timeout: float = 120) -> None:

@@ -20,14 +20,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import LOGPROB_ATOL, served_state
-from transformers import AutoModelForCausalLM
+from conftest import LOGPROB_ATOL, make_trainer, served_state, snapshot
 
-from livetrain.config import OptimizerSettings, TrainableFamilies
+from livetrain.config import OptimizerSettings
 from livetrain.formats import messages as msg
 from livetrain.trainer import state as trainer_state
 from livetrain.trainer.apollo import Apollo
-from livetrain.trainer.model import classify
 from livetrain.trainer.trainer import Trainer
 
 
@@ -73,7 +71,7 @@ def test_prefix_cache_never_serves_old_weights(llama_server, sample):
     llama_server.train(*sample, lr=3e-3, retrain=True).raise_for_status()
     again = llama_server.continuation_logprobs(*sample)
     np.testing.assert_allclose(again, score(llama_server, *sample), atol=LOGPROB_ATOL)
-    assert sum(again) > sum(first)
+    assert again != first  # (a step need not raise them: Adam's momentum can overshoot)
 
 
 def test_completions_succeed_while_training(llama_server, sample):
@@ -231,18 +229,6 @@ def test_rollback_serves_the_last_checkpoint_again_exactly(llama_server, sample,
 # ---- the Trainer on its own (no vLLM) ------------------------------------------------
 
 SAMPLES = [([5, 6, 7], [8, 9])]
-
-
-def make_trainer(model_dir, state_dir=None, weight_version=0, **settings) -> Trainer:
-    """A Trainer on a Hugging Face model of its own (no vLLM), as the bench builds one."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    attached = classify(model, TrainableFamilies())
-    return Trainer(attached, model_dir, state_dir, weight_version=weight_version, **settings)
-
-
-def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in trainer.attached.model.state_dict().items()}
 
 
 def test_classify_makes_only_linear_weights_trainable(models):

@@ -14,8 +14,10 @@ from conftest import API_KEY, served_state
 from livetrain.api.http import RequestError, validate
 from livetrain.api.requests import (
     CheckpointRequest,
+    GuardRequest,
     ReadoutLoadRequest,
     ReadoutQuery,
+    RollbackRequest,
     ScoreRequest,
     TrainRequest,
 )
@@ -92,19 +94,22 @@ def test_bad_input_is_refused_and_changes_nothing(llama_server, sample, case):
         ("GET", "/train/status"),
         ("POST", "/checkpoint"),
         ("POST", "/train/rollback"),
+        ("POST", "/train/guard"),
+        ("DELETE", "/train/guard"),
     ],
 )
 @pytest.mark.parametrize("key", [None, "wrong-key"])
 def test_routes_demand_the_api_key(llama_server, sample, route, key):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"context_ids": sample[0], "continuation_ids": sample[1]}
-    version = llama_server.status()["weight_version"]
+    before = llama_server.status()
     with httpx.Client(base_url=llama_server.http.base_url, timeout=60) as http:
         reply = http.request(
             route[0], route[1], headers=headers, json=body if route[0] == "POST" else None
         )
     assert reply.status_code == 401
-    assert llama_server.status()["weight_version"] == version
+    after = llama_server.status()
+    assert (after["weight_version"], after["guard"]) == (before["weight_version"], before["guard"])
 
 
 def test_the_right_key_is_accepted(llama_server):
@@ -135,6 +140,7 @@ LIMITS = {
     "max_model_len": 256,
     "max_samples": PluginConfig().max_samples,
     "max_batch_tokens": PluginConfig().max_batch_tokens,
+    "undo_steps": 2,
 }
 BODY_CASES = [case for case, (_, status, _) in BAD_BODIES.items() if status == 422]
 
@@ -184,6 +190,12 @@ def test_limits_come_from_the_served_model():
     ("model", "data", "field"),
     [
         (CheckpointRequest, {"force": True}, "force"),
+        (RollbackRequest, {"steps": "1"}, "steps"),
+        (RollbackRequest, {"steps": 0}, "steps"),
+        (RollbackRequest, {"steps": 3}, "steps"),  # over the 2 kept (LIMITS)
+        (GuardRequest, {"context_ids": [1], "continuation_ids": [2], "max_rise": -1}, "max_rise"),
+        (GuardRequest, {"context_ids": [1], "continuation_ids": [2], "max_rise": "1"}, "max_rise"),
+        (GuardRequest, {"max_rise": 0.1}, None),
         (ReadoutLoadRequest, {"path": ""}, "path"),
         (ReadoutLoadRequest, {}, "path"),
         (ReadoutQuery, {"choice": "-1"}, "choice"),
@@ -193,7 +205,7 @@ def test_limits_come_from_the_served_model():
 )
 def test_other_request_models_name_the_bad_field(model, data, field):
     with pytest.raises(RequestError) as refused:
-        validate(model, data, {})
+        validate(model, data, LIMITS)
     assert refused.value.status == 422 and refused.value.field == field
 
 

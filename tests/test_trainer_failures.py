@@ -1,33 +1,46 @@
 """A trainer that stops answering or keeps dying never takes the server with it: every
 call has a deadline, a trainer that misses one is killed and restarted while inference
-goes on, and the restart budget comes back after the trainer has run healthy."""
+goes on, and the restart budget comes back after the trainer has run healthy. Clients
+that hang up drop their queued steps; steps and syncs sent together never interleave.
+The strict server also runs with a guard file named at launch."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
-from conftest import start_server
+from conftest import LOGPROB_ATOL, files_logprobs, start_server
 
+from livetrain.api.endpoints import load_guard
+from livetrain.config import PluginConfig
 from livetrain.tools.client import LivetrainClient
 
 DEADLINE_S = 5
 HEALTHY_S = 3
+GUARD = {"samples": [{"context_ids": [5, 6, 7], "continuation_ids": [8, 9]}], "max_rise": 50.0}
 
 
 @pytest.fixture(scope="module")
 def strict_server(models: dict[str, Path], tmp_path_factory) -> Iterator[LivetrainClient]:
+    workdir = tmp_path_factory.mktemp("strict")
+    (workdir / "guard.json").write_text(json.dumps(GUARD))
     env = {
         "LIVETRAIN_TRAINER_CALL_TIMEOUT_S": str(DEADLINE_S),
         "LIVETRAIN_TRAINER_MAX_RESTARTS": "1",
         "LIVETRAIN_TRAINER_HEALTHY_S": str(HEALTHY_S),
         "LIVETRAIN_SYNC_DELAY_S": "0",
+        "LIVETRAIN_GUARD": str(workdir / "guard.json"),
     }
-    yield from start_server(models["llama"], tmp_path_factory.mktemp("strict"), None, env=env)
+    yield from start_server(models["llama"], workdir, None, env=env)
 
 
 def sample(client: LivetrainClient) -> tuple[list[int], list[int]]:
@@ -92,3 +105,107 @@ def test_a_trainer_killed_while_writing_weights_restores_them_from_the_files(tor
     body = {"context_ids": context, "continuation_ids": continuation}
     trainer = torn_server.http.post("/train/score", json=body).raise_for_status().json()
     assert trainer["token_logprobs"][0] == pytest.approx(original, abs=1e-4)
+
+
+@pytest.mark.server
+def test_the_launch_guard_file_judges_every_step(strict_server):
+    guard = strict_server.status()["guard"]
+    assert guard["samples"] == 1 and guard["tokens"] == 2 and guard["max_rise"] == 50.0
+    reply = strict_server.train(*sample(strict_server), lr=1e-3, retrain=True)
+    assert reply.status_code == 200, reply.text
+    judged = reply.json()["guard"]
+    assert judged["before"] == pytest.approx(guard["loss"]) and judged["max_rise"] == 50.0
+    score = {"context_ids": [5, 6, 7], "continuation_ids": [8, 9]}
+    now = strict_server.http.post("/train/score", json=score).raise_for_status().json()["loss"]
+    assert judged["after"] == pytest.approx(now, abs=1e-5)
+
+
+def test_a_bad_guard_file_stops_the_server_naming_the_field(tmp_path):
+    path = tmp_path / "guard.json"
+    path.write_text(json.dumps({**GUARD, "max_rise": "0.1"}))
+    with pytest.raises(RuntimeError, match=r"guard.json: max_rise: Input should be a valid"):
+        load_guard(PluginConfig(guard=path), {})
+    path.write_text("{not json")
+    with pytest.raises(RuntimeError, match="guard.json"):
+        load_guard(PluginConfig(guard=path), {})
+
+
+@pytest.mark.server
+def test_clients_that_hang_up_drop_their_queued_steps(strict_server):
+    """50 clients send a step behind one that waits on a stopped trainer, and hang up:
+    when the trainer goes on, only the first step is taken, and the server serves."""
+    before = strict_server.wait_trainer()
+    context, continuation = sample(strict_server)
+    body = {"context_ids": context, "continuation_ids": continuation, "retrain": True}
+    os.kill(before["trainer_pid"], signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(51) as pool:
+            first = pool.submit(strict_server.http.post, "/train", json=body)
+            time.sleep(0.5)  # the first step holds the turn now
+
+            def hang_up(_: int) -> str:
+                url = str(strict_server.http.base_url.join("/train"))
+                try:
+                    httpx.post(url, json=body, timeout=1.0)
+                except httpx.TimeoutException:
+                    return "hung up"
+                return "answered"
+
+            assert set(pool.map(hang_up, range(50))) == {"hung up"}
+            time.sleep(0.5)
+            os.kill(before["trainer_pid"], signal.SIGCONT)
+            assert first.result().status_code == 200, first.result().text
+    finally:
+        os.kill(before["trainer_pid"], signal.SIGCONT)
+    time.sleep(2)  # a queued step that was not dropped would have run by now
+    after = strict_server.status()
+    assert after["weight_version"] == before["weight_version"] + 1
+    assert after["steps"] == before["steps"] + 1 and after["state"] == "idle"
+    assert strict_server.complete("Once upon a time", max_tokens=4)["choices"][0]["text"]
+
+
+@pytest.mark.server
+def test_a_trainer_stopped_after_a_write_is_replaced_and_the_weights_stay(strict_server):
+    context, continuation = sample(strict_server)
+    strict_server.wait_trainer()
+    strict_server.train(context, continuation, lr=1e-3, retrain=True).raise_for_status()
+    trained = strict_server.continuation_logprobs(context, continuation)
+    before = strict_server.status()
+    os.kill(before["trainer_pid"], signal.SIGSTOP)
+    reply = strict_server.http.post("/checkpoint")
+    assert reply.status_code == 503, reply.text
+    assert f"did not answer checkpoint within {DEADLINE_S} s" in reply.json()["error"]["message"]
+    after = strict_server.wait_trainer()
+    assert after["trainer_pid"] != before["trainer_pid"]
+    assert after["weight_version"] == before["weight_version"]
+    assert strict_server.continuation_logprobs(context, continuation) == trained
+    strict_server.http.post("/checkpoint").raise_for_status()  # the new trainer syncs them
+    model = strict_server.workdir / "model"
+    np.testing.assert_allclose(files_logprobs(model, context, continuation), trained, atol=1e-4)
+
+
+@pytest.mark.server
+def test_steps_and_syncs_sent_together_do_not_interleave(strict_server):
+    """Each /train and /checkpoint pair runs one after the other (never both in the
+    trainer at once); afterwards the files hold exactly the served weights."""
+    context, continuation = sample(strict_server)
+    strict_server.wait_trainer()
+    version = strict_server.status()["weight_version"]
+    body = {"context_ids": context, "continuation_ids": continuation, "retrain": True}
+    barrier = threading.Barrier(2)
+
+    def send(route: str, payload: dict | None) -> int:
+        barrier.wait()
+        return strict_server.http.post(route, json=payload).status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            pair = [pool.submit(send, "/train", body), pool.submit(send, "/checkpoint", None)]
+            assert [job.result() for job in pair] == [200, 200]
+    strict_server.http.post("/checkpoint").raise_for_status()
+    status = strict_server.status()
+    assert status["weight_version"] == version + 3
+    assert status["last_sync"]["weight_version"] == version + 3
+    served = strict_server.continuation_logprobs(context, continuation)
+    on_disk = files_logprobs(strict_server.workdir / "model", context, continuation)
+    np.testing.assert_allclose(on_disk, served, atol=LOGPROB_ATOL * 10)

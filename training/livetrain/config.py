@@ -88,6 +88,15 @@ class PluginConfig:
     # A step that would move any tensor by more than this fraction of its norm
     # (||delta W|| / ||W||) is refused: see DESIGN.md for the figures it was chosen from.
     max_update_ratio: float = 0.1
+    # The guard set loaded at launch (LIVETRAIN_GUARD: a JSON file with the body of
+    # POST /train/guard); a step that would raise its loss by more than its max_rise is
+    # refused. Each guarded step previews its result: one more copy of the trained
+    # tensors while it is judged, and a forward pass of the guard set.
+    guard: Path | None = None
+    # Steps that POST /train/rollback {"steps": k} can undo; each one kept costs a copy
+    # of the trained tensors in the trainer's memory (the built-in model's linear
+    # weights: 212 MB in bf16, 425 MB in fp32), so the default keeps none.
+    undo_steps: int = 0
     trainer_start_timeout_s: float = 600.0
     # Deadlines of trainer calls: a trainer that misses one is killed (and restarted).
     # Writing the weights (apply) holds generation paused, so its deadline is short; a

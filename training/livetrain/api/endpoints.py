@@ -4,7 +4,8 @@ POST /train          one optimizer step on raw token ids
 POST /train/score    continuation log-probs as the trainer's model sees them
 GET  /train/status   trainer state, weight version, optimizer settings and size
 POST /checkpoint     write the trained weights into the model's safetensors now
-POST /train/rollback serve the weights in the model's safetensors again
+POST /train/rollback serve the weights in the model's safetensors again, or undo steps
+POST /train/guard    set the guard set a step must not make worse (DELETE: remove it)
 /readout...          the live readout (readout_routes.py)
 
 All of them change or reveal training state, so all honour vLLM's --api-key
@@ -13,6 +14,8 @@ All of them change or reveal training state, so all honour vLLM's --api-key
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from argparse import Namespace
 from collections.abc import Awaitable, Callable
@@ -20,22 +23,43 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from livetrain import vllm_internals
-from livetrain.api.http import RequestError, parse
+from livetrain.api.http import RequestError, parse, validate
 from livetrain.api.readout_routes import ReadoutRoutes
 from livetrain.api.requests import (
     CheckpointRequest,
+    GuardRequest,
     RollbackRequest,
     ScoreRequest,
     TrainRequest,
 )
 from livetrain.api.supervisor import StepRefused, TrainerSupervisor, TrainerUnavailable
 from livetrain.checkpoint.lock import lock_model_dir
-from livetrain.config import plugin_config
+from livetrain.config import PluginConfig, plugin_config
+from livetrain.formats import messages as msg
 
 log = logging.getLogger("livetrain.api")
+
+
+def load_guard(config: PluginConfig, limits: dict[str, int]) -> msg.Guard | None:
+    """The launch guard set (LIVETRAIN_GUARD), validated like a POST /train/guard body;
+    a bad file stops the server with the file and the field named."""
+    if config.guard is None:
+        return None
+    try:
+        body = validate(GuardRequest, json.loads(config.guard.read_text()), limits)
+    except (OSError, ValueError, RequestError) as exc:
+        raise RuntimeError(f"LIVETRAIN_GUARD {config.guard}: {exc}") from None
+    return body.guard()
+
+
+async def _hung_up(request: Request) -> None:
+    """Return once the client has disconnected (the body is already read, so the next
+    ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def resolve_model_dir(model: str) -> Path:
@@ -69,6 +93,8 @@ class LivetrainEndpoints:
         router.add_api_route("/train/status", self._status, methods=["GET"])
         router.add_api_route("/checkpoint", self._checkpoint, methods=["POST"])
         router.add_api_route("/train/rollback", self._rollback, methods=["POST"])
+        router.add_api_route("/train/guard", self._set_guard, methods=["POST"])
+        router.add_api_route("/train/guard", self._clear_guard, methods=["DELETE"])
         app.include_router(router)
         self.readout.attach(app, self._authorize)
         app.add_exception_handler(RequestError, lambda _req, exc: exc.response())
@@ -91,7 +117,8 @@ class LivetrainEndpoints:
             "max_samples": self.config.max_samples,
             "max_batch_tokens": self.config.max_batch_tokens,
         }
-        self.supervisor = TrainerSupervisor(engine_client, model_dir, self.config)
+        guard = load_guard(self.config, self.limits)
+        self.supervisor = TrainerSupervisor(engine_client, model_dir, self.config, guard)
         self.supervisor.start()
         await self.readout.start(engine_client)
 
@@ -106,49 +133,85 @@ class LivetrainEndpoints:
 
     @staticmethod
     async def _answer(
+        request: Request,
         supervisor: TrainerSupervisor,
         operation: Awaitable[dict[str, Any]],
         refused: Callable[[StepRefused], RequestError],
-    ) -> JSONResponse:
+    ) -> Response:
         """The operation's result, or the HTTP error for how it failed: 503 while the
-        trainer is unavailable, `refused(exc)` when it refused (nothing changed)."""
+        trainer is unavailable, `refused(exc)` when it refused (nothing changed). A
+        client that hangs up while its operation waits for its turn cancels it."""
+        work = asyncio.ensure_future(operation)
+        hangup = asyncio.ensure_future(_hung_up(request))
         try:
-            return JSONResponse(await operation)
+            await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+        if not work.done():
+            work.cancel()  # dropped if still queued; a started one runs on (shielded)
+            log.info("client of %s hung up; its request was cancelled", request.url.path)
+            return Response(status_code=499)
+        try:
+            return JSONResponse(work.result())
         except TrainerUnavailable as exc:
             raise RequestError(503, str(exc), state=supervisor.state) from None
         except StepRefused as exc:
             raise refused(exc) from None
 
-    async def _train(self, request: Request) -> JSONResponse:
+    async def _train(self, request: Request) -> Response:
         supervisor = self._ready_supervisor()
         body = await parse(request, TrainRequest, self.config.max_body_bytes, self.limits)
         step = supervisor.train(body.sample_list(), body.settings(), body.retrain)
         return await self._answer(
+            request,
             supervisor,
             step,
             lambda e: RequestError(e.status or 422, f"step refused, weights unchanged: {e}"),
         )
 
-    async def _score(self, request: Request) -> JSONResponse:
+    async def _score(self, request: Request) -> Response:
         supervisor = self._ready_supervisor()
         body = await parse(request, ScoreRequest, self.config.max_body_bytes, self.limits)
         scored = supervisor.score(body.sample_list())
-        return await self._answer(supervisor, scored, lambda e: RequestError(422, str(e)))
+        return await self._answer(request, supervisor, scored, lambda e: RequestError(422, str(e)))
 
-    async def _checkpoint(self, request: Request) -> JSONResponse:
+    async def _checkpoint(self, request: Request) -> Response:
         supervisor = self._ready_supervisor()
         await parse(request, CheckpointRequest, self.config.max_body_bytes, {}, empty={})
         return await self._answer(
+            request,
             supervisor,
             supervisor.checkpoint(),
             lambda e: RequestError(500, f"{e}; the previous checkpoint is intact"),
         )
 
-    async def _rollback(self, request: Request) -> JSONResponse:
+    async def _rollback(self, request: Request) -> Response:
         supervisor = self._ready_supervisor()
-        await parse(request, RollbackRequest, self.config.max_body_bytes, {}, empty={})
+        kept = {"undo_steps": self.config.undo_steps}
+        body = await parse(request, RollbackRequest, self.config.max_body_bytes, kept, empty={})
         return await self._answer(
-            supervisor, supervisor.rollback(), lambda e: RequestError(500, f"rollback failed: {e}")
+            request,
+            supervisor,
+            supervisor.rollback(body.steps),
+            lambda e: RequestError(
+                e.status or 500, f"rollback failed: {e}", field="steps" if e.status else None
+            ),
+        )
+
+    async def _set_guard(self, request: Request) -> Response:
+        supervisor = self._ready_supervisor()
+        body = await parse(request, GuardRequest, self.config.max_body_bytes, self.limits)
+        return await self._answer(
+            request,
+            supervisor,
+            supervisor.set_guard(body.guard()),
+            lambda e: RequestError(422, str(e), field="samples"),
+        )
+
+    async def _clear_guard(self, request: Request) -> Response:
+        supervisor = self._ready_supervisor()
+        return await self._answer(
+            request, supervisor, supervisor.set_guard(None), lambda e: RequestError(500, str(e))
         )
 
     async def _status(self) -> JSONResponse:

@@ -23,8 +23,12 @@ from pydantic import (
 )
 
 from livetrain.config import OptimizerSettings
+from livetrain.formats.messages import Guard
 
 _DEFAULTS = OptimizerSettings()
+# Measured on the built-in model (DESIGN.md): one step at lr 1e-3 moves an unrelated
+# text's loss by well under this, while a step that wrecks the model moves it by nats.
+DEFAULT_MAX_RISE = 0.05
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 Beta = Annotated[float, Field(strict=True, ge=0, lt=1)]
 
@@ -156,9 +160,32 @@ class CheckpointRequest(BaseModel):
 
 
 class RollbackRequest(BaseModel):
-    """POST /train/rollback takes no settings today; an empty object (or no body) is fine."""
+    """POST /train/rollback: no body (or `{}`) serves the model files' weights again;
+    `{"steps": k}` undoes the last k steps, of the `undo_steps` the trainer keeps."""
 
     model_config = ConfigDict(extra="forbid")
+    steps: StrictInt | None = Field(None, ge=1)
+
+    @field_validator("steps")
+    @classmethod
+    def _kept(cls, steps: int | None, info: ValidationInfo) -> int | None:
+        kept = (info.context or {}).get("undo_steps")
+        if steps is not None and kept is not None and steps > kept:
+            raise ValueError(
+                f"{steps} steps, but the server keeps at most {kept} for an undo "
+                "(LIVETRAIN_UNDO_STEPS)"
+            )
+        return steps
+
+
+class GuardRequest(_Samples):
+    """POST /train/guard (or the LIVETRAIN_GUARD file): samples whose mean loss a step
+    may raise by at most `max_rise` nats per token; a step that would is refused."""
+
+    max_rise: float = Field(DEFAULT_MAX_RISE, strict=True, ge=0, le=100)
+
+    def guard(self) -> Guard:
+        return Guard(samples=self.sample_list(), max_rise=self.max_rise)
 
 
 class ReadoutLoadRequest(BaseModel):

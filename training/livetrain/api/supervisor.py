@@ -1,6 +1,7 @@
 """API server: the one owner of both vLLM's engine client and the trainer.
 
-It serialises steps (one at a time, in arrival order) and fences the weight write:
+It serialises trainer operations (one at a time, in arrival order; one cancelled while
+it waits, because its client hung up, never runs) and fences the weight write:
 inference is paused only between `Prepare` (done while serving) and the end of
 `Apply`, then the prefix cache is dropped so no KV computed with the old weights is
 reused. It restarts a trainer that exits, up to a limit, unless it died while writing.
@@ -13,7 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from livetrain.formats import messages as msg
 log = logging.getLogger("livetrain.api")
 SYNC_RETRY_S = 30.0  # first retry of a failed automatic sync; doubles up to sync_delay_s
 Body = TypeVar("Body", bound=msg.ReplyBody)
+Result = TypeVar("Result")
 
 
 class TrainerUnavailable(RuntimeError):
@@ -62,7 +64,9 @@ def parse_weight_version(value: str) -> int:
 
 
 class TrainerSupervisor:
-    def __init__(self, engine: Any, model_dir: Path, config: PluginConfig) -> None:
+    def __init__(
+        self, engine: Any, model_dir: Path, config: PluginConfig, guard: msg.Guard | None = None
+    ) -> None:
         self.engine = engine
         self.model_dir = model_dir
         self.config = config
@@ -73,6 +77,9 @@ class TrainerSupervisor:
         self.optimizer = msg.OptimizerStatus(optimizer_steps=0, state_bytes=0)
         self.last_loss: float | None = None
         self.last_settings = OptimizerSettings()
+        self.guard = guard  # kept here: a restarted trainer gets it in Attach
+        self.guard_loss: float | None = None  # the guard set's loss on the served weights
+        self.undo_available = 0
         self.restarts = 0  # in all
         self._restart_budget_used = 0  # since the last trainer that ran healthy_s
         self.trainer: TrainerProcess | None = None
@@ -132,6 +139,8 @@ class TrainerSupervisor:
             max_update_ratio=self.config.max_update_ratio,
             sync_on_exit=self.config.sync_delay_s > 0,
             restore_from_files=self._torn,
+            guard=self.guard,
+            undo_steps=self.config.undo_steps,
         )
         if self._torn and not await self.engine.reset_prefix_cache(reset_running_requests=True):
             raise TrainerUnavailable("prefix cache reset refused after restoring the weights")
@@ -139,6 +148,7 @@ class TrainerSupervisor:
             self.weight_version = attached.weight_version
             await self.engine.update_weight_version(str(self.weight_version))
         self.attached, self.optimizer = attached, attached.optimizer
+        self.undo_available, self.guard_loss = 0, attached.guard_loss  # the trainer's
 
     async def _on_exit(self, trainer: TrainerProcess, code: int) -> None:
         if trainer is not self.trainer or self.state == "failed":
@@ -217,27 +227,39 @@ class TrainerSupervisor:
 
     # ---- operations ----------------------------------------------------------------
 
+    async def _serialised(self, operation: Callable[[], Awaitable[Result]]) -> Result:
+        """Run `operation` once every earlier one is done. Cancelled while it waits for
+        its turn (its client hung up), it never runs; once started it is shielded, so a
+        hang-up cannot split a step or a write."""
+        await self._lock.acquire()
+
+        async def run() -> Result:
+            try:
+                self._require_ready()
+                return await operation()
+            finally:
+                self._lock.release()
+
+        return await asyncio.shield(asyncio.ensure_future(run()))
+
     async def train(
         self, samples: Sequence[msg.Sample], settings: OptimizerSettings, retrain: bool = False
     ) -> dict[str, Any]:
-        """One optimizer step; shielded so a client hang-up cannot split a step."""
-        step = self._train(list(samples), settings, retrain)
-        return await asyncio.shield(asyncio.ensure_future(step))
+        """One optimizer step."""
+        return await self._serialised(lambda: self._train(list(samples), settings, retrain))
 
     async def _train(
         self, samples: list[msg.Sample], settings: OptimizerSettings, retrain: bool
     ) -> dict[str, Any]:
-        async with self._lock:
-            self._require_ready()
-            started = time.perf_counter()
-            self.state = "training"
-            try:
-                result = await self._step(samples, settings, retrain)
-            finally:
-                if self.state == "training":
-                    self.state = "idle"
-            result["elapsed_ms"] = (time.perf_counter() - started) * 1000
-            return result
+        started = time.perf_counter()
+        self.state = "training"
+        try:
+            result = await self._step(samples, settings, retrain)
+        finally:
+            if self.state == "training":
+                self.state = "idle"
+        result["elapsed_ms"] = (time.perf_counter() - started) * 1000
+        return result
 
     async def _step(
         self, samples: list[msg.Sample], settings: OptimizerSettings, retrain: bool
@@ -248,7 +270,11 @@ class TrainerSupervisor:
         version = self.weight_version + 1
         applied, apply_ms, pause_ms = await self._write(msg.Apply, msg.Applied, version)
         self.last_loss, self.last_settings = prepared.loss, settings
-        self.optimizer = applied.optimizer
+        self.optimizer, self.undo_available = applied.optimizer, applied.undo_available
+        guard = None
+        if prepared.guard is not None:
+            self.guard_loss = prepared.guard.after
+            guard = {f: getattr(prepared.guard, f) for f in prepared.guard.__struct_fields__}
         self.sync_timer.arm()
         return {
             "loss": prepared.loss,
@@ -257,12 +283,18 @@ class TrainerSupervisor:
             "weight_version": version,
             "optimizer_steps": applied.optimizer.optimizer_steps,
             "moments_reset": prepared.moments_reset,
+            "guard": guard,
+            "undo_available": self.undo_available,
             "pause_ms": pause_ms,
             "trainer_ms": {"prepare": prepare_ms, "apply": apply_ms},
         }
 
     async def _write(
-        self, request: type[msg.Apply | msg.Rollback], expected: type[Body], version: int
+        self,
+        request: type[msg.Apply | msg.Rollback],
+        expected: type[Body],
+        version: int,
+        **fields: Any,
     ) -> tuple[Body, float, float]:
         """A write into the served weights, fenced: generation paused, the write (with
         its short deadline), the prefix cache dropped (running requests are recomputed:
@@ -279,6 +311,7 @@ class TrainerSupervisor:
                     expected,
                     timeout=self.config.trainer_apply_timeout_s,
                     weight_version=version,
+                    **fields,
                 )
             except TrainerUnavailable as exc:
                 self._torn = self.state != "failed"  # a restart restores, then resumes
@@ -299,24 +332,50 @@ class TrainerSupervisor:
                 await self.engine.resume_generation()
         return body, trainer_ms, (time.perf_counter() - paused) * 1000
 
-    async def rollback(self) -> dict[str, Any]:
-        """Serve the weights in the model files again (shielded like a step)."""
-        return await asyncio.shield(asyncio.ensure_future(self._rollback()))
+    async def rollback(self, steps: int | None = None) -> dict[str, Any]:
+        """Serve the weights in the model files again, or (`steps`) those from before
+        the last `steps` steps."""
+        return await self._serialised(lambda: self._rollback(steps))
 
-    async def _rollback(self) -> dict[str, Any]:
-        async with self._lock:
-            self._require_ready()
-            self.sync_timer.disarm()  # the served weights are about to equal the files
-            version = self.weight_version + 1
-            rolled, trainer_ms, pause_ms = await self._write(msg.Rollback, msg.RolledBack, version)
-            self.optimizer, self.last_loss = rolled.optimizer, None
-            return {
-                "weight_version": version,
-                "checkpoint_version": rolled.checkpoint_version,
-                "optimizer_steps": rolled.optimizer.optimizer_steps,
-                "pause_ms": pause_ms,
-                "trainer_ms": trainer_ms,
-            }
+    async def _rollback(self, steps: int | None) -> dict[str, Any]:
+        version = self.weight_version + 1
+        rolled, trainer_ms, pause_ms = await self._write(
+            msg.Rollback, msg.RolledBack, version, steps=steps
+        )
+        if steps is None:
+            self.sync_timer.disarm()  # the served weights equal the files
+        else:
+            self.sync_timer.arm()  # they are earlier steps' weights, which the files may lack
+        self.optimizer, self.last_loss = rolled.optimizer, None
+        self.undo_available, self.guard_loss = rolled.undo_available, None
+        return {
+            "weight_version": version,
+            "checkpoint_version": rolled.checkpoint_version,
+            "undone_steps": rolled.undone_steps,
+            "undo_available": rolled.undo_available,
+            "optimizer_steps": rolled.optimizer.optimizer_steps,
+            "pause_ms": pause_ms,
+            "trainer_ms": trainer_ms,
+        }
+
+    async def set_guard(self, guard: msg.Guard | None) -> dict[str, Any]:
+        """Replace the guard set (None removes it); answers its loss on the served weights."""
+        return await self._serialised(lambda: self._set_guard(guard))
+
+    async def _set_guard(self, guard: msg.Guard | None) -> dict[str, Any]:
+        answer, _ = await self._call(msg.SetGuard, msg.GuardSet, guard=guard)
+        self.guard, self.guard_loss = guard, answer.loss
+        return {"guard": self.guard_status()}
+
+    def guard_status(self) -> dict[str, Any] | None:
+        if self.guard is None:
+            return None
+        return {
+            "samples": len(self.guard.samples),
+            "tokens": sum(len(cont) for _, cont in self.guard.samples),
+            "max_rise": self.guard.max_rise,
+            "loss": self.guard_loss,
+        }
 
     async def _automatic_sync(self) -> None:
         """The timer's sync; a failure is kept for /train/status and retried, waiting
@@ -332,31 +391,30 @@ class TrainerSupervisor:
 
     async def checkpoint(self) -> dict[str, Any]:
         """Write the live weights into the model files now (shielded like a step)."""
-        return await asyncio.shield(asyncio.ensure_future(self._checkpoint()))
+        return await self._serialised(self._checkpoint)
 
     async def _checkpoint(self) -> dict[str, Any]:
-        async with self._lock:
-            self._require_ready()
-            self.sync_timer.disarm()  # this sync covers every step so far
-            started = time.perf_counter()
-            synced, _ = await self._call(msg.Checkpoint, msg.Synced)
-            result: dict[str, Any] = {f: getattr(synced, f) for f in synced.__struct_fields__}
-            result["elapsed_ms"] = (time.perf_counter() - started) * 1000
-            self.bytes_synced += synced.bytes_written
-            self.syncs += 1
-            self.last_sync = {**result, "at": time.time()}
-            self.sync_error = None
-            return result
+        self.sync_timer.disarm()  # this sync covers every step so far
+        started = time.perf_counter()
+        synced, _ = await self._call(msg.Checkpoint, msg.Synced)
+        result: dict[str, Any] = {f: getattr(synced, f) for f in synced.__struct_fields__}
+        result["elapsed_ms"] = (time.perf_counter() - started) * 1000
+        self.bytes_synced += synced.bytes_written
+        self.syncs += 1
+        self.last_sync = {**result, "at": time.time()}
+        self.sync_error = None
+        return result
 
     async def score(self, samples: Sequence[msg.Sample]) -> dict[str, Any]:
-        async with self._lock:
-            self._require_ready()
-            scored, _ = await self._call(msg.Score, msg.Scored, samples=list(samples))
-            return {
-                "token_logprobs": scored.token_logprobs,
-                "loss": scored.loss,
-                "weight_version": self.weight_version,
-            }
+        return await self._serialised(lambda: self._score(list(samples)))
+
+    async def _score(self, samples: list[msg.Sample]) -> dict[str, Any]:
+        scored, _ = await self._call(msg.Score, msg.Scored, samples=samples)
+        return {
+            "token_logprobs": scored.token_logprobs,
+            "loss": scored.loss,
+            "weight_version": self.weight_version,
+        }
 
     # ---- status --------------------------------------------------------------------
 
@@ -368,8 +426,8 @@ class TrainerSupervisor:
         info: dict[str, Any] = {}
         if self.attached is not None:
             info = {f: getattr(self.attached, f) for f in self.attached.__struct_fields__}
-            info.pop("weight_version")
-            info.pop("optimizer")
+            for shown_elsewhere in ("weight_version", "optimizer", "guard_loss"):
+                info.pop(shown_elsewhere)
             info.update(
                 optimizer_steps=self.optimizer.optimizer_steps,
                 state_bytes=self.optimizer.state_bytes,
@@ -386,6 +444,8 @@ class TrainerSupervisor:
             "saved_version": self.trainer.saved_version if self.trainer else None,
             "save_error": self.trainer.save_error if self.trainer else None,
             "restarts": self.restarts,
+            "guard": self.guard_status(),
+            "undo_available": self.undo_available,
             "last_sync": self.last_sync,
             "sync_error": self.sync_error,
             "sync_pending": self.sync_timer.pending,

@@ -145,6 +145,14 @@ class _Request(msgspec.Struct, frozen=True, tag_field="op"):
     id: int
 
 
+class Guard(msgspec.Struct, frozen=True):
+    """Samples a step must not make worse: a step that would raise their mean loss by
+    more than `max_rise` (nats per token) is refused before anything is written."""
+
+    samples: list[Sample]
+    max_rise: float
+
+
 class Attach(_Request, frozen=True, tag="attach"):
     """Map vLLM's weights, verify them against the files, resume any saved state."""
 
@@ -158,6 +166,8 @@ class Attach(_Request, frozen=True, tag="attach"):
     max_update_ratio: float  # a step moving a tensor by more of its norm is refused
     sync_on_exit: bool  # sync unsynced steps when the server shuts down
     restore_from_files: bool  # the last trainer died writing: the served weights are torn
+    guard: Guard | None  # the guard set in force (it outlives trainer restarts)
+    undo_steps: int  # steps whose previous weights are kept in memory for an undo
 
 
 class Prepare(_Request, frozen=True, tag="prepare"):
@@ -175,10 +185,18 @@ class Apply(_Request, frozen=True, tag="apply"):
 
 
 class Rollback(_Request, frozen=True, tag="rollback"):
-    """Write the model files' weights back into the served ones (inference is paused)
-    and take the optimizer state synced with them; `weight_version` is the new one."""
+    """Serve earlier weights again (inference is paused), with the optimizer state that
+    went with them: the model files' (`steps` None), or those from before the last
+    `steps` steps (kept in memory, see Attach.undo_steps). `weight_version` is the new one."""
 
     weight_version: int
+    steps: int | None = None
+
+
+class SetGuard(_Request, frozen=True, tag="set_guard"):
+    """Replace the guard set (None: no guard)."""
+
+    guard: Guard | None
 
 
 class Score(_Request, frozen=True, tag="score"):
@@ -189,7 +207,7 @@ class Checkpoint(_Request, frozen=True, tag="checkpoint"):
     """Write the live weights into the model's safetensors (changed blocks only)."""
 
 
-TrainerRequest = Attach | Prepare | Apply | Score | Checkpoint | Rollback
+TrainerRequest = Attach | Prepare | Apply | Score | Checkpoint | Rollback | SetGuard
 
 
 class RequestId(msgspec.Struct):
@@ -213,8 +231,17 @@ class Attached(msgspec.Struct, frozen=True, tag="attached"):
     trainable_params: int
     frozen_tensors: int
     resumed_from_version: int | None
+    guard_loss: float | None  # the guard set's loss on the served weights
     torch_threads: int
     optimizer: OptimizerStatus
+
+
+class GuardCheck(msgspec.Struct, frozen=True):
+    """The guard set's mean loss before and (as previewed) after a step."""
+
+    before: float
+    after: float
+    max_rise: float
 
 
 class Prepared(msgspec.Struct, frozen=True, tag="prepared"):
@@ -222,16 +249,24 @@ class Prepared(msgspec.Struct, frozen=True, tag="prepared"):
     tokens: int
     skipped_samples: int
     moments_reset: list[str]
+    guard: GuardCheck | None
 
 
 class Applied(msgspec.Struct, frozen=True, tag="applied"):
     optimizer: OptimizerStatus
+    undo_available: int  # steps that can be undone now
 
 
 class RolledBack(msgspec.Struct, frozen=True, tag="rolled_back"):
     weight_version: int
-    checkpoint_version: int | None  # the synced version the files hold; None: unknown
+    checkpoint_version: int | None  # files: the synced version they hold; None: unknown
+    undone_steps: int | None  # an undo: how many steps it took back
     optimizer: OptimizerStatus
+    undo_available: int
+
+
+class GuardSet(msgspec.Struct, frozen=True, tag="guard_set"):
+    loss: float | None  # the guard set's mean loss on the served weights; None: no guard
 
 
 class Scored(msgspec.Struct, frozen=True, tag="scored"):
@@ -259,7 +294,7 @@ class Failed(msgspec.Struct, frozen=True, tag="failed"):
     status: int | None = None  # the HTTP status the API server should answer with
 
 
-ReplyBody = Attached | Prepared | Applied | Scored | Synced | RolledBack | Failed
+ReplyBody = Attached | Prepared | Applied | Scored | Synced | RolledBack | GuardSet | Failed
 
 
 class Reply(msgspec.Struct, frozen=True):

@@ -49,7 +49,11 @@ def _run(trainer: Trainer, request: msg.TrainerRequest) -> msg.ReplyBody:
     if isinstance(request, msg.Checkpoint):
         return trainer.checkpoint()
     if isinstance(request, msg.Rollback):
+        if request.steps is not None:
+            return trainer.undo(request.steps, request.weight_version)
         return trainer.rollback(request.weight_version)
+    if isinstance(request, msg.SetGuard):
+        return trainer.set_guard(request.guard)
     return refused("already attached")
 
 

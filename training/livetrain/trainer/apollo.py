@@ -18,6 +18,7 @@ tensors-only state dict that `torch.load(weights_only=True)` accepts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Mapping
@@ -107,6 +108,8 @@ class PendingStep:
     apollo: dict[str, ApolloTensorStep]
     adamw: dict[str, AdamWTensorStep]
     moments_reset: list[str]  # APOLLO weights whose moments restarted for a new rank
+    # The updated weights, computed ahead (`Apollo.preview`): apply() then only copies.
+    values: dict[str, torch.Tensor] | None = None
 
 
 def projection(
@@ -388,13 +391,39 @@ class Apollo:
                 f"stale PendingStep: prepared for step {pending.step}, "
                 f"but {self._steps} steps have been applied"
             )
-        for name, result in pending.apollo.items():
-            _write(self._apollo_params[name], result.grad, result.coef, pending.decay)
-        for name, adamw in pending.adamw.items():
-            _write(self._adamw_params[name], adamw.update, adamw.coef, pending.decay)
+        if pending.values is not None:
+            for name, value in pending.values.items():
+                self._param(name).copy_(value)
+        else:
+            for name, step in self._directions(pending):
+                _write(self._param(name), *step, pending.decay)
         self._apollo_state.update({name: r.state for name, r in pending.apollo.items()})
         self._adamw_state.update({name: r.state for name, r in pending.adamw.items()})
         self._steps = pending.step
+
+    @torch.no_grad()
+    def preview(self, pending: PendingStep) -> PendingStep:
+        """`pending` with the weights it would write, computed into new tensors by the
+        same arithmetic apply() runs in place (bit for bit what apply() would write),
+        so the step can be judged first; apply() of the result is a copy. Costs one
+        copy of the trained tensors while it is held."""
+        values = {}
+        for name, step in self._directions(pending):
+            values[name] = self._param(name).detach().clone()
+            _write(values[name], *step, pending.decay)
+        return dataclasses.replace(pending, values=values)
+
+    @staticmethod
+    def _directions(
+        pending: PendingStep,
+    ) -> list[tuple[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """(name, (direction, coef)) of every tensor the step writes."""
+        out = [(name, (r.grad, r.coef)) for name, r in pending.apollo.items()]
+        return out + [(name, (r.update, r.coef)) for name, r in pending.adamw.items()]
+
+    def _param(self, name: str) -> torch.nn.Parameter:
+        params = self._apollo_params if name in self._apollo_params else self._adamw_params
+        return params[name]
 
     def _require_grads(self) -> None:
         for name, param in {**self._apollo_params, **self._adamw_params}.items():

@@ -7,17 +7,24 @@ changes a real token's result.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn import functional as F
 
 Sample = tuple[Sequence[int], Sequence[int]]  # (context_ids, continuation_ids)
 
 
-def continuation_logprobs(model: nn.Module, samples: Sequence[Sample]) -> list[torch.Tensor]:
-    """Per sample, log p(continuation token | everything before it), fp32."""
+def continuation_logprobs(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Per sample, log p(continuation token | everything before it), fp32; with the
+    given `weights` in place of the model's own parameters of those names (a step
+    judged before it is applied), none of which is written."""
     device = next(model.parameters()).device
     lengths = [len(ctx) + len(cont) for ctx, cont in samples]
     ids = torch.zeros(len(samples), max(lengths), dtype=torch.long, device=device)
@@ -25,7 +32,11 @@ def continuation_logprobs(model: nn.Module, samples: Sequence[Sample]) -> list[t
     for row, (ctx, cont) in enumerate(samples):
         ids[row, : lengths[row]] = torch.tensor([*ctx, *cont], device=device)
         mask[row, : lengths[row]] = 1
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if weights is None:
+        logits = model(**inputs).logits
+    else:
+        logits = functional_call(model, dict(weights), (), inputs).logits
     out = []
     for row, (ctx, _) in enumerate(samples):
         # logits at position p predict token p + 1

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,27 @@ from livetrain.trainer.loss import continuation_logprobs, mean_loss
 from livetrain.trainer.model import AttachedModel, attach, restore_weights
 
 log = logging.getLogger("livetrain.trainer")
+
+
+@dataclass(frozen=True)
+class UndoRecord:
+    """What serving was before one applied step: the trained tensors' values (copies),
+    the optimizer state (its tensors are replaced by later steps, never written) and
+    the trained-sample record."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    trained: frozenset[bytes]
+
+
+@dataclass(frozen=True)
+class PreparedStep:
+    """A step between prepare and apply, and what applying it records."""
+
+    update: PendingStep
+    keys: set[bytes]  # sample_key of the samples it trains
+    guard: msg.GuardCheck | None
+    undo: UndoRecord | None  # None: no undo history is kept
 
 
 def sample_key(context: list[int], continuation: list[int]) -> bytes:
@@ -53,10 +77,16 @@ class Trainer:
         block_bytes: int = PluginConfig().sync_block_bytes,
         max_update_ratio: float = PluginConfig().max_update_ratio,
         sync_on_exit: bool = False,
+        *,
+        guard: msg.Guard | None = None,
+        undo_steps: int = PluginConfig().undo_steps,
     ) -> None:
         self.attached, self.model_dir, self.state_dir = attached, model_dir, state_dir
         self.optimizer = Apollo(attached.apollo_params, attached.adamw_params)
-        self.pending: PendingStep | None = None
+        self.pending: PreparedStep | None = None
+        self.guard = guard
+        self._guard_loss: float | None = None  # on the served weights; None: not known
+        self.history: deque[UndoRecord] = deque(maxlen=undo_steps)  # oldest first
         self.weight_version = weight_version
         self.block_bytes = block_bytes
         self.max_update_ratio = max_update_ratio
@@ -69,7 +99,6 @@ class Trainer:
         trained = weight_version > 0
         self.dirty: set[int] = {id(p) for p in attached.trainable.values()} if trained else set()
         self.trained: set[bytes] = set()  # sample_key of every sample a step was applied to
-        self.pending_keys: set[bytes] = set()
 
     @classmethod
     def from_attach(cls, request: msg.Attach) -> tuple[Trainer, msg.Attached]:
@@ -85,6 +114,8 @@ class Trainer:
             request.sync_block_bytes,
             request.max_update_ratio,
             request.sync_on_exit,
+            guard=request.guard,
+            undo_steps=request.undo_steps,
         )
         if request.restore_from_files:
             restored = trainer.rollback(request.weight_version + 1)
@@ -98,6 +129,7 @@ class Trainer:
             trainable_params=sum(p.numel() for p in attached.trainable.values()),
             frozen_tensors=len(attached.frozen),
             resumed_from_version=resumed_from,
+            guard_loss=trainer.guard_loss(),
             torch_threads=torch.get_num_threads(),
             optimizer=trainer.optimizer_status(),
         )
@@ -145,6 +177,8 @@ class Trainer:
         self.finish_save()
         self.discard()
         restore_weights(self.attached, self.model_dir)
+        self.history.clear()  # the kept weights were steps on top of other weights
+        self._guard_loss = None
         saved = None
         if self.state_dir is not None:
             saved = trainer_state.load(self.state_dir, trainer_state.CHECKPOINT_FILE)
@@ -155,7 +189,37 @@ class Trainer:
             checkpoint_version = saved["weight_version"] if self._adopt(saved) else None
         self.weight_version = weight_version
         self._start_save()
-        return msg.RolledBack(weight_version, checkpoint_version, self.optimizer_status())
+        return msg.RolledBack(weight_version, checkpoint_version, None, self.optimizer_status(), 0)
+
+    def undo(self, steps: int, weight_version: int) -> msg.RolledBack | msg.Failed:
+        """Serve the weights from before the last `steps` applied steps again, bit for
+        bit, with the optimizer state and trained-sample record of that moment (the
+        engine is paused). Only steps kept in memory (`undo_steps`) can be undone."""
+        if not 1 <= steps <= len(self.history):
+            kept = self.history.maxlen
+            return refused(
+                f"steps: {steps} steps cannot be undone; {len(self.history)} can (the "
+                f"trainer keeps the last {kept}, LIVETRAIN_UNDO_STEPS, in memory; a "
+                "restart or a rollback to the files clears them)",
+                status=409,
+            )
+        self.discard()
+        for _ in range(steps - 1):
+            self.history.pop()
+        record = self.history.pop()
+        params = self.attached.trainable
+        with torch.no_grad():
+            for name, value in record.weights.items():
+                params[name].copy_(value)
+        if next(self.attached.model.parameters()).is_cuda:
+            torch.cuda.synchronize()  # the write must land before vLLM resumes
+        self.optimizer.load_state_dict(record.optimizer)
+        self.trained, self._guard_loss = set(record.trained), None
+        self.weight_version = weight_version
+        self._start_save()
+        return msg.RolledBack(
+            weight_version, None, steps, self.optimizer_status(), len(self.history)
+        )
 
     def _adopt(self, saved: dict[str, Any]) -> bool:
         """Take over a saved optimizer state and trained-sample record, if they fit."""
@@ -231,32 +295,81 @@ class Trainer:
                 return refused(f"non-finite loss ({loss.item()})")
             loss.backward()
         try:
-            self.pending = self.optimizer.prepare(settings, self.max_update_ratio)
+            update = self.optimizer.prepare(settings, self.max_update_ratio)
         except RefusedUpdate as exc:
             self.discard()
             return refused(str(exc))
-        self.pending_keys = set(keys)
+        guard = None
+        if self.guard is not None:
+            update = self.optimizer.preview(update)
+            guard = self._judge(update, self.guard)
+            if not (math.isfinite(guard.after) and guard.after - guard.before <= guard.max_rise):
+                self.discard()
+                return refused(
+                    f"the guard set's loss would rise from {guard.before:.4f} to "
+                    f"{guard.after:.4f}, more than max_rise {guard.max_rise:g}; nothing "
+                    "was applied",
+                )
+        undo = self._undo_record() if self.history.maxlen else None
+        self.pending = PreparedStep(update, set(keys), guard, undo)
         return msg.Prepared(
             loss=loss.item(),
             tokens=sum(len(cont) for _, cont in samples),
             skipped_samples=given - len(samples),
-            moments_reset=list(self.pending.moments_reset),
+            moments_reset=list(update.moments_reset),
+            guard=guard,
         )
+
+    def _judge(self, update: PendingStep, guard: msg.Guard) -> msg.GuardCheck:
+        """The guard set's mean loss on the served weights and on the step's result."""
+        with torch.no_grad():
+            after = continuation_logprobs(self.attached.model, guard.samples, update.values)
+        before = self.guard_loss()
+        assert before is not None  # a guard is set
+        return msg.GuardCheck(before, mean_loss(after).item(), guard.max_rise)
+
+    def guard_loss(self) -> float | None:
+        """The guard set's mean loss on the served weights (kept until they change)."""
+        if self.guard is not None and self._guard_loss is None:
+            with torch.no_grad():
+                logprobs = continuation_logprobs(self.attached.model, self.guard.samples)
+            self._guard_loss = mean_loss(logprobs).item()
+        return self._guard_loss
+
+    def _undo_record(self) -> UndoRecord:
+        weights = {name: p.detach().clone() for name, p in self.attached.trainable.items()}
+        return UndoRecord(weights, self.optimizer.state_dict(), frozenset(self.trained))
+
+    def set_guard(self, guard: msg.Guard | None) -> msg.GuardSet | msg.Failed:
+        """Replace the guard set; its loss on the served weights is the next baseline.
+        A guard set whose loss is not finite is refused and the old one stays."""
+        old = self.guard, self._guard_loss
+        self.guard, self._guard_loss = guard, None
+        loss = self.guard_loss()
+        if loss is not None and not math.isfinite(loss):
+            self.guard, self._guard_loss = old
+            return refused(f"the guard set's loss is not finite ({loss}); guard unchanged")
+        return msg.GuardSet(loss=loss)
 
     def apply(self, weight_version: int) -> msg.Applied | msg.Failed:
         """Write the prepared update into the served weights (vLLM is paused)."""
         if self.pending is None:
             return refused("no prepared step to apply")
+        step = self.pending
         with torch.no_grad():
-            self.optimizer.apply(self.pending)
+            self.optimizer.apply(step.update)
         if next(self.attached.model.parameters()).is_cuda:
             torch.cuda.synchronize()  # the write must land before vLLM resumes
         self.weight_version = weight_version
         self.dirty.update(id(p) for p in self.attached.trainable.values())
-        self.trained |= self.pending_keys
+        self.trained |= step.keys
+        if step.undo is not None:
+            self.history.append(step.undo)
+        if step.guard is not None:
+            self._guard_loss = step.guard.after  # bit for bit what is now served
         self.discard()
         self._start_save()
-        return msg.Applied(optimizer=self.optimizer_status())
+        return msg.Applied(optimizer=self.optimizer_status(), undo_available=len(self.history))
 
     def checkpoint(self) -> msg.Synced | msg.Failed:
         """Write the live weights into the model's safetensors (changed blocks only)."""
@@ -285,7 +398,7 @@ class Trainer:
 
     def discard(self) -> None:
         """Forget a prepared step and its gradients (a refused or failed step)."""
-        self.pending, self.pending_keys = None, set()
+        self.pending = None
         for param in self.attached.trainable.values():
             param.grad = None
 
