@@ -8,10 +8,11 @@ Every figure is printed next to a baseline measured in the same run:
   after 1 and 5 steps at lr 1e-4 and 1e-5: an fp32 model against the fp32 files, a
   bf16 model against the same fp32 files and against bf16 files; the baseline is the
   same model after 0 steps;
-- `checkpoint_sync.sync` time and bytes (in place, and the redo journal that writes
-  them a second time) against a crash-safe full rewrite of the file with
+- `checkpoint_sync.sync` time and bytes (blocks in place plus the redo journal that
+  writes them a second time, or the file staged whole and renamed when most of it
+  changed) against a crash-safe full rewrite of the file with
   `safetensors.torch.save_file` + fsync + rename, with one decoder layer trained and
-  with all of them; medians over fresh copies of the model;
+  with all of them; medians over fresh copies of the model, and the rounds' spread;
 - the GB/s of `plan` reading and comparing every tensor when nothing changed, against
   `np.array_equal` over the same bytes already in memory.
 """
@@ -39,9 +40,12 @@ from common import add_model_argument, bench_model, random_samples  # noqa: E402
 
 from livetrain.checkpoint.files import list_tensors  # noqa: E402
 from livetrain.checkpoint.sync import (  # noqa: E402
+    REPLACE_ABOVE,
     apply_journal,
+    choose_replacements,
     fsync_path,
     plan,
+    stage_file,
     sync,
     write_journal,
 )
@@ -162,21 +166,29 @@ def full_rewrite(model_dir: Path, tensors: Tensors) -> float:
 
 
 def phased_sync(model_dir: Path, live: Tensors, dirty: set[str], block: int) -> dict:
-    """sync's steps run one by one: the journal's size (sync deletes it) and where the
-    time goes; checks on the way that the patched file then matches the live weights."""
+    """sync's steps run one by one: the bytes the journal and staging write (sync
+    deletes both) and where the time goes; checks on the way that the files then
+    match the live weights."""
     started = time.perf_counter()
     writes, _ = plan(model_dir, live.__getitem__, dirty.__contains__, block)
     planned = time.perf_counter()
-    size = write_journal(model_dir, writes).stat().st_size
+    replaced = choose_replacements(model_dir, writes, REPLACE_ABOVE)
+    for name in replaced:
+        stage_file(model_dir, name, [w for w in writes if w.file == name])
+    staged = time.perf_counter()
+    in_place = [w for w in writes if w.file not in replaced]
+    size = write_journal(model_dir, in_place, replaced).stat().st_size
     journaled = time.perf_counter()
-    apply_journal(model_dir)
+    apply_journal(model_dir, in_place, replaced)
     applied = time.perf_counter()
     _, after = plan(model_dir, live.__getitem__, dirty.__contains__, block)
-    assert after.blocks_changed == 0, "sync's blocks must reproduce the live weights"
+    assert after.blocks_changed == 0, "sync's writes must reproduce the live weights"
     return {
         "journal_bytes": size,
+        "files_replaced": replaced,
         "plan_ms": (planned - started) * 1000,
-        "write_journal_ms": (journaled - planned) * 1000,
+        "stage_ms": (staged - planned) * 1000,
+        "write_journal_ms": (journaled - staged) * 1000,
         "apply_journal_ms": (applied - journaled) * 1000,
     }
 
@@ -200,13 +212,17 @@ def sync_case(
     phases = phased_sync(copy, live, dirty, args.block)
     journal = phases.pop("journal_bytes")
     shutil.rmtree(copy)
+    ratios = [s / f for s, f in zip(sync_s, full_s, strict=True)]  # per alternating round
     return {
         "tensors_dirty": len(dirty),
         "blocks_changed": result.blocks_changed,
+        "changed_block_bytes": result.blocks_changed * args.block,
+        "files_replaced": result.files_replaced,
         "sync_ms": statistics.median(sync_s) * 1000,
         "full_rewrite_ms": statistics.median(full_s) * 1000,
         "sync_over_full_rewrite": statistics.median(sync_s) / statistics.median(full_s),
-        "sync_in_place_bytes": result.bytes_written,
+        "sync_over_full_rewrite_rounds": [round(r, 3) for r in ratios],
+        "sync_bytes_staged_or_in_place": result.bytes_written,
         "sync_journal_bytes": journal,
         "full_rewrite_bytes": full_bytes,
         "sync_bytes_over_full_rewrite": (result.bytes_written + journal) / full_bytes,
@@ -214,19 +230,24 @@ def sync_case(
     }
 
 
-def sync_vs_full_rewrite(model_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, dict]:
-    """One decoder layer's linear weights changed and dirty, then all layers'."""
-    model, params = load_trainable(model_dir, "float32")
-    train(model, Apollo(params, {}), params, LRS[0], range(1), args)
-    original = load_file(model_dir / WEIGHTS)
-    cases = {
-        "one_layer": {n for n in params if n.startswith("model.layers.0.")},
-        "all_layers": set(params),
-    }
+def sync_vs_full_rewrite(
+    model_dir: Path, bf16_dir: Path, work: Path, args: argparse.Namespace
+) -> dict[str, dict]:
+    """One decoder layer's linear weights changed and dirty, then all layers' (fp32
+    model and files), then all layers of a bf16 model against bf16 files, where one
+    small step leaves most values alone but changes nearly every block."""
     results = {}
-    for case, dirty in cases.items():
-        live = original | {n: params[n].detach() for n in dirty}
-        results[case] = sync_case(model_dir, work, live, dirty, args)
+    for files_dir, dtype in ((model_dir, "float32"), (bf16_dir, "bfloat16")):
+        model, params = load_trainable(files_dir, dtype)
+        train(model, Apollo(params, {}), params, LRS[0], range(1), args)
+        original = load_file(files_dir / WEIGHTS)
+        cases = {"all_layers": set(params)}
+        if dtype == "float32":
+            cases = {"one_layer": {n for n in params if n.startswith("model.layers.0.")}} | cases
+        for case, dirty in cases.items():
+            live = original | {n: params[n].detach() for n in dirty}
+            name = case if dtype == "float32" else f"{case}_bf16"
+            results[name] = sync_case(files_dir, work, live, dirty, args)
     return results
 
 
@@ -281,21 +302,28 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="context and continuation each")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block", type=int, default=PluginConfig().sync_block_bytes)
+    parser.add_argument(
+        "--only-sync", action="store_true", help="skip the blocks-per-step and diff sections"
+    )
     add_model_argument(parser)
     args = parser.parse_args()
     model_dir = bench_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="livetrain-bench-sync-"))
     try:
         file_dirs = {"float32": fresh_copy(model_dir, work), "bfloat16": bf16_copy(model_dir, work)}
-        results = {
+        results: dict = {
             "model": str(model_dir),
             "block_bytes": args.block,
             "batch": args.batch,
             "tokens_per_sample": 2 * args.tokens,
-            "blocks_per_step": blocks_per_step(model_dir, file_dirs, args),
-            "sync_vs_full_rewrite": sync_vs_full_rewrite(model_dir, work, args),
-            "diff": diff_throughput(model_dir, work, args),
         }
+        if not args.only_sync:
+            results["blocks_per_step"] = blocks_per_step(model_dir, file_dirs, args)
+        results["sync_vs_full_rewrite"] = sync_vs_full_rewrite(
+            model_dir, file_dirs["bfloat16"], work, args
+        )
+        if not args.only_sync:
+            results["diff"] = diff_throughput(model_dir, work, args)
     finally:
         shutil.rmtree(work)
     print(json.dumps(results, indent=2))

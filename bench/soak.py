@@ -1,6 +1,6 @@
 """Soak: many /train steps with completions running alongside, on the built-in model.
 
-    python bench/soak.py [--steps 500] [--sync-every 100] [--dtype bfloat16]
+    python bench/soak.py [--steps 500] [--sync-every 100] [--dtype float32]
 
 Serves a private copy of the model (syncs write into it), compiled as vLLM defaults to, trains
 one fresh sample per step while a client keeps asking for completions, syncs every
@@ -16,6 +16,8 @@ import argparse
 import json
 import random
 import shutil
+import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -86,9 +88,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--sync-every", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    # fp32 as the demo serves it: this CPU's torch runs bf16 backward ~10x slower.
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_model_argument(parser)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the server is stopped too
     work = Path(tempfile.mkdtemp(prefix="livetrain-soak-"))
     model = shutil.copytree(bench_model(args.model), work / "model")
     env = {**plugin_env(), "LIVETRAIN_STATE_DIR": str(work / "state")}
@@ -106,17 +110,20 @@ def main() -> None:
         completer = threading.Thread(target=complete_until, args=(client, stop, log))
         completer.start()
         rss: dict[str, dict[str, int]] = {}
+        timings: list[tuple[float, float]] = []  # (step ms, pause ms) of each good step
         started = time.perf_counter()
         try:
             for step, (context, continuation) in enumerate(todo, 1):
                 reply = client.train(context, continuation, lr=args.lr)
                 if reply.status_code != 200:
                     log["train_errors"].append(f"step {step}: {reply.status_code} {reply.text}")
+                else:
+                    timings.append((reply.json()["elapsed_ms"], reply.json()["pause_ms"]))
                 if step % args.sync_every == 0:
                     client.http.post("/checkpoint").raise_for_status()
                 if step == WARMUP_STEPS:
                     rss["after_warmup"] = {name: rss_bytes(pid) for name, pid in pids.items()}
-                if step % 50 == 0:
+                if step % 10 == 0:
                     print(f"step {step}: {time.perf_counter() - started:.0f} s", flush=True)
         finally:
             stop.set()
@@ -135,6 +142,8 @@ def main() -> None:
         "steps": args.steps,
         "seconds": round(elapsed, 1),
         "steps_per_s": round(args.steps / elapsed, 3),
+        "step_ms_median": statistics.median(t for t, _ in timings),
+        "pause_ms_median": statistics.median(p for _, p in timings),
         "train_errors": len(log["train_errors"]),
         "completions": log["completions"],
         "completion_errors": len(log["completion_errors"]),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import pathlib
 import random
@@ -43,12 +44,14 @@ from livetrain.checkpoint.files import list_tensors
 from livetrain.checkpoint.lock import lock_model_dir
 from livetrain.checkpoint.sync import (
     JOURNAL,
+    STAGE_PREFIX,
     BlockWrite,
     JournalCorrupt,
     UnsafeModelDir,
     apply_journal,
     plan,
     recover,
+    stage_file,
     sync,
     write_journal,
 )
@@ -194,7 +197,8 @@ def assert_holds(model: Model, which: Literal["old", "new"], context: object = "
 
 
 def no_journal(model_dir: Path) -> bool:
-    return not (model_dir / JOURNAL).exists() and not (model_dir / TMP_JOURNAL).exists()
+    journals = (model_dir / JOURNAL).exists() or (model_dir / TMP_JOURNAL).exists()
+    return not journals and not list(model_dir.glob(f"{STAGE_PREFIX}*"))
 
 
 # 1. The block diff ------------------------------------------------------------------------
@@ -246,13 +250,19 @@ def test_plan_writes_exactly_the_differing_file_aligned_blocks(model: Model, blo
 # 2. A complete sync ---------------------------------------------------------------------
 
 
-def test_sync_writes_the_new_weights_in_place(model: Model) -> None:
+@pytest.mark.parametrize("replace_above", [math.inf, 0.0], ids=["blocks", "replace"])
+def test_sync_writes_the_new_weights_in_place(model: Model, replace_above: float) -> None:
+    """Changed blocks patched in place, or (every file over the threshold) each file
+    staged whole and renamed over the old one: the same bytes either way."""
     old_files = snapshot(model)
     new_files = expected_new_files(model, old_files)
+    modes = {f: (model.dir / f).stat().st_mode for f in model.files}
 
-    first = sync(model.dir, model.live, model.dirty.__contains__, block_size=512)
+    first = sync(model.dir, model.live, model.dirty.__contains__, 512, replace_above)
 
     assert first.blocks_changed > 0 and first.files
+    assert first.files_replaced == ([] if replace_above else first.files)
+    assert {f: (model.dir / f).stat().st_mode for f in model.files} == modes
     assert_holds(model, "new")
     after = snapshot(model)
     for file, raw in after.items():
@@ -270,8 +280,9 @@ def test_sync_writes_the_new_weights_in_place(model: Model) -> None:
 # 3. Crash safety under kill -9 -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("replace_above", [math.inf, 0.0], ids=["blocks", "replace"])
 def test_kill_at_any_io_call_then_recover_gives_all_old_or_all_new(
-    model: Model, tmp_path: Path
+    model: Model, tmp_path: Path, replace_above: float
 ) -> None:
     template = model.dir
     old_files = snapshot(model)
@@ -283,6 +294,7 @@ def test_kill_at_any_io_call_then_recover_gives_all_old_or_all_new(
         for job in jobs:
             shutil.copytree(template, job["dir"])
         spec = {"new": str(new_path), "block_size": FAULT_BLOCK, "jobs": jobs}
+        spec["replace_above"] = replace_above
         spec["results"] = str(tmp_path / "results.json")
         spec_path = tmp_path / "jobs.json"
         spec_path.write_text(json.dumps(spec))
@@ -297,7 +309,9 @@ def test_kill_at_any_io_call_then_recover_gives_all_old_or_all_new(
     trace: list[str] = json.loads(trace_path.read_text())
     k = len(trace)
     # Merged runs make few calls; every one of them is a kill point below (clean and torn).
-    assert k >= 10 and trace.count("replace") == 1 and trace.count("pwrite") >= 4
+    # The first rename commits the journal; the others put staged files in place.
+    renames = 1 + (len(model.files) if replace_above == 0 else 0)
+    assert k >= 10 and trace.count("replace") == renames and trace.count("pwrite") >= 4
     assert snapshot(model, counted) == expected_new_files(model, old_files)
 
     # Every point, clean (killed just before the call); the writes also torn (a random
@@ -325,7 +339,9 @@ def test_kill_at_any_io_call_then_recover_gives_all_old_or_all_new(
     print(f"K={k} injection points {dict(Counter(trace))}, {len(jobs)} kills: {dict(outcomes)}")
 
 
-def _sync_with_faults(job: dict[str, Any], new: dict[str, torch.Tensor], block: int) -> list[str]:
+def _sync_with_faults(
+    job: dict[str, Any], new: dict[str, torch.Tensor], block: int, replace_above: float
+) -> list[str]:
     """Run one sync, SIGKILLing this process before injectable I/O call `kill_at`.
 
     Returns the calls made (only reached when the sync is not killed).
@@ -397,7 +413,7 @@ def _sync_with_faults(job: dict[str, Any], new: dict[str, torch.Tensor], block: 
 
     os.pwrite, os.fsync, os.replace, os.unlink = pwrite, fsync, replace, unlink
     pathlib.Path.open = path_open  # type: ignore[method-assign]
-    sync(Path(job["dir"]), new.__getitem__, new.__contains__, block_size=block)
+    sync(Path(job["dir"]), new.__getitem__, new.__contains__, block, replace_above)
     return trace
 
 
@@ -413,7 +429,7 @@ def _fork_server(spec_path: str) -> None:
             code = 1
             try:
                 signal.alarm(60)  # a hung child dies rather than hanging the test
-                trace = _sync_with_faults(job, new, spec["block_size"])
+                trace = _sync_with_faults(job, new, spec["block_size"], spec["replace_above"])
                 if job.get("trace"):
                     Path(job["trace"]).write_text(json.dumps(trace))
                 code = 0
@@ -426,6 +442,58 @@ def _fork_server(spec_path: str) -> None:
 
 
 # 4. recover on its own ---------------------------------------------------------------------
+
+
+def test_recover_deletes_files_staged_for_an_uncommitted_sync(model: Model) -> None:
+    before = snapshot(model)
+    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
+    for name in model.files:
+        stage_file(model.dir, name, [w for w in writes if w.file == name])
+    assert not no_journal(model.dir)  # the staged files are there
+
+    assert recover(model.dir) == "discarded an uncommitted sync"
+    assert snapshot(model) == before and no_journal(model.dir)
+
+
+def test_recover_finishes_a_committed_replacement_idempotently(model: Model) -> None:
+    """Killed after the commit with one file renamed and the other not yet: recovery
+    renames what is left, and a file already in place stays as it is."""
+    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
+    for name in model.files:
+        stage_file(model.dir, name, [w for w in writes if w.file == name])
+    write_journal(model.dir, [], model.files)
+    first = model.files[0]
+    os.replace(model.dir / f"{STAGE_PREFIX}{first}.tmp", model.dir / first)
+
+    assert recover(model.dir) == "completed a committed sync"
+    assert_holds(model, "new")
+    assert no_journal(model.dir)
+
+
+def test_recover_refuses_a_journal_replacing_a_file_that_is_not_a_weight_file(
+    model: Model,
+) -> None:
+    (model.dir / "config.json").write_text("{}")
+    (model.dir / f"{STAGE_PREFIX}config.json.tmp").write_text('{"planted": 1}')
+    write_journal(model.dir, [], ["config.json"])
+    with pytest.raises(JournalCorrupt, match="not one of the model's weight files"):
+        recover(model.dir)
+    assert (model.dir / "config.json").read_text() == "{}"
+
+
+def test_a_replaced_file_is_a_new_file_and_links_to_the_old_one_keep_it(
+    model: Model, tmp_path: Path
+) -> None:
+    """Staging renames a new file into place: a hard link elsewhere (a copy made with
+    `cp -l`) keeps the old bytes, where an in-place write would have changed both."""
+    old_files = snapshot(model)
+    links = {name: tmp_path / name for name in model.files}
+    for name, link in links.items():
+        os.link(model.dir / name, link)
+    result = sync(model.dir, model.live, model.dirty.__contains__, replace_above=0.0)
+    assert result.files_replaced == model.files
+    assert_holds(model, "new")
+    assert {name: link.read_bytes() for name, link in links.items()} == old_files
 
 
 def test_recover_discards_an_uncommitted_journal(model: Model) -> None:

@@ -165,6 +165,25 @@ def test_clients_that_hang_up_drop_their_queued_steps(strict_server):
 
 
 @pytest.mark.server
+def test_a_trainer_killed_during_a_step_before_its_write_changes_nothing(strict_server):
+    context, continuation = sample(strict_server)
+    original = strict_server.continuation_logprobs(context, continuation)
+    before = strict_server.wait_trainer()
+    time.sleep(HEALTHY_S + 0.5)  # this death is not part of a crash loop
+    os.kill(before["trainer_pid"], signal.SIGSTOP)  # so that it dies inside prepare
+    with ThreadPoolExecutor(1) as pool:
+        step = pool.submit(strict_server.train, context, continuation, lr=1e-3, retrain=True)
+        time.sleep(1.0)
+        os.kill(before["trainer_pid"], signal.SIGKILL)
+        reply = step.result()
+    assert reply.status_code == 503 and "exited" in reply.json()["error"]["message"], reply.text
+    after = strict_server.wait_trainer()
+    assert after["trainer_pid"] != before["trainer_pid"]
+    assert after["weight_version"] == before["weight_version"]
+    assert strict_server.continuation_logprobs(context, continuation) == original
+
+
+@pytest.mark.server
 def test_a_trainer_stopped_after_a_write_is_replaced_and_the_weights_stay(strict_server):
     context, continuation = sample(strict_server)
     strict_server.wait_trainer()

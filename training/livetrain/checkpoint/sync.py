@@ -2,21 +2,25 @@
 
 Diff: each checkpoint tensor is compared with the live one (cast to the file's dtype)
 in file-aligned blocks (4 KiB by default); only differing blocks are written, adjacent
-ones merged into a single write. Tensors
-that training never touched are skipped without being read.
+ones merged into a single write. Tensors that training never touched are skipped
+without being read.
 
 Crash safety, without copying whole files (ext4 has no reflinks): a redo journal.
-  0. every file to be patched is opened for writing (fail before committing anything)
-  1. the changed blocks, where they go, and a SHA-256 over both go to
-     `<dir>/.livetrain-sync.journal.tmp`, which is fsynced and renamed to
+  0. every file to be patched is opened for writing (fail before committing anything);
+     a file where more than `replace_above` of the bytes changed is instead staged
+     whole as `<dir>/.livetrain-stage.<name>.tmp` and fsynced (writing it once costs
+     less than journaling its blocks and then writing them again)
+  1. the changed blocks, where they go, the staged files' names, and a SHA-256 over all
+     of it go to `<dir>/.livetrain-sync.journal.tmp`, which is fsynced and renamed to
      `.livetrain-sync.journal`  <- commit point
-  2. the blocks are written in place and the files fsynced
+  2. staged files are renamed over their originals and the blocks are written in place;
+     files and the folder are fsynced
   3. the journal is deleted
 `recover(dir)` (run before anything loads the directory and before every sync)
-replays a committed journal, which is idempotent, and deletes an uncommitted one. A
-kill before the commit leaves the old weights; after it, the new ones once recovered.
-Headers (names, shapes, dtypes, offsets) are never rewritten, so every file stays a
-valid safetensors file throughout.
+replays a committed journal, which is idempotent (a staged file already renamed is
+gone), and deletes an uncommitted one with its staged files. A kill before the commit
+leaves the old weights; after it, the new ones once recovered. Headers (names, shapes,
+dtypes, offsets) are never rewritten, so every file stays a valid safetensors file.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ import torch
 from livetrain.checkpoint.files import FileTensor, list_tensors, safetensors_files
 
 JOURNAL = ".livetrain-sync.journal"
+STAGE_PREFIX, STAGE_SUFFIX = ".livetrain-stage.", ".tmp"  # never a *.safetensors name
+# A file is staged whole when more than this fraction of its bytes changed: the journal
+# writes each changed byte twice (journal, then in place), staging writes the file once.
+REPLACE_ABOVE = 0.5
 _MAGIC = b"LTJOURNAL1"
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -67,6 +75,7 @@ class BlockWrite:
 @dataclass
 class SyncResult:
     files: list[str] = field(default_factory=list)
+    files_replaced: list[str] = field(default_factory=list)  # staged whole and renamed
     bytes_written: int = 0
     blocks_changed: int = 0
     blocks_total: int = 0
@@ -127,6 +136,53 @@ def plan(
     return writes, result
 
 
+def staged_name(name: str) -> str:
+    return f"{STAGE_PREFIX}{name}{STAGE_SUFFIX}"
+
+
+def choose_replacements(
+    model_dir: Path, writes: list[BlockWrite], replace_above: float
+) -> list[str]:
+    """Files where the changed bytes exceed `replace_above` of the file's size: staging
+    such a file writes it once, where the journal writes each changed byte twice."""
+    changed: dict[str, int] = {}
+    for w in writes:
+        changed[w.file] = changed.get(w.file, 0) + len(w.data)
+    return sorted(
+        name
+        for name, nbytes in changed.items()
+        if nbytes > replace_above * (model_dir / name).stat().st_size
+    )
+
+
+def stage_file(model_dir: Path, name: str, writes: list[BlockWrite]) -> None:
+    """Step 0 for a replaced file: the file as it will be, written once in file order
+    (unchanged ranges copied from the original), with its mode, and fsynced."""
+    source = model_dir / name
+    staged = model_dir / staged_name(name)
+    mode = source.stat().st_mode & 0o7777
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with (
+            source.open("rb") as f,
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m,
+            memoryview(m) as old,
+        ):
+            pos = 0
+            for w in sorted(writes, key=lambda w: w.offset):
+                _pwrite_all(fd, old[pos : w.offset], pos)
+                _pwrite_all(fd, w.data, w.offset)
+                pos = w.offset + len(w.data)
+            _pwrite_all(fd, old[pos:], pos)
+        os.fchmod(fd, mode)  # the umask may have narrowed it
+        os.fsync(fd)
+    except BaseException:
+        os.unlink(staged)
+        raise
+    finally:
+        os.close(fd)
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory by path (a rename is durable once its directory is)."""
     fd = os.open(path, os.O_RDONLY)
@@ -136,13 +192,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _digest(table: list[dict], payload: bytes) -> str:
-    """Covers where every block goes as well as its bytes: a flipped offset is corruption.
+def _digest(table: list[dict], replaced: list[str], payload: bytes) -> str:
+    """Covers where every block goes, and which files are replaced, as well as the
+    blocks' bytes: a flipped offset or name is corruption.
 
     The table is hashed in a canonical form, so the digest is checked against what
     the reader actually parsed.
     """
-    canonical = json.dumps(table, sort_keys=True, separators=(",", ":")).encode()
+    listing = {"writes": table, "replaced": replaced}
+    canonical = json.dumps(listing, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(struct.pack("<Q", len(canonical)) + canonical + payload).hexdigest()
 
 
@@ -165,7 +223,7 @@ def check_in_place_safe(model_dir: Path) -> None:
             )
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     """pwrite until every byte is written (Linux writes at most ~2 GiB per call)."""
     view = memoryview(data)
     while view:
@@ -175,11 +233,16 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def write_journal(model_dir: Path, writes: list[BlockWrite]) -> Path:
-    """Step 1: the journal, durable and then committed by rename."""
+def write_journal(
+    model_dir: Path, writes: list[BlockWrite], replaced: list[str] | None = None
+) -> Path:
+    """Step 1: the journal, durable and then committed by rename. `writes` are the
+    in-place blocks; `replaced` the files already staged whole."""
+    replaced = replaced or []
     payload = b"".join(w.data for w in writes)
     table = [{"file": w.file, "offset": w.offset, "length": len(w.data)} for w in writes]
-    header = json.dumps({"writes": table, "sha256": _digest(table, payload)}).encode()
+    digest = _digest(table, replaced, payload)
+    header = json.dumps({"writes": table, "replaced": replaced, "sha256": digest}).encode()
     tmp = model_dir / f"{JOURNAL}.tmp"
     try:
         with tmp.open("xb") as f:  # exclusive: never through a symlink planted there
@@ -196,7 +259,7 @@ def write_journal(model_dir: Path, writes: list[BlockWrite]) -> Path:
     return final
 
 
-def _read_journal(path: Path) -> list[BlockWrite]:
+def _read_journal(path: Path) -> tuple[list[BlockWrite], list[str]]:
     raw = path.read_bytes()
     if not raw.startswith(_MAGIC):
         raise JournalCorrupt(f"{path}: not a livetrain journal")
@@ -204,23 +267,27 @@ def _read_journal(path: Path) -> list[BlockWrite]:
         (length,) = struct.unpack("<Q", raw[len(_MAGIC) : len(_MAGIC) + 8])
         start = len(_MAGIC) + 8
         header = json.loads(raw[start : start + length])
-        table, payload = header["writes"], raw[start + length :]
-        if _digest(table, payload) != header["sha256"]:
+        table, replaced, payload = header["writes"], header["replaced"], raw[start + length :]
+        if _digest(table, replaced, payload) != header["sha256"]:
             raise ValueError("checksum mismatch")
         writes, pos = [], 0
         for w in table:
             writes.append(BlockWrite(w["file"], w["offset"], payload[pos : pos + w["length"]]))
             pos += w["length"]
-        _check_targets(path.parent, table)
+        _check_targets(path.parent, table, replaced)
     except (ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
         raise JournalCorrupt(f"{path}: {exc}; refusing to apply it") from None
-    return writes
+    return writes, replaced
 
 
-def _check_targets(model_dir: Path, table: list[dict]) -> None:
-    """Every write lands inside one of the model's own weight files (a journal planted in
-    the folder must not write anywhere else), so checksums alone are not enough."""
+def _check_targets(model_dir: Path, table: list[dict], replaced: list[str]) -> None:
+    """Every write lands inside one of the model's own weight files, and only those are
+    replaced (a journal planted in the folder must not write anywhere else), so
+    checksums alone are not enough."""
     sizes = {p.name: p.stat().st_size for p in safetensors_files(model_dir)}
+    for name in replaced:
+        if name not in sizes:
+            raise ValueError(f"{name!r} is not one of the model's weight files")
     for w in table:
         name, offset, length = w["file"], w["offset"], w["length"]
         if name not in sizes:
@@ -231,15 +298,22 @@ def _check_targets(model_dir: Path, table: list[dict]) -> None:
             raise ValueError(f"range {offset}+{length} is outside {name} ({sizes[name]} bytes)")
 
 
-def apply_journal(model_dir: Path, writes: list[BlockWrite] | None = None) -> None:
-    """Steps 2 and 3: write the committed blocks in place, make them durable, forget them.
+def apply_journal(
+    model_dir: Path, writes: list[BlockWrite] | None = None, replaced: list[str] | None = None
+) -> None:
+    """Steps 2 and 3: put the staged files in place, write the committed blocks in place,
+    make them durable, forget them.
 
-    `writes` are the blocks just journaled, when the caller still holds them; recovery
-    passes None and reads (and checks) them from the journal.
+    `writes` and `replaced` are what was just journaled, when the caller still holds
+    them; recovery passes None and reads (and checks) them from the journal.
     """
     path = model_dir / JOURNAL
     if writes is None:
-        writes = _read_journal(path)
+        writes, replaced = _read_journal(path)
+    for name in replaced or []:
+        staged = model_dir / staged_name(name)
+        if staged.exists():  # gone: renamed by the run that was interrupted
+            os.replace(staged, model_dir / name)
     by_file: dict[str, list[BlockWrite]] = {}
     for w in writes:
         by_file.setdefault(w.file, []).append(w)
@@ -251,6 +325,7 @@ def apply_journal(model_dir: Path, writes: list[BlockWrite] | None = None) -> No
             os.fsync(fd)
         finally:
             os.close(fd)
+    fsync_path(model_dir)  # the renames are durable before the journal goes
     os.unlink(path)
     fsync_path(model_dir)
 
@@ -258,15 +333,25 @@ def apply_journal(model_dir: Path, writes: list[BlockWrite] | None = None) -> No
 def recover(model_dir: Path) -> str | None:
     """Finish or discard an interrupted sync. Returns what was done, or None."""
     model_dir = Path(model_dir)
+    action = None
     if (model_dir / f"{JOURNAL}.tmp").exists():
         os.unlink(model_dir / f"{JOURNAL}.tmp")  # never committed: the files are untouched
         action = "discarded an uncommitted sync"
-    else:
-        action = None
     if (model_dir / JOURNAL).exists():
         apply_journal(model_dir)
         action = "completed a committed sync"
+    if _discard_staged(model_dir):
+        action = action or "discarded an uncommitted sync"
     return action
+
+
+def _discard_staged(model_dir: Path) -> bool:
+    """Delete staged files; only ever called with no committed journal, which is the
+    one thing that could still need them. True if there were any."""
+    staged = list(model_dir.glob(f"{STAGE_PREFIX}*{STAGE_SUFFIX}"))
+    for path in staged:
+        os.unlink(path)
+    return bool(staged)
 
 
 def sync(
@@ -274,6 +359,7 @@ def sync(
     live: Callable[[str], torch.Tensor],
     dirty: Callable[[str], bool],
     block_size: int = 4096,
+    replace_above: float = REPLACE_ABOVE,
 ) -> SyncResult:
     """Bring the model files up to date with the live weights (all three steps)."""
     started = time.perf_counter()
@@ -282,7 +368,20 @@ def sync(
     writes, result = plan(model_dir, live, dirty, block_size)
     if writes:
         _check_writable(model_dir, writes)
-        write_journal(model_dir, writes)
-        apply_journal(model_dir, writes)
+        replaced = choose_replacements(model_dir, writes, replace_above)
+        in_place = [w for w in writes if w.file not in replaced]
+        try:
+            for name in replaced:
+                stage_file(model_dir, name, [w for w in writes if w.file == name])
+            write_journal(model_dir, in_place, replaced)
+        except BaseException:
+            if not (model_dir / JOURNAL).exists():  # not committed: the staging is moot
+                _discard_staged(model_dir)
+            raise
+        apply_journal(model_dir, in_place, replaced)
+        result.files_replaced = replaced
+        result.bytes_written = sum(len(w.data) for w in in_place) + sum(
+            (model_dir / name).stat().st_size for name in replaced
+        )
     result.elapsed_ms = (time.perf_counter() - started) * 1000
     return result

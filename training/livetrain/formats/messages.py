@@ -281,6 +281,7 @@ class Synced(msgspec.Struct, frozen=True, tag="synced"):
     blocks_changed: int
     blocks_total: int
     tensors_skipped: int
+    files_replaced: list[str] = []  # staged whole and renamed (most of the file changed)
 
 
 # How the API server reacts to a failure. "refused": the request could not be honoured

@@ -394,6 +394,7 @@ class Trainer:
             blocks_changed=result.blocks_changed,
             blocks_total=result.blocks_total,
             tensors_skipped=result.tensors_skipped,
+            files_replaced=result.files_replaced,
         )
 
     def discard(self) -> None:
