@@ -131,8 +131,14 @@ def restore_weights(attached: AttachedModel, model_dir: Path) -> None:
         param = params.get(name)
         if param is not None and id(param) in trainable:
             param.copy_(load_tensor(entry).to(device=param.device, dtype=param.dtype))
+    writes_landed(attached)
+
+
+def writes_landed(attached: AttachedModel) -> None:
+    """Return once writes into the served weights are done: on CUDA they are queued on
+    the trainer's stream, and vLLM resumes generation right after the reply."""
     if next(attached.model.parameters()).is_cuda:
-        torch.cuda.synchronize()  # the write must land before vLLM resumes
+        torch.cuda.synchronize()
 
 
 def classify(model: nn.Module, families: TrainableFamilies) -> AttachedModel:

@@ -27,7 +27,7 @@ from livetrain.formats import messages as msg
 from livetrain.trainer import state as trainer_state
 from livetrain.trainer.apollo import Apollo, PendingStep, RefusedUpdate
 from livetrain.trainer.loss import continuation_logprobs, mean_loss
-from livetrain.trainer.model import AttachedModel, attach, restore_weights
+from livetrain.trainer.model import AttachedModel, attach, restore_weights, writes_landed
 
 log = logging.getLogger("livetrain.trainer")
 
@@ -211,8 +211,7 @@ class Trainer:
         with torch.no_grad():
             for name, value in record.weights.items():
                 params[name].copy_(value)
-        if next(self.attached.model.parameters()).is_cuda:
-            torch.cuda.synchronize()  # the write must land before vLLM resumes
+        writes_landed(self.attached)
         self.optimizer.load_state_dict(record.optimizer)
         self.trained, self._guard_loss = set(record.trained), None
         self.weight_version = weight_version
@@ -358,8 +357,7 @@ class Trainer:
         step = self.pending
         with torch.no_grad():
             self.optimizer.apply(step.update)
-        if next(self.attached.model.parameters()).is_cuda:
-            torch.cuda.synchronize()  # the write must land before vLLM resumes
+        writes_landed(self.attached)
         self.weight_version = weight_version
         self.dirty.update(id(p) for p in self.attached.trainable.values())
         self.trained |= step.keys
