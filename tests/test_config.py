@@ -26,8 +26,10 @@ def test_every_kind_of_field_is_parsed():
             "LIVETRAIN_TRAIN_NORMS": "yes",
             "LIVETRAIN_TRAIN_LINEAR": "0",
             "LIVETRAIN_READOUT_ROOTS": f"/srv/a{os.pathsep}~/b",
+            "LIVETRAIN_CPU_KERNELS": "plain",
         }
     )
+    assert config.cpu_kernels == "plain"
     assert config.readout_roots == (Path("/srv/a"), Path.home() / "b")
     assert config.sync_delay_s == 2.5 and config.trainer_max_restarts == 7
     assert config.state_dir == Path.home() / "state"
@@ -38,7 +40,11 @@ def test_every_kind_of_field_is_parsed():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("LIVETRAIN_TRAIN_NORMS", "maybe"), ("LIVETRAIN_MAX_BODY_BYTES", "1e9x")],
+    [
+        ("LIVETRAIN_TRAIN_NORMS", "maybe"),
+        ("LIVETRAIN_MAX_BODY_BYTES", "1e9x"),
+        ("LIVETRAIN_CPU_KERNELS", "packed"),
+    ],
 )
 def test_bad_values_name_the_variable(key, value):
     with pytest.raises(ValueError, match=key):

@@ -50,7 +50,7 @@ REQUESTS = [
     msg.SetGuard(id=7, guard=msg.Guard(samples=[([4], [5, 6])], max_rise=0.0)),
 ]
 BODIES = [
-    msg.Attached(3, 14, 0, 1000, 5, None, None, 2, msg.OptimizerStatus(0, 0)),
+    msg.Attached(3, 14, 0, 1000, ["a.weight"], 5, None, None, 2, msg.OptimizerStatus(0, 0)),
     msg.Prepared(loss=1.5, tokens=3, skipped_samples=0, moments_reset=["a"], guard=None),
     msg.Prepared(1.5, 3, 0, [], msg.GuardCheck(before=2.0, after=1.9, max_rise=0.05)),
     msg.Applied(msg.OptimizerStatus(1, 123), undo_available=1),

@@ -8,6 +8,7 @@ state it found, so tests do not depend on each other's order.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -54,6 +55,19 @@ def test_training_raises_served_logprob_in_place(llama_server, sample):
     after = sum(served)
     assert versions == [start + 1, start + 2, start + 3, start + 4]
     assert after > before + 5.0, (before, after)
+
+
+def test_vllms_packed_kernels_are_rebuilt_inside_each_step(llama_server, sample, models):
+    """On CPU vLLM runs oneDNN on a packed copy of each linear weight: every trained one
+    (4 fused linears per block; the untied lm_head is frozen) is rebuilt in the pause,
+    and the served log-probs then equal the trainer's (the test above)."""
+    layers = json.loads((models["llama"] / "config.json").read_text())["num_hidden_layers"]
+    reply = llama_server.train(*sample, lr=1e-3, retrain=True).raise_for_status().json()
+    assert reply["repack"]["tensors"] == 4 * layers
+    assert reply["repack"]["ms"] <= reply["pause_ms"]
+    np.testing.assert_allclose(
+        score(llama_server, *sample), llama_server.continuation_logprobs(*sample), atol=LOGPROB_ATOL
+    )
 
 
 def test_first_reply_loss_is_the_served_loss(llama_server, sample):

@@ -39,6 +39,7 @@ def strict_server(models: dict[str, Path], tmp_path_factory) -> Iterator[Livetra
         "LIVETRAIN_TRAINER_HEALTHY_S": str(HEALTHY_S),
         "LIVETRAIN_SYNC_DELAY_S": "0",
         "LIVETRAIN_GUARD": str(workdir / "guard.json"),
+        "LIVETRAIN_CPU_KERNELS": "plain",  # F.linear on the trained weights: no repack
     }
     yield from start_server(models["llama"], workdir, None, env=env)
 
@@ -187,8 +188,12 @@ def test_a_trainer_killed_during_a_step_before_its_write_changes_nothing(strict_
 def test_a_trainer_stopped_after_a_write_is_replaced_and_the_weights_stay(strict_server):
     context, continuation = sample(strict_server)
     strict_server.wait_trainer()
-    strict_server.train(context, continuation, lr=1e-3, retrain=True).raise_for_status()
+    reply = strict_server.train(context, continuation, lr=1e-3, retrain=True)
+    assert reply.raise_for_status().json()["repack"]["tensors"] == 0  # plain kernels
     trained = strict_server.continuation_logprobs(context, continuation)
+    body = {"context_ids": context, "continuation_ids": continuation}
+    scored = strict_server.http.post("/train/score", json=body).raise_for_status().json()
+    np.testing.assert_allclose(scored["token_logprobs"][0], trained, atol=LOGPROB_ATOL)
     before = strict_server.status()
     os.kill(before["trainer_pid"], signal.SIGSTOP)
     reply = strict_server.http.post("/checkpoint")

@@ -54,6 +54,8 @@ def _parse(name: str, text: str, kind: object) -> object:
             if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError(f"expected a boolean, got {text!r}")
             return text.lower() in ("1", "true", "yes")
+        if kind is str:
+            return text
         if kind in (int, float):
             return kind(text)
         if kind == tuple[int, ...]:
@@ -70,6 +72,9 @@ def _private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
     return path
+
+
+CPU_KERNELS = ("vllm", "plain")
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,12 @@ class PluginConfig:
     sync_delay_s: float = 600.0
     sync_block_bytes: int = 4096
     train: TrainableFamilies = field(default_factory=TrainableFamilies)  # LIVETRAIN_TRAIN_*
+    # CPU inference kernels (vllm_internals.install_cpu_linear): "vllm" keeps vLLM's
+    # packed kernels and rebuilds the trained ones inside each step's pause (decode at
+    # vLLM's speed; a second copy of each packed weight); "plain" runs F.linear on the
+    # weights the trainer writes (no copy, the shortest pause). GPUs always read the
+    # plain weight. Figures: DESIGN.md, "Measured figures".
+    cpu_kernels: str = "vllm"
     # Live readout: scores of a request are kept this long after its last token, and at
     # most this many requests are kept (oldest dropped first). The worker hands scores
     # over through a shared-memory ring of this size (a step of 256 rows x 4 layers x
@@ -130,6 +141,13 @@ class PluginConfig:
     # tensors file may be at most readout_max_bytes.
     readout_roots: tuple[Path, ...] = ()
     readout_max_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.cpu_kernels not in CPU_KERNELS:
+            raise ValueError(
+                f"LIVETRAIN_CPU_KERNELS: expected one of {', '.join(CPU_KERNELS)}, "
+                f"got {self.cpu_kernels!r}"
+            )
 
     @property
     def readout_enabled(self) -> bool:

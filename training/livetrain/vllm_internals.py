@@ -37,6 +37,8 @@ TOUCHED: tuple[tuple[str, str], ...] = (
         "UnquantizedEmbeddingMethod.process_weights_after_loading",
     ),
     ("vllm.model_executor.layers.vocab_parallel_embedding", "VocabParallelEmbedding"),
+    ("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm"),
+    ("vllm._custom_ops", "CPUDNNLGEMMHandler"),
     ("vllm.model_executor.model_loader.base_loader", "BaseModelLoader.load_model"),
     ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.load_model"),
     ("vllm.v1.request", "Request.get_skip_reading_prefix_cache"),
@@ -51,6 +53,7 @@ TOUCHED: tuple[tuple[str, str], ...] = (
     ("vllm.v1.engine.core_client", "AsyncMPClient.pause_scheduler_async"),
 )
 ATTRIBUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("vllm._custom_ops", "CPUDNNLGEMMHandler", ("handler_tensor", "dtor")),
     (
         "vllm.v1.worker.gpu_model_runner",
         "GPUModelRunner",
@@ -167,15 +170,95 @@ def _use_plain_weight(self: Any, layer: nn.Module) -> None:
     _patch(layer, "cpu_linear", torch.nn.functional.linear)
 
 
-def install_plain_cpu_weights() -> None:
+ONEDNN_PRIMITIVE_CACHE = 32  # what vLLM's dispatch passes to create_onednn_mm
+
+
+def _onednn_handler(cpu_linear: Any) -> Any:
+    """The oneDNN handler vLLM's dispatch closed over, or None for any other kernel."""
+    from vllm._custom_ops import CPUDNNLGEMMHandler
+
+    for cell in getattr(cpu_linear, "__closure__", None) or ():
+        if isinstance(cell.cell_contents, CPUDNNLGEMMHandler):
+            return cell.cell_contents
+    return None
+
+
+def _keep_repackable(layer: nn.Module, bias: torch.Tensor | None) -> None:
+    """After vLLM's dispatch: keep its kernel where `repack_cpu_weights` can refresh it
+    (oneDNN), else run F.linear on the plain weight. vLLM's SGL path casts the bias to
+    fp32 by replacing its storage, which would detach it from the trainer's view: that
+    layer goes back to its own bias and F.linear."""
+    handler = _onednn_handler(layer.cpu_linear)
+    kept_bias: Any = getattr(layer, "bias", None)
+    if bias is not None and kept_bias.data.data_ptr() != bias.data_ptr():
+        kept_bias.data = bias
+        handler = None
+    if handler is not None:
+        layer._livetrain_onednn = handler
+    elif layer.cpu_linear is not torch.nn.functional.linear:
+        _use_plain_weight(None, layer)
+
+
+def _dispatch_keeping_weight(self: Any, layer: nn.Module) -> None:
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    weight = layer.weight
+    if getattr(layer, "_cpu_skip_gemm_dispatch", False) or weight.ndim != 2 or weight.is_meta:
+        return _use_plain_weight(self, layer)
+    bias = getattr(layer, "bias", None)
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    _keep_repackable(layer, bias.data if bias is not None else None)
+
+
+def install_cpu_linear(kernels: str) -> None:
     """On CPU, vLLM prepacks each linear weight into a kernel-specific layout and frees
-    the original, so writes to `layer.weight` would never reach inference. Keep the plain
-    weight and run F.linear on it (the cost is measured in bench/)."""
+    the original, so writes to `layer.weight` would never reach inference.
+
+    "vllm": keep vLLM's kernel and also the plain weight (the trainer's view); the
+    packed copy is rebuilt from the plain weight after every write, inside the pause
+    (`repack_cpu_weights`). Decode runs at vLLM's speed; memory holds a second copy of
+    every packed weight, and the pause grows by the repack. "plain": F.linear on the
+    plain weight, no second copy, the shortest pause (bench/bench_decode.py measures
+    both against vLLM's default)."""
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
-    _patch(UnquantizedLinearMethod, "process_weights_after_loading", _use_plain_weight)
-    _patch(UnquantizedEmbeddingMethod, "process_weights_after_loading", _use_plain_weight)
+    if kernels == "plain":
+        _patch(UnquantizedLinearMethod, "process_weights_after_loading", _use_plain_weight)
+        _patch(UnquantizedEmbeddingMethod, "process_weights_after_loading", _use_plain_weight)
+        return
+    embedding_dispatch = UnquantizedEmbeddingMethod.process_weights_after_loading
+
+    def embedding_keeping_weight(self: Any, layer: nn.Module) -> None:
+        embedding_dispatch(self, layer)  # vLLM keeps the embedding's plain weight itself
+        _keep_repackable(layer, None)
+
+    _patch(UnquantizedLinearMethod, "process_weights_after_loading", _dispatch_keeping_weight)
+    _patch(UnquantizedEmbeddingMethod, "process_weights_after_loading", embedding_keeping_weight)
+
+
+def repack_cpu_weights(model: nn.Module, param_names: Sequence[str]) -> int:
+    """Rebuild vLLM's packed copy of each named weight from its plain weight, which the
+    trainer has just written; returns how many were rebuilt. The fresh handler's pointer
+    goes into the existing `handler_tensor` in place: compiled graphs read that tensor
+    at run time, so they pick the new copy up without a retrace."""
+    modules = dict(model.named_modules())
+    rebuilt: set[int] = set()
+    for name in param_names:
+        module_name, _, attr = name.rpartition(".")
+        module = modules.get(module_name)
+        handler = getattr(module, "_livetrain_onednn", None)
+        if attr != "weight" or handler is None or id(handler) in rebuilt:
+            continue
+        fresh = torch.ops._C.create_onednn_mm_handler(
+            module.weight.t(),  # type: ignore[union-attr]
+            ONEDNN_PRIMITIVE_CACHE,
+        )
+        stale = int(handler.handler_tensor.item())
+        handler.handler_tensor.fill_(fresh)
+        handler.dtor(stale)
+        rebuilt.add(id(handler))
+    return len(rebuilt)
 
 
 def install_worker_methods(methods: dict[str, Callable[..., Any]]) -> None:

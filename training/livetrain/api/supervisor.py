@@ -94,6 +94,8 @@ class TrainerSupervisor:
         self._lock = asyncio.Lock()
         self._writing = False  # True while the trainer writes into the served weights
         self._torn = False  # a write did not finish: generation paused until restored
+        self._packed_cpu = vllm.is_cpu() and config.cpu_kernels == "vllm"
+        self._written: list[str] = []  # vLLM parameters the trainer writes (repacked after)
         self._launching: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------
@@ -142,6 +144,10 @@ class TrainerSupervisor:
             guard=self.guard,
             undo_steps=self.config.undo_steps,
         )
+        written = {export.map[n].param for n in attached.trainable_names if n in export.map}
+        self._written = sorted(written)
+        if self._torn or attached.weight_version != self.weight_version:  # written at attach
+            await self._repack(attached.weight_version)
         if self._torn and not await self.engine.reset_prefix_cache(reset_running_requests=True):
             raise TrainerUnavailable("prefix cache reset refused after restoring the weights")
         if attached.weight_version != self.weight_version:  # resumed, or restored
@@ -268,7 +274,7 @@ class TrainerSupervisor:
             msg.Prepare, msg.Prepared, samples=samples, settings=settings, retrain=retrain
         )
         version = self.weight_version + 1
-        applied, apply_ms, pause_ms = await self._write(msg.Apply, msg.Applied, version)
+        applied, apply_ms, pause_ms, repack = await self._write(msg.Apply, msg.Applied, version)
         self.last_loss, self.last_settings = prepared.loss, settings
         self.optimizer, self.undo_available = applied.optimizer, applied.undo_available
         guard = None
@@ -286,6 +292,7 @@ class TrainerSupervisor:
             "guard": guard,
             "undo_available": self.undo_available,
             "pause_ms": pause_ms,
+            "repack": repack,
             "trainer_ms": {"prepare": prepare_ms, "apply": apply_ms},
         }
 
@@ -295,11 +302,11 @@ class TrainerSupervisor:
         expected: type[Body],
         version: int,
         **fields: Any,
-    ) -> tuple[Body, float, float]:
+    ) -> tuple[Body, float, float, dict[str, Any]]:
         """A write into the served weights, fenced: generation paused, the write (with
         its short deadline), the prefix cache dropped (running requests are recomputed:
         their KV came from the old weights), the new version announced, generation
-        resumed. (body, trainer ms, pause ms). A write that did not finish leaves
+        resumed. (body, trainer ms, pause ms, repack). A write that did not finish leaves
         generation paused until the next trainer has restored the weights (_launch)."""
         paused = time.perf_counter()
         await vllm.pause_engine(self.engine)
@@ -323,6 +330,7 @@ class TrainerSupervisor:
             finally:
                 self._writing = False
             self.weight_version = version
+            repacked = await self._repack(version)
             if not await self.engine.reset_prefix_cache(reset_running_requests=True):
                 self._fail(f"prefix cache reset refused after writing version {version}")
                 raise TrainerUnavailable(self.reason)
@@ -330,7 +338,24 @@ class TrainerSupervisor:
         finally:
             if not self._torn:
                 await self.engine.resume_generation()
-        return body, trainer_ms, (time.perf_counter() - paused) * 1000
+        return body, trainer_ms, (time.perf_counter() - paused) * 1000, repacked
+
+    async def _repack(self, version: int) -> dict[str, Any]:
+        """Rebuild the worker's packed CPU kernels from the weights just written (vLLM
+        keeps a packed copy of each; `LIVETRAIN_CPU_KERNELS`). Nothing to do on GPU or
+        with plain kernels. A copy left stale would serve the old weights under the new
+        version, so a failure here fails the server. Returns {tensors, ms} (the worker's)."""
+        if not self._packed_cpu:
+            return {"tensors": 0, "ms": 0.0}
+        try:
+            (frame, *_) = await self.engine.collective_rpc(
+                "livetrain_repack", args=(self._written,)
+            )
+            repacked = msg.decode(frame, msg.Repacked)
+            return {"tensors": repacked.tensors, "ms": repacked.ms}
+        except Exception as exc:
+            self._fail(f"rebuilding vLLM's packed CPU weights for version {version} failed: {exc}")
+            raise TrainerUnavailable(self.reason) from None
 
     async def rollback(self, steps: int | None = None) -> dict[str, Any]:
         """Serve the weights in the model files again, or (`steps`) those from before
@@ -339,7 +364,7 @@ class TrainerSupervisor:
 
     async def _rollback(self, steps: int | None) -> dict[str, Any]:
         version = self.weight_version + 1
-        rolled, trainer_ms, pause_ms = await self._write(
+        rolled, trainer_ms, pause_ms, repack = await self._write(
             msg.Rollback, msg.RolledBack, version, steps=steps
         )
         if steps is None:
@@ -355,6 +380,7 @@ class TrainerSupervisor:
             "undo_available": rolled.undo_available,
             "optimizer_steps": rolled.optimizer.optimizer_steps,
             "pause_ms": pause_ms,
+            "repack": repack,
             "trainer_ms": trainer_ms,
         }
 

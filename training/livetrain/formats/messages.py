@@ -22,7 +22,7 @@ import msgspec
 
 from livetrain.config import OptimizerSettings, TrainableFamilies
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 T = TypeVar("T")
 _encoder = msgspec.msgpack.Encoder()
@@ -106,6 +106,14 @@ class ReadoutLoaded(msgspec.Struct, frozen=True):
 
     layers: list[int] = []
     error: str | None = None
+
+
+class Repacked(msgspec.Struct, frozen=True):
+    """A worker's answer to a repack after a write: how many of vLLM's packed CPU
+    weights it rebuilt from the plain ones, and how long that took."""
+
+    tensors: int
+    ms: float
 
 
 class TapStats(msgspec.Struct, frozen=True):
@@ -229,6 +237,7 @@ class Attached(msgspec.Struct, frozen=True, tag="attached"):
     apollo_tensors: int
     adamw_tensors: int
     trainable_params: int
+    trainable_names: list[str]  # checkpoint names of the tensors this trainer writes
     frozen_tensors: int
     resumed_from_version: int | None
     guard_loss: float | None  # the guard set's loss on the served weights

@@ -127,6 +127,7 @@ class Trainer:
             apollo_tensors=len(attached.apollo_params),
             adamw_tensors=len(attached.adamw_params),
             trainable_params=sum(p.numel() for p in attached.trainable.values()),
+            trainable_names=sorted(attached.trainable),
             frozen_tensors=len(attached.frozen),
             resumed_from_version=resumed_from,
             guard_loss=trainer.guard_loss(),

@@ -7,13 +7,14 @@ then carries opaque bytes, and the API server decodes them into the same typed c
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from livetrain import vllm_internals as vllm
 from livetrain.formats import readout_format
-from livetrain.formats.messages import ReadoutLoaded, TapStats, encode
+from livetrain.formats.messages import ReadoutLoaded, Repacked, TapStats, encode
 from livetrain.formats.score_ring import ScoreRing
 from livetrain.worker.export import export_weights
 from livetrain.worker.readout_tap import Tap
@@ -23,6 +24,14 @@ def livetrain_export_weights(worker: Any, hf_names: list[str]) -> bytes:
     """A `WeightExport` of this worker's model for the given checkpoint names."""
     model = vllm.worker_model(worker)
     return encode(export_weights(model, hf_names, vllm.worker_world_size(worker)))
+
+
+def livetrain_repack(worker: Any, param_names: list[str]) -> bytes:
+    """After a write into the named vLLM parameters (generation is paused): rebuild the
+    packed CPU kernels that read copies of them, so inference serves the new values."""
+    started = time.perf_counter()
+    rebuilt = vllm.repack_cpu_weights(vllm.worker_model(worker), param_names)
+    return encode(Repacked(rebuilt, (time.perf_counter() - started) * 1000))
 
 
 def _tap(worker: Any) -> Tap | None:
@@ -65,6 +74,7 @@ METHODS: dict[str, Callable[..., bytes]] = {
     f.__name__: f
     for f in (
         livetrain_export_weights,
+        livetrain_repack,
         livetrain_readout_start,
         livetrain_readout_load,
         livetrain_readout_stats,
