@@ -9,10 +9,11 @@ Every figure is printed next to a baseline measured in the same run:
   bf16 model against the same fp32 files and against bf16 files; the baseline is the
   same model after 0 steps;
 - `checkpoint_sync.sync` time and bytes (blocks in place plus the redo journal that
-  writes them a second time, or the file staged whole and renamed when most of it
-  changed) against a crash-safe full rewrite of the file with
-  `safetensors.torch.save_file` + fsync + rename, with one decoder layer trained and
-  with all of them; medians over fresh copies of the model, and the rounds' spread;
+  writes them a second time, or, where trained tensors hold most of a file's bytes,
+  the file staged whole from the live tensors without comparing, and renamed) against a
+  crash-safe full rewrite of the file with `safetensors.torch.save_file` + fsync +
+  rename, with one decoder layer trained and with all of them; medians over fresh
+  copies of the model, and the rounds' spread;
 - the GB/s of `plan` reading and comparing every tensor when nothing changed, against
   `np.array_equal` over the same bytes already in memory.
 """
@@ -170,16 +171,17 @@ def phased_sync(model_dir: Path, live: Tensors, dirty: set[str], block: int) -> 
     deletes both) and where the time goes; checks on the way that the files then
     match the live weights."""
     started = time.perf_counter()
-    writes, _ = plan(model_dir, live.__getitem__, dirty.__contains__, block)
+    replaced = choose_replacements(model_dir, dirty.__contains__, REPLACE_ABOVE)
+    staged_names = {n for n, e in list_tensors(model_dir).items() if e.file.name in replaced}
+    compared = dirty - staged_names
+    writes, _ = plan(model_dir, live.__getitem__, compared.__contains__, block)
     planned = time.perf_counter()
-    replaced = choose_replacements(model_dir, writes, REPLACE_ABOVE)
     for name in replaced:
-        stage_file(model_dir, name, [w for w in writes if w.file == name])
+        stage_file(model_dir, name, live.__getitem__, dirty.__contains__)
     staged = time.perf_counter()
-    in_place = [w for w in writes if w.file not in replaced]
-    size = write_journal(model_dir, in_place, replaced).stat().st_size
+    size = write_journal(model_dir, writes, replaced).stat().st_size
     journaled = time.perf_counter()
-    apply_journal(model_dir, in_place, replaced)
+    apply_journal(model_dir, writes, replaced)
     applied = time.perf_counter()
     _, after = plan(model_dir, live.__getitem__, dirty.__contains__, block)
     assert after.blocks_changed == 0, "sync's writes must reproduce the live weights"

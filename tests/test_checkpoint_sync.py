@@ -44,11 +44,13 @@ from livetrain.checkpoint.files import list_tensors
 from livetrain.checkpoint.lock import lock_model_dir
 from livetrain.checkpoint.sync import (
     JOURNAL,
+    REPLACE_ABOVE,
     STAGE_PREFIX,
     BlockWrite,
     JournalCorrupt,
     UnsafeModelDir,
     apply_journal,
+    choose_replacements,
     plan,
     recover,
     stage_file,
@@ -253,15 +255,20 @@ def test_plan_writes_exactly_the_differing_file_aligned_blocks(model: Model, blo
 @pytest.mark.parametrize("replace_above", [math.inf, 0.0], ids=["blocks", "replace"])
 def test_sync_writes_the_new_weights_in_place(model: Model, replace_above: float) -> None:
     """Changed blocks patched in place, or (every file over the threshold) each file
-    staged whole and renamed over the old one: the same bytes either way."""
+    staged whole from the live tensors, without comparing, and renamed over the old one:
+    the same bytes either way."""
     old_files = snapshot(model)
     new_files = expected_new_files(model, old_files)
     modes = {f: (model.dir / f).stat().st_mode for f in model.files}
 
     first = sync(model.dir, model.live, model.dirty.__contains__, 512, replace_above)
 
-    assert first.blocks_changed > 0 and first.files
-    assert first.files_replaced == ([] if replace_above else first.files)
+    assert first.files == sorted(model.files)
+    if replace_above:
+        assert first.blocks_changed > 0 and first.files_replaced == []
+    else:  # nothing compared: every file written once, whole
+        assert first.blocks_changed == 0 and first.files_replaced == first.files
+        assert first.bytes_written == sum(len(raw) for raw in old_files.values())
     assert {f: (model.dir / f).stat().st_mode for f in model.files} == modes
     assert_holds(model, "new")
     after = snapshot(model)
@@ -272,7 +279,8 @@ def test_sync_writes_the_new_weights_in_place(model: Model, replace_above: float
         assert raw == new_files[file]  # nothing outside the tensors' data moved either
     assert no_journal(model.dir)
 
-    second = sync(model.dir, model.live, model.dirty.__contains__, block_size=512)
+    # Compared again (never replaced), nothing differs any more.
+    second = sync(model.dir, model.live, model.dirty.__contains__, 512, math.inf)
     assert (second.blocks_changed, second.bytes_written, second.files) == (0, 0, [])
     assert snapshot(model) == after and no_journal(model.dir)
 
@@ -446,9 +454,8 @@ def _fork_server(spec_path: str) -> None:
 
 def test_recover_deletes_files_staged_for_an_uncommitted_sync(model: Model) -> None:
     before = snapshot(model)
-    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
     for name in model.files:
-        stage_file(model.dir, name, [w for w in writes if w.file == name])
+        stage_file(model.dir, name, model.live, model.dirty.__contains__)
     assert not no_journal(model.dir)  # the staged files are there
 
     assert recover(model.dir) == "discarded an uncommitted sync"
@@ -458,9 +465,8 @@ def test_recover_deletes_files_staged_for_an_uncommitted_sync(model: Model) -> N
 def test_recover_finishes_a_committed_replacement_idempotently(model: Model) -> None:
     """Killed after the commit with one file renamed and the other not yet: recovery
     renames what is left, and a file already in place stays as it is."""
-    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
     for name in model.files:
-        stage_file(model.dir, name, [w for w in writes if w.file == name])
+        stage_file(model.dir, name, model.live, model.dirty.__contains__)
     write_journal(model.dir, [], model.files)
     first = model.files[0]
     os.replace(model.dir / f"{STAGE_PREFIX}{first}.tmp", model.dir / first)
@@ -479,6 +485,21 @@ def test_recover_refuses_a_journal_replacing_a_file_that_is_not_a_weight_file(
     with pytest.raises(JournalCorrupt, match="not one of the model's weight files"):
         recover(model.dir)
     assert (model.dir / "config.json").read_text() == "{}"
+
+
+def test_files_are_chosen_for_replacement_by_their_trained_bytes(model: Model) -> None:
+    """From the header alone: a file is staged whole exactly when its trained tensors
+    hold more than `replace_above` of its bytes."""
+    trained: dict[str, int] = {}
+    for name, entry in list_tensors(model.dir).items():
+        if name in model.dirty:
+            trained[entry.file.name] = trained.get(entry.file.name, 0) + entry.end - entry.begin
+    share = {f: n / (model.dir / f).stat().st_size for f, n in trained.items()}
+    for f, fraction in share.items():
+        below = choose_replacements(model.dir, model.dirty.__contains__, fraction * 0.999)
+        above = choose_replacements(model.dir, model.dirty.__contains__, fraction * 1.001)
+        assert f in below and f not in above
+    assert choose_replacements(model.dir, lambda _: False, 0.0) == []
 
 
 def test_a_replaced_file_is_a_new_file_and_links_to_the_old_one_keep_it(
@@ -766,7 +787,11 @@ def test_train_sync_restart_continue(models, tmp_path_factory):
         synced = first.continuation_logprobs(context, continuation)
         reply = first.http.post("/checkpoint").raise_for_status().json()
         assert reply["weight_version"] == 3 and reply["files"] == ["model.safetensors"]
-        assert 0 < reply["blocks_changed"] <= reply["blocks_total"]
+        trained = sum(e.end - e.begin for n, e in list_tensors(model).items() if "proj" in n)
+        if trained > REPLACE_ABOVE * size:  # staged whole, from the live tensors
+            assert reply["files_replaced"] == reply["files"] and reply["bytes_written"] == size
+        else:
+            assert 0 < reply["blocks_changed"] <= reply["blocks_total"]
         assert reply["tensors_skipped"] == 7  # frozen: embeddings, lm_head, 5 norms
         again = first.http.post("/checkpoint", json={}).raise_for_status().json()
         assert again["blocks_changed"] == 0 and again["bytes_written"] == 0

@@ -3,13 +3,15 @@
 Diff: each checkpoint tensor is compared with the live one (cast to the file's dtype)
 in file-aligned blocks (4 KiB by default); only differing blocks are written, adjacent
 ones merged into a single write. Tensors that training never touched are skipped
-without being read.
+without being read. A file where trained tensors make up more than `replace_above` of
+the bytes is not compared at all: under dense updates nearly every one of its blocks
+changes, so it is written once, whole, from the live tensors (staged, below).
 
 Crash safety, without copying whole files (ext4 has no reflinks): a redo journal.
-  0. every file to be patched is opened for writing (fail before committing anything);
-     a file where more than `replace_above` of the bytes changed is instead staged
-     whole as `<dir>/.livetrain-stage.<name>.tmp` and fsynced (writing it once costs
-     less than journaling its blocks and then writing them again)
+  0. every file to be written is opened for writing (fail before committing anything);
+     a file chosen for replacement is staged whole as `<dir>/.livetrain-stage.<name>.tmp`
+     and fsynced (writing it once costs less than journaling its blocks and then
+     writing them again)
   1. the changed blocks, where they go, the staged files' names, and a SHA-256 over all
      of it go to `<dir>/.livetrain-sync.journal.tmp`, which is fsynced and renamed to
      `.livetrain-sync.journal`  <- commit point
@@ -43,8 +45,9 @@ from livetrain.checkpoint.files import FileTensor, list_tensors, safetensors_fil
 
 JOURNAL = ".livetrain-sync.journal"
 STAGE_PREFIX, STAGE_SUFFIX = ".livetrain-stage.", ".tmp"  # never a *.safetensors name
-# A file is staged whole when more than this fraction of its bytes changed: the journal
-# writes each changed byte twice (journal, then in place), staging writes the file once.
+# A file is staged whole when trained tensors hold more than this fraction of its bytes:
+# the journal writes each changed byte twice (journal, then in place), staging writes the
+# file once, and trained tensors change in nearly every block (DESIGN.md's figures).
 REPLACE_ABOVE = 0.5
 _MAGIC = b"LTJOURNAL1"
 SAFETENSORS_DTYPES = {
@@ -141,25 +144,34 @@ def staged_name(name: str) -> str:
 
 
 def choose_replacements(
-    model_dir: Path, writes: list[BlockWrite], replace_above: float
+    model_dir: Path, dirty: Callable[[str], bool], replace_above: float
 ) -> list[str]:
-    """Files where the changed bytes exceed `replace_above` of the file's size: staging
-    such a file writes it once, where the journal writes each changed byte twice."""
-    changed: dict[str, int] = {}
-    for w in writes:
-        changed[w.file] = changed.get(w.file, 0) + len(w.data)
+    """Files where trained tensors hold more than `replace_above` of the file's bytes,
+    decided from the header alone: comparing such a file costs a read of every trained
+    byte and finds nearly every block changed."""
+    trained: dict[str, int] = {}
+    for name, entry in list_tensors(model_dir).items():
+        if dirty(name):
+            trained[entry.file.name] = trained.get(entry.file.name, 0) + entry.end - entry.begin
     return sorted(
         name
-        for name, nbytes in changed.items()
+        for name, nbytes in trained.items()
         if nbytes > replace_above * (model_dir / name).stat().st_size
     )
 
 
-def stage_file(model_dir: Path, name: str, writes: list[BlockWrite]) -> None:
+def stage_file(
+    model_dir: Path, name: str, live: Callable[[str], torch.Tensor], dirty: Callable[[str], bool]
+) -> None:
     """Step 0 for a replaced file: the file as it will be, written once in file order
-    (unchanged ranges copied from the original), with its mode, and fsynced."""
+    (trained tensors from the live ones, everything else copied from the original),
+    with its mode, and fsynced."""
     source = model_dir / name
     staged = model_dir / staged_name(name)
+    entries = sorted(
+        (e for e in list_tensors(model_dir).values() if e.file.name == name and dirty(e.name)),
+        key=lambda e: e.begin,
+    )
     mode = source.stat().st_mode & 0o7777
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
@@ -169,10 +181,10 @@ def stage_file(model_dir: Path, name: str, writes: list[BlockWrite]) -> None:
             memoryview(m) as old,
         ):
             pos = 0
-            for w in sorted(writes, key=lambda w: w.offset):
-                _pwrite_all(fd, old[pos : w.offset], pos)
-                _pwrite_all(fd, w.data, w.offset)
-                pos = w.offset + len(w.data)
+            for entry in entries:
+                _pwrite_all(fd, old[pos : entry.begin], pos)
+                _pwrite_all(fd, _live_bytes(live(entry.name), entry).data, entry.begin)
+                pos = entry.end
             _pwrite_all(fd, old[pos:], pos)
         os.fchmod(fd, mode)  # the umask may have narrowed it
         os.fsync(fd)
@@ -204,10 +216,11 @@ def _digest(table: list[dict], replaced: list[str], payload: bytes) -> str:
     return hashlib.sha256(struct.pack("<Q", len(canonical)) + canonical + payload).hexdigest()
 
 
-def _check_writable(model_dir: Path, writes: list[BlockWrite]) -> None:
+def _check_writable(model_dir: Path, names: list[str]) -> None:
     """Fail before the commit point: a committed journal that cannot be applied would
-    block every later load of the directory."""
-    for name in sorted({w.file for w in writes}):
+    block every later load of the directory. A read-only file is refused even where
+    the folder would allow replacing it: someone made it read-only."""
+    for name in names:
         os.close(os.open(model_dir / name, os.O_WRONLY | os.O_NOFOLLOW))
 
 
@@ -361,27 +374,27 @@ def sync(
     block_size: int = 4096,
     replace_above: float = REPLACE_ABOVE,
 ) -> SyncResult:
-    """Bring the model files up to date with the live weights (all three steps)."""
+    """Bring the model files up to date with the live weights (all three steps).
+    `blocks_changed` counts the blocks of the files compared, not of those replaced."""
     started = time.perf_counter()
     check_in_place_safe(model_dir)
     recover(model_dir)
-    writes, result = plan(model_dir, live, dirty, block_size)
-    if writes:
-        _check_writable(model_dir, writes)
-        replaced = choose_replacements(model_dir, writes, replace_above)
-        in_place = [w for w in writes if w.file not in replaced]
+    replaced = choose_replacements(model_dir, dirty, replace_above)
+    staged = {n for n, e in list_tensors(model_dir).items() if e.file.name in replaced}
+    writes, result = plan(model_dir, live, lambda n: dirty(n) and n not in staged, block_size)
+    result.files = sorted({*result.files, *replaced})
+    if result.files:
+        _check_writable(model_dir, result.files)
         try:
             for name in replaced:
-                stage_file(model_dir, name, [w for w in writes if w.file == name])
-            write_journal(model_dir, in_place, replaced)
+                stage_file(model_dir, name, live, dirty)
+            write_journal(model_dir, writes, replaced)
         except BaseException:
             if not (model_dir / JOURNAL).exists():  # not committed: the staging is moot
                 _discard_staged(model_dir)
             raise
-        apply_journal(model_dir, in_place, replaced)
+        apply_journal(model_dir, writes, replaced)
         result.files_replaced = replaced
-        result.bytes_written = sum(len(w.data) for w in in_place) + sum(
-            (model_dir / name).stat().st_size for name in replaced
-        )
+        result.bytes_written += sum((model_dir / name).stat().st_size for name in replaced)
     result.elapsed_ms = (time.perf_counter() - started) * 1000
     return result
