@@ -1,11 +1,20 @@
-"""Decode speed with livetrain's live CPU weights against vLLM's default prepacking.
+"""Decode speed with livetrain loaded against vLLM without it, and the pause per step.
 
-    python bench/bench_decode.py [--rounds 2] [--dtype float32]
+    python bench/bench_decode.py [--dtype float32] [--rounds 2] [--eager]
 
-On CPU vLLM prepacks linear weights for oneDNN/SGL kernels and frees the plain
-ones; livetrain keeps the plain weights (so training reaches inference) and runs
-F.linear on them. Servers alternate A/B/A/B so machine drift hits both sides.
-Prints decode tokens/s for one stream and for a batch, and livetrain/default.
+Modes, each a fresh server (compiled, as vLLM defaults to), rounds alternating
+A/B/C/A/B/C so the machine's drift hits every mode:
+
+- `vllm_default`: no livetrain plugin; vLLM packs its CPU linear weights.
+- `livetrain`: the plugins loaded, LIVETRAIN_CPU_KERNELS=vllm (the default): vLLM's
+  packed kernels, rebuilt from the plain weights inside each step's pause.
+- `livetrain_plain`: LIVETRAIN_CPU_KERNELS=plain: F.linear on the plain weights.
+
+Decode: tokens/s of one stream, and of 8 prompts sent as one completion (so each
+step decodes a full batch of 8). In each livetrain server three /train steps then
+give the pause per step (`pause_ms`), the share of it spent repacking, and the
+trainer's own write (`trainer_ms.apply`, the bare in-place write and its checks).
+Prints every round, the medians, and each livetrain mode over vllm_default.
 """
 
 from __future__ import annotations
@@ -20,48 +29,97 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_model_argument, bench_model, decode_tokens_per_s  # noqa: E402
 
-from livetrain.tools.launch import Server, plugin_env  # noqa: E402
+from livetrain.tools.client import LivetrainClient  # noqa: E402
+from livetrain.tools.launch import PLUGINS, Server, plugin_env  # noqa: E402
 
-MODES = {"vllm_default": "", "livetrain": "livetrain"}  # VLLM_PLUGINS per mode
+MODES = {  # mode -> (VLLM_PLUGINS, LIVETRAIN_CPU_KERNELS)
+    "vllm_default": ("", None),
+    "livetrain": (",".join(PLUGINS), "vllm"),
+    "livetrain_plain": (",".join(PLUGINS), "plain"),
+}
+REPEATS = 3  # decode measurements per server; the median is the round's figure
 
 
-def measure(model: Path, mode: str, dtype: str, work: Path) -> dict[str, float]:
+def measure_steps(url: str) -> dict[str, float]:
+    """Median pause, repack and trainer write of three small /train steps."""
+    client = LivetrainClient(url, timeout=600)
+    client.wait_trainer()
+    context, continuation = client.tokenize("The lighthouse keeper"), client.tokenize(" slept.")
+    replies = [
+        client.train(context, continuation, lr=1e-5, retrain=True).raise_for_status().json()
+        for _ in range(3)
+    ]
+    return {
+        "pause_ms": statistics.median(r["pause_ms"] for r in replies),
+        "repack_ms": statistics.median(r["repack"]["ms"] for r in replies),
+        "repacked_tensors": replies[-1]["repack"]["tensors"],
+        "trainer_apply_ms": statistics.median(r["trainer_ms"]["apply"] for r in replies),
+    }
+
+
+def measure(model: Path, mode: str, args: argparse.Namespace, work: Path) -> dict[str, float]:
+    plugins, kernels = MODES[mode]
     env = plugin_env()
-    env["VLLM_PLUGINS"] = MODES[mode]
-    env["LIVETRAIN_STATE_DIR"] = str(work / "state")
-    args = ["--enforce-eager", "--max-model-len", "512", "--dtype", dtype]
-    with Server(model, 8312, args, env=env, log_path=work / f"{mode}.log") as server:
+    env["VLLM_PLUGINS"] = plugins
+    env["LIVETRAIN_STATE_DIR"] = str(work / "state" / mode)
+    env["LIVETRAIN_SYNC_DELAY_S"] = "0"
+    if kernels:
+        env["LIVETRAIN_CPU_KERNELS"] = kernels
+    vllm_args = ["--max-model-len", "512", "--dtype", args.dtype]
+    vllm_args += ["--enforce-eager"] if args.eager else []
+    with Server(model, 8312, vllm_args, env=env, log_path=work / f"{mode}.log") as server:
         server.wait_healthy()
-        decode_tokens_per_s(server.url, 1, 16)  # warm-up
-        return {
-            "single_stream": statistics.median(
-                decode_tokens_per_s(server.url, 1, 128) for _ in range(3)
+        decode_tokens_per_s(server.url, 8, 16, one_request=True)  # warm-up
+        result = {
+            "batch_1": statistics.median(
+                decode_tokens_per_s(server.url, 1, 128) for _ in range(REPEATS)
             ),
-            "batch_8": statistics.median(decode_tokens_per_s(server.url, 8, 128) for _ in range(3)),
+            "batch_8": statistics.median(
+                decode_tokens_per_s(server.url, 8, 128, one_request=True) for _ in range(REPEATS)
+            ),
         }
+        if kernels:
+            result |= measure_steps(server.url)
+        print(json.dumps({"mode": mode, **result}), flush=True)
+        return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--eager", action="store_true", help="--enforce-eager (default compiled)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
     add_model_argument(parser)
     args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
     model, work = bench_model(args.model), Path(tempfile.mkdtemp(prefix="livetrain-decode-"))
-    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     for _ in range(args.rounds):
-        for mode in MODES:
-            runs[mode].append(measure(model, mode, args.dtype, work))
+        for mode in modes:
+            runs[mode].append(measure(model, mode, args, work))
     summary = {
         mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()
     }
-    ratios = {k: summary["livetrain"][k] / summary["vllm_default"][k] for k in summary["livetrain"]}
+    base = runs.get("vllm_default")
+    ratios = {
+        mode: {
+            cell: {
+                "median": summary[mode][cell] / summary["vllm_default"][cell],
+                "rounds": [r[cell] / b[cell] for r, b in zip(runs[mode], base, strict=True)],
+            }
+            for cell in ("batch_1", "batch_8")
+        }
+        for mode in modes
+        if base and mode != "vllm_default"
+    }
     print(
         json.dumps(
             {
                 "dtype": args.dtype,
+                "eager": args.eager,
                 "tokens_per_s": summary,
-                "livetrain_over_default": ratios,
+                "over_vllm_default": ratios,
                 "runs": runs,
             },
             indent=2,

@@ -9,12 +9,16 @@ Every figure is printed next to a baseline measured in the same run:
   directly in one process (`Trainer.prepare` + `apply`, no IPC). The baseline runs
   while the same vLLM server is up and idle, so both sides share the machine's load
   (vLLM's CPU worker polls even when idle), in alternating rounds;
+- the optimizer's own step (APOLLO's, timed inside `Trainer.apply`'s arithmetic via
+  `Apollo.step`) against `torch.optim.AdamW.step` on the same linear weights and
+  gradients, in the same process;
 - latency from /train returning to the first completion that uses the new weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -38,6 +42,8 @@ from livetrain.config import OptimizerSettings, TrainableFamilies  # noqa: E402
 from livetrain.formats.messages import Applied, Prepared  # noqa: E402
 from livetrain.tools.client import LivetrainClient  # noqa: E402
 from livetrain.tools.launch import Server, plugin_env  # noqa: E402
+from livetrain.trainer.apollo import Apollo  # noqa: E402
+from livetrain.trainer.loss import continuation_logprobs, mean_loss  # noqa: E402
 from livetrain.trainer.model import classify  # noqa: E402
 from livetrain.trainer.trainer import Trainer  # noqa: E402
 
@@ -62,6 +68,33 @@ def in_process_tokens_per_s(trainer: Trainer, samples, steps: int) -> float:
         times.append(time.perf_counter() - started)
     tokens = sum(len(c) for _, c in samples)
     return tokens / statistics.median(times[2:])
+
+
+def optimizer_step_ms(model_dir: Path, samples, steps: int) -> dict[str, float]:
+    """Median ms of one optimizer step over the linear weights, gradients from the same
+    batch: APOLLO (livetrain's) against torch's AdamW, each on a fresh copy of the model."""
+    out = {}
+    for name in ("apollo", "adamw"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.requires_grad_(False)
+        params = classify(model, TrainableFamilies()).apollo_params
+        for p in params.values():
+            p.requires_grad_(True)
+        mean_loss(continuation_logprobs(model, samples)).backward()
+        if name == "adamw":
+            adamw = torch.optim.AdamW(list(params.values()), lr=SETTINGS["lr"])
+            step = adamw.step
+        else:
+            step = functools.partial(Apollo(params, {}).step, OptimizerSettings(**SETTINGS))
+        times = []
+        with torch.no_grad():
+            for _ in range(steps + 1):  # one warm-up: state allocation
+                started = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - started) * 1000)
+        out[f"{name}_step_ms"] = statistics.median(times[1:])
+    out["apollo_over_adamw"] = out["apollo_step_ms"] / out["adamw_step_ms"]
+    return out
 
 
 def http_tokens_per_s(client: LivetrainClient, samples, steps: int) -> tuple[float, float]:
@@ -150,6 +183,7 @@ def main() -> None:
         results["adamw_bytes_per_param"] = 8.0
         results["shapes"] = f"hidden {hidden}, intermediate {inter}, rank {rank}"
         results["weight_latency"] = weight_latency(client, samples[0], trials=5)
+    results["optimizer_step"] = optimizer_step_ms(model_dir, samples, args.steps)
     print(json.dumps(results, indent=2))
 
 

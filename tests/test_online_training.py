@@ -57,14 +57,15 @@ def test_training_raises_served_logprob_in_place(llama_server, sample):
     assert after > before + 5.0, (before, after)
 
 
-def test_vllms_packed_kernels_are_rebuilt_inside_each_step(llama_server, sample, models):
+def test_vllms_packed_kernels_are_rebuilt_with_each_step(llama_server, sample, models):
     """On CPU vLLM runs oneDNN on a packed copy of each linear weight: every trained one
-    (4 fused linears per block; the untied lm_head is frozen) is rebuilt in the pause,
-    and the served log-probs then equal the trainer's (the test above)."""
+    (4 fused linears per block; the untied lm_head is frozen) is packed afresh from the
+    written weight and swapped in. Inference reads these weights only through the
+    copies, so the write and the packing run ahead of the pause; the served log-probs
+    then equal the trainer's (also after every step of the test above)."""
     layers = json.loads((models["llama"] / "config.json").read_text())["num_hidden_layers"]
     reply = llama_server.train(*sample, lr=1e-3, retrain=True).raise_for_status().json()
-    assert reply["repack"]["tensors"] == 4 * layers
-    assert reply["repack"]["ms"] <= reply["pause_ms"]
+    assert reply["repack"]["tensors"] == 4 * layers and reply["repack"]["ahead"] is True
     np.testing.assert_allclose(
         score(llama_server, *sample), llama_server.continuation_logprobs(*sample), atol=LOGPROB_ATOL
     )

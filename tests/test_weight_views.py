@@ -119,6 +119,9 @@ def test_views_give_vllm_logprobs_before_and_after_training(qwen2_server):
         ).raise_for_status()
         assert reply.json()["weight_version"] == step + 1
         assert reply.json()["tokens"] == len(continuation) + 5
+        # Inference reads the trained q/k/v biases directly, so the write and the
+        # packing of vLLM's CPU kernels (2 layers x 4 fused linears) are both fenced.
+        assert reply.json()["repack"] | {"ms": 0} == {"tensors": 8, "ms": 0, "ahead": False}
 
 
 def test_linear_biases_are_trained_and_embeddings_stay_frozen(qwen2_server):

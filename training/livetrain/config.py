@@ -118,10 +118,10 @@ class PluginConfig:
     sync_block_bytes: int = 4096
     train: TrainableFamilies = field(default_factory=TrainableFamilies)  # LIVETRAIN_TRAIN_*
     # CPU inference kernels (vllm_internals.install_cpu_linear): "vllm" keeps vLLM's
-    # packed kernels and rebuilds the trained ones inside each step's pause (decode at
-    # vLLM's speed; a second copy of each packed weight); "plain" runs F.linear on the
-    # weights the trainer writes (no copy, the shortest pause). GPUs always read the
-    # plain weight. Figures: DESIGN.md, "Measured figures".
+    # packed kernels and packs the trained ones afresh with each step (decode at vLLM's
+    # speed; a second copy of each packed weight); "plain" runs F.linear on the weights
+    # the trainer writes (no copy; slower batched decode). GPUs always read the plain
+    # weight. Figures: DESIGN.md, "Measured figures".
     cpu_kernels: str = "vllm"
     # Live readout: scores of a request are kept this long after its last token, and at
     # most this many requests are kept (oldest dropped first). The worker hands scores

@@ -237,28 +237,52 @@ def install_cpu_linear(kernels: str) -> None:
     _patch(UnquantizedEmbeddingMethod, "process_weights_after_loading", embedding_keeping_weight)
 
 
-def repack_cpu_weights(model: nn.Module, param_names: Sequence[str]) -> int:
-    """Rebuild vLLM's packed copy of each named weight from its plain weight, which the
-    trainer has just written; returns how many were rebuilt. The fresh handler's pointer
-    goes into the existing `handler_tensor` in place: compiled graphs read that tensor
-    at run time, so they pick the new copy up without a retrace."""
+@dataclass(frozen=True)
+class PackedCopy:
+    """One of vLLM's packed CPU kernels and the plain weight it was packed from."""
+
+    weight: torch.Tensor
+    handler: Any  # vLLM's CPUDNNLGEMMHandler
+
+
+def packed_copies(model: nn.Module, param_names: Sequence[str]) -> tuple[list[PackedCopy], bool]:
+    """The packed kernels that read copies of the named parameters, and whether inference
+    reads every one of them only through such a copy (then writing them does not touch
+    what inference reads until the copies are swapped)."""
     modules = dict(model.named_modules())
-    rebuilt: set[int] = set()
+    copies: dict[int, PackedCopy] = {}
+    only_packed = True
     for name in param_names:
         module_name, _, attr = name.rpartition(".")
-        module = modules.get(module_name)
-        handler = getattr(module, "_livetrain_onednn", None)
-        if attr != "weight" or handler is None or id(handler) in rebuilt:
+        handler = getattr(modules.get(module_name), "_livetrain_onednn", None)
+        if attr != "weight" or handler is None:
+            only_packed = False
             continue
-        fresh = torch.ops._C.create_onednn_mm_handler(
-            module.weight.t(),  # type: ignore[union-attr]
-            ONEDNN_PRIMITIVE_CACHE,
-        )
-        stale = int(handler.handler_tensor.item())
-        handler.handler_tensor.fill_(fresh)
-        handler.dtor(stale)
-        rebuilt.add(id(handler))
-    return len(rebuilt)
+        copies[id(handler)] = PackedCopy(modules[module_name].weight, handler)
+    return list(copies.values()), only_packed
+
+
+def pack(copies: Sequence[PackedCopy]) -> list[int]:
+    """Fresh oneDNN handlers packed from the current plain weights (not yet served)."""
+    return [
+        int(torch.ops._C.create_onednn_mm_handler(c.weight.t(), ONEDNN_PRIMITIVE_CACHE))
+        for c in copies
+    ]
+
+
+def swap_packed(copies: Sequence[PackedCopy], fresh: Sequence[int]) -> None:
+    """Serve the fresh handlers: each pointer goes into the existing `handler_tensor` in
+    place, which compiled graphs read at run time, so they pick it up without a
+    retrace; the stale handlers are freed."""
+    stale = [int(copy.handler.handler_tensor.item()) for copy in copies]
+    for copy, pointer in zip(copies, fresh, strict=True):
+        copy.handler.handler_tensor.fill_(pointer)
+    release_packed(stale)
+
+
+def release_packed(pointers: Sequence[int]) -> None:
+    for pointer in pointers:
+        torch.ops._C.release_dnnl_matmul_handler(pointer)
 
 
 def install_worker_methods(methods: dict[str, Callable[..., Any]]) -> None:

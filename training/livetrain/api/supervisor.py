@@ -27,6 +27,7 @@ from livetrain.formats import messages as msg
 
 log = logging.getLogger("livetrain.api")
 SYNC_RETRY_S = 30.0  # first retry of a failed automatic sync; doubles up to sync_delay_s
+PACK_POLL_S = 0.005  # how often to ask whether the worker has packed fresh CPU copies
 Body = TypeVar("Body", bound=msg.ReplyBody)
 Result = TypeVar("Result")
 
@@ -96,6 +97,7 @@ class TrainerSupervisor:
         self._torn = False  # a write did not finish: generation paused until restored
         self._packed_cpu = vllm.is_cpu() and config.cpu_kernels == "vllm"
         self._written: list[str] = []  # vLLM parameters the trainer writes (repacked after)
+        self._unfenced_writes = False  # inference reads them only through packed copies
         self._launching: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------
@@ -146,6 +148,12 @@ class TrainerSupervisor:
         )
         written = {export.map[n].param for n in attached.trainable_names if n in export.map}
         self._written = sorted(written)
+        self._unfenced_writes = False
+        if self._packed_cpu:
+            (frame, *_) = await self.engine.collective_rpc(
+                "livetrain_packed_copies", args=(self._written,)
+            )
+            self._unfenced_writes = msg.decode(frame, msg.PackedCopies).only_packed
         if self._torn or attached.weight_version != self.weight_version:  # written at attach
             await self._repack(attached.weight_version)
         if self._torn and not await self.engine.reset_prefix_cache(reset_running_requests=True):
@@ -307,9 +315,16 @@ class TrainerSupervisor:
         its short deadline), the prefix cache dropped (running requests are recomputed:
         their KV came from the old weights), the new version announced, generation
         resumed. (body, trainer ms, pause ms, repack). A write that did not finish leaves
-        generation paused until the next trainer has restored the weights (_launch)."""
-        paused = time.perf_counter()
-        await vllm.pause_engine(self.engine)
+        generation paused until the next trainer has restored the weights (_launch).
+
+        Where inference reads everything written only through vLLM's packed CPU copies
+        (`_unfenced_writes`), the write and the packing of fresh copies run while
+        generation goes on (it still serves the previous copies, whole), and the pause
+        holds only the swap of the copies and the cache reset."""
+        started = time.perf_counter()
+        if not self._unfenced_writes:
+            await vllm.pause_engine(self.engine)
+        paused = started
         try:
             self._writing = True
             try:
@@ -322,6 +337,8 @@ class TrainerSupervisor:
                 )
             except TrainerUnavailable as exc:
                 self._torn = self.state != "failed"  # a restart restores, then resumes
+                if self._torn and self._unfenced_writes:
+                    await vllm.pause_engine(self.engine)  # paused until restored, as fenced
                 raise TrainerUnavailable(
                     f"{exc}; the weights are being restored from the model files"
                     if self._torn
@@ -329,6 +346,10 @@ class TrainerSupervisor:
                 ) from None
             finally:
                 self._writing = False
+            if self._unfenced_writes:
+                await self._pack_ahead(version)
+                paused = time.perf_counter()
+                await vllm.pause_engine(self.engine)
             self.weight_version = version
             repacked = await self._repack(version)
             if not await self.engine.reset_prefix_cache(reset_running_requests=True):
@@ -340,19 +361,34 @@ class TrainerSupervisor:
                 await self.engine.resume_generation()
         return body, trainer_ms, (time.perf_counter() - paused) * 1000, repacked
 
+    async def _pack_ahead(self, version: int) -> None:
+        """Have the worker pack fresh copies of the written weights in the background,
+        and wait for it without holding generation."""
+        try:
+            await self.engine.collective_rpc("livetrain_repack_start", args=(self._written,))
+            while True:
+                (frame, *_) = await self.engine.collective_rpc("livetrain_repack_ready")
+                if msg.decode(frame, msg.Repacked).ready:
+                    return
+                await asyncio.sleep(PACK_POLL_S)
+        except Exception as exc:
+            self._fail(f"packing vLLM's CPU weights for version {version} failed: {exc}")
+            raise TrainerUnavailable(self.reason) from None
+
     async def _repack(self, version: int) -> dict[str, Any]:
         """Rebuild the worker's packed CPU kernels from the weights just written (vLLM
         keeps a packed copy of each; `LIVETRAIN_CPU_KERNELS`). Nothing to do on GPU or
         with plain kernels. A copy left stale would serve the old weights under the new
-        version, so a failure here fails the server. Returns {tensors, ms} (the worker's)."""
+        version, so a failure here fails the server. Returns {tensors, ms, ahead}: the
+        worker's packing time, and whether it ran ahead of the pause."""
         if not self._packed_cpu:
-            return {"tensors": 0, "ms": 0.0}
+            return {"tensors": 0, "ms": 0.0, "ahead": False}
         try:
             (frame, *_) = await self.engine.collective_rpc(
                 "livetrain_repack", args=(self._written,)
             )
             repacked = msg.decode(frame, msg.Repacked)
-            return {"tensors": repacked.tensors, "ms": repacked.ms}
+            return {"tensors": repacked.tensors, "ms": repacked.ms, "ahead": self._unfenced_writes}
         except Exception as exc:
             self._fail(f"rebuilding vLLM's packed CPU weights for version {version} failed: {exc}")
             raise TrainerUnavailable(self.reason) from None

@@ -108,12 +108,22 @@ class ReadoutLoaded(msgspec.Struct, frozen=True):
     error: str | None = None
 
 
+class PackedCopies(msgspec.Struct, frozen=True):
+    """How many of vLLM's packed CPU kernels read copies of the parameters named, and
+    whether inference reads every one of them only through such a copy."""
+
+    tensors: int
+    only_packed: bool
+
+
 class Repacked(msgspec.Struct, frozen=True):
-    """A worker's answer to a repack after a write: how many of vLLM's packed CPU
-    weights it rebuilt from the plain ones, and how long that took."""
+    """A worker's answer after a write: how many of vLLM's packed CPU kernels it swapped
+    for ones packed from the written weights, and the packing's ms; `ready` is False
+    while packing started ahead of the swap is still running."""
 
     tensors: int
     ms: float
+    ready: bool = True
 
 
 class TapStats(msgspec.Struct, frozen=True):

@@ -7,17 +7,17 @@ then carries opaque bytes, and the API server decodes them into the same typed c
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from livetrain import vllm_internals as vllm
 from livetrain.formats import readout_format
-from livetrain.formats.messages import ReadoutLoaded, Repacked, TapStats, encode
+from livetrain.formats.messages import ReadoutLoaded, TapStats, encode
 from livetrain.formats.score_ring import ScoreRing
 from livetrain.worker.export import export_weights
 from livetrain.worker.readout_tap import Tap
+from livetrain.worker.repack import Repacker
 
 
 def livetrain_export_weights(worker: Any, hf_names: list[str]) -> bytes:
@@ -26,12 +26,32 @@ def livetrain_export_weights(worker: Any, hf_names: list[str]) -> bytes:
     return encode(export_weights(model, hf_names, vllm.worker_world_size(worker)))
 
 
+def _repacker(worker: Any) -> Repacker:
+    if not hasattr(worker, "livetrain_repacker"):
+        worker.livetrain_repacker = Repacker()
+    return worker.livetrain_repacker
+
+
+def livetrain_packed_copies(worker: Any, param_names: list[str]) -> bytes:
+    """A `PackedCopies` for the vLLM parameters the trainer writes (asked at attach)."""
+    return encode(Repacker.plan(vllm.worker_model(worker), param_names))
+
+
+def livetrain_repack_start(worker: Any, param_names: list[str]) -> bytes:
+    """After a write that inference does not read directly: pack fresh copies of the
+    named weights in the background while serving goes on (a `PackedCopies`)."""
+    return encode(_repacker(worker).start(vllm.worker_model(worker), param_names))
+
+
+def livetrain_repack_ready(worker: Any) -> bytes:
+    """A `Repacked` whose `ready` says whether the background packing is done."""
+    return encode(_repacker(worker).ready())
+
+
 def livetrain_repack(worker: Any, param_names: list[str]) -> bytes:
-    """After a write into the named vLLM parameters (generation is paused): rebuild the
-    packed CPU kernels that read copies of them, so inference serves the new values."""
-    started = time.perf_counter()
-    rebuilt = vllm.repack_cpu_weights(vllm.worker_model(worker), param_names)
-    return encode(Repacked(rebuilt, (time.perf_counter() - started) * 1000))
+    """After a write into the named vLLM parameters (generation is paused): serve
+    packed kernels built from the written weights (a `Repacked`)."""
+    return encode(_repacker(worker).finish(vllm.worker_model(worker), param_names))
 
 
 def _tap(worker: Any) -> Tap | None:
@@ -74,6 +94,9 @@ METHODS: dict[str, Callable[..., bytes]] = {
     f.__name__: f
     for f in (
         livetrain_export_weights,
+        livetrain_packed_copies,
+        livetrain_repack_start,
+        livetrain_repack_ready,
         livetrain_repack,
         livetrain_readout_start,
         livetrain_readout_load,
