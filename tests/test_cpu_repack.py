@@ -1,0 +1,93 @@
+"""vLLM's packed CPU kernels, packed afresh from written weights (worker/repack.py), on
+real oneDNN handlers from vLLM's own ops: what they compute after a swap is F.linear of
+the written weight, whichever way the packing ran."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+vllm_ops = pytest.importorskip("vllm._custom_ops")
+if not hasattr(torch.ops._C, "create_onednn_mm_handler"):
+    pytest.skip("vLLM's CPU oneDNN ops are not in this build", allow_module_level=True)
+
+from livetrain.formats.messages import PackedCopies  # noqa: E402
+from livetrain.worker.repack import Repacker  # noqa: E402
+
+
+class Block(nn.Module):
+    """Two linears served through oneDNN handlers, as the plugin leaves vLLM's layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        for name, shape in (("up", (96, 64)), ("down", (64, 96))):
+            layer = nn.Module()
+            layer.weight = nn.Parameter(torch.randn(shape, generator=gen), requires_grad=False)
+            layer._livetrain_onednn = vllm_ops.create_onednn_mm(layer.weight.t(), 32)
+            self.add_module(name, layer)
+        self.norm = nn.LayerNorm(64)
+
+    def served(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        layer = getattr(self, name)
+        return vllm_ops.onednn_mm(layer._livetrain_onednn, x, None)
+
+
+NAMES = ["up.weight", "down.weight"]
+
+
+def write(block: Block) -> None:
+    with torch.no_grad():
+        block.up.weight.mul_(-0.5)
+        block.down.weight.add_(1.0)
+
+
+def assert_serves_plain(block: Block, x: dict[str, torch.Tensor]) -> None:
+    for name in ("up", "down"):
+        expected = F.linear(x[name], getattr(block, name).weight)
+        torch.testing.assert_close(block.served(name, x[name]), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def block_and_inputs() -> tuple[Block, dict[str, torch.Tensor]]:
+    return Block(), {"up": torch.randn(5, 64), "down": torch.randn(5, 96)}
+
+
+def test_plan_says_which_writes_inference_reads_only_through_copies(block_and_inputs):
+    block, _ = block_and_inputs
+    assert Repacker.plan(block, NAMES) == PackedCopies(2, True)
+    # the norm has no packed copy: inference reads it directly
+    assert Repacker.plan(block, [*NAMES, "norm.weight"]).only_packed is False
+
+
+def test_a_write_is_served_only_after_the_swap_packed_ahead(block_and_inputs):
+    block, x = block_and_inputs
+    before = {name: block.served(name, x[name]) for name in x}
+    repacker = Repacker()
+    write(block)
+    assert repacker.start(block, NAMES).tensors == 2
+    deadline = time.monotonic() + 30
+    while not repacker.ready().ready:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for name in x:  # packed, not swapped: still the previous weights, whole
+        torch.testing.assert_close(block.served(name, x[name]), before[name])
+    done = repacker.finish(block, NAMES)
+    assert done.tensors == 2 and done.ready
+    assert_serves_plain(block, x)
+
+
+def test_finish_packs_itself_when_nothing_was_started_for_these_names(block_and_inputs):
+    block, x = block_and_inputs
+    repacker = Repacker()
+    repacker.start(block, NAMES[:1])  # packed for another write: released, not served
+    write(block)
+    assert repacker.finish(block, NAMES).tensors == 2
+    assert_serves_plain(block, x)
+    write(block)
+    assert repacker.finish(block, NAMES).tensors == 2  # nothing pending at all
+    assert_serves_plain(block, x)
