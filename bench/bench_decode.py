@@ -7,13 +7,14 @@ A/B/C/A/B/C so the machine's drift hits every mode:
 
 - `vllm_default`: no livetrain plugin; vLLM packs its CPU linear weights.
 - `livetrain`: the plugins loaded, LIVETRAIN_CPU_KERNELS=vllm (the default): vLLM's
-  packed kernels, rebuilt from the plain weights inside each step's pause.
+  packed kernels, packed afresh from the written weights with each step.
 - `livetrain_plain`: LIVETRAIN_CPU_KERNELS=plain: F.linear on the plain weights.
 
 Decode: tokens/s of one stream, and of 8 prompts sent as one completion (so each
 step decodes a full batch of 8). In each livetrain server three /train steps then
-give the pause per step (`pause_ms`), the share of it spent repacking, and the
-trainer's own write (`trainer_ms.apply`, the bare in-place write and its checks).
+give the pause per step (`pause_ms`), the packing time (`repack.ms`, ahead of the
+pause where `repack.ahead`), and the trainer's own write (`trainer_ms.apply`: the bare
+in-place write), all three from the same steps.
 Prints every round, the medians, and each livetrain mode over vllm_default.
 """
 
@@ -53,6 +54,7 @@ def measure_steps(url: str) -> dict[str, float]:
         "pause_ms": statistics.median(r["pause_ms"] for r in replies),
         "repack_ms": statistics.median(r["repack"]["ms"] for r in replies),
         "repacked_tensors": replies[-1]["repack"]["tensors"],
+        "packed_ahead": replies[-1]["repack"]["ahead"],
         "trainer_apply_ms": statistics.median(r["trainer_ms"]["apply"] for r in replies),
     }
 
