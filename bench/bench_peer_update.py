@@ -12,9 +12,9 @@ prefix cache. Two hand-overs (bench/peer_worker.py):
   parameters (the best copy path);
 - `serialized`: the trainer writes the tensors to a safetensors file in /dev/shm and
   the worker reads it back (as a weight push over a socket or file would).
-livetrain: POST /train on a livetrain server; the write into vLLM's memory is the
-step's application, so its time to visibility is the step's pause (the write, the
-repack of vLLM's packed kernels, the cache reset).
+livetrain: POST /train on a livetrain server; its time to visibility is the reply's
+`update_ms`, from the step computed to the new weights served: the write into vLLM's
+own memory, the packing of vLLM's CPU kernels (ahead of the pause) and the pause.
 
 For each: ms from the end of the optimizer step until a completion sees the new
 weights (that completion's own time excluded: it is the same for all), how long
@@ -158,9 +158,11 @@ def livetrain_run(model_dir: Path, args: argparse.Namespace, work: Path) -> dict
             assert client.continuation_logprobs(*sample) != before, "update not visible"
         replies = replies[1:]
         return {
-            "to_visible_ms": statistics.median(r["pause_ms"] for r in replies),
+            "to_visible_ms": statistics.median(r["update_ms"] for r in replies),
             "inference_blocked_ms": statistics.median(r["pause_ms"] for r in replies),
-            "repack_ms": statistics.median(r["repack"]["ms"] for r in replies),
+            "trainer_write_ms": statistics.median(r["trainer_ms"]["apply"] for r in replies),
+            "packing_ms": statistics.median(r["repack"]["ms"] for r in replies),
+            "packed_ahead_of_pause": replies[-1]["repack"]["ahead"],
             "trainer_weight_copy_bytes": 0,  # views of vLLM's memory (bench_train measures)
         }
 

@@ -282,7 +282,9 @@ class TrainerSupervisor:
             msg.Prepare, msg.Prepared, samples=samples, settings=settings, retrain=retrain
         )
         version = self.weight_version + 1
+        computed = time.perf_counter()
         applied, apply_ms, pause_ms, repack = await self._write(msg.Apply, msg.Applied, version)
+        update_ms = (time.perf_counter() - computed) * 1000
         self.last_loss, self.last_settings = prepared.loss, settings
         self.optimizer, self.undo_available = applied.optimizer, applied.undo_available
         guard = None
@@ -300,6 +302,7 @@ class TrainerSupervisor:
             "guard": guard,
             "undo_available": self.undo_available,
             "pause_ms": pause_ms,
+            "update_ms": update_ms,
             "repack": repack,
             "trainer_ms": {"prepare": prepare_ms, "apply": apply_ms},
         }
