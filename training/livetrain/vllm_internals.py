@@ -215,10 +215,10 @@ def install_cpu_linear(kernels: str) -> None:
     the original, so writes to `layer.weight` would never reach inference.
 
     "vllm": keep vLLM's kernel and also the plain weight (the trainer's view); the
-    packed copy is rebuilt from the plain weight after every write, inside the pause
-    (`repack_cpu_weights`). Decode runs at vLLM's speed; memory holds a second copy of
-    every packed weight, and the pause grows by the repack. "plain": F.linear on the
-    plain weight, no second copy, the shortest pause (bench/bench_decode.py measures
+    packed copy is packed afresh from the plain weight after every write and swapped in
+    (worker/repack.py). Decode runs at vLLM's speed; memory holds a second copy of every
+    packed weight (a third while fresh copies are packed). "plain": F.linear on the
+    plain weight, no second copy, slower batched decode (bench/bench_decode.py measures
     both against vLLM's default)."""
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
