@@ -15,6 +15,7 @@ vllm_ops = pytest.importorskip("vllm._custom_ops")
 if not hasattr(torch.ops._C, "create_onednn_mm_handler"):
     pytest.skip("vLLM's CPU oneDNN ops are not in this build", allow_module_level=True)
 
+from livetrain import vllm_internals as vllm  # noqa: E402
 from livetrain.formats.messages import PackedCopies  # noqa: E402
 from livetrain.worker.repack import Repacker  # noqa: E402
 
@@ -29,6 +30,7 @@ class Block(nn.Module):
             layer = nn.Module()
             layer.weight = nn.Parameter(torch.randn(shape, generator=gen), requires_grad=False)
             layer._livetrain_onednn = vllm_ops.create_onednn_mm(layer.weight.t(), 32)
+            layer._livetrain_reads_plain = False
             self.add_module(name, layer)
         self.norm = nn.LayerNorm(64)
 
@@ -62,6 +64,19 @@ def test_plan_says_which_writes_inference_reads_only_through_copies(block_and_in
     assert Repacker.plan(block, NAMES) == PackedCopies(2, True)
     # the norm has no packed copy: inference reads it directly
     assert Repacker.plan(block, [*NAMES, "norm.weight"]).only_packed is False
+
+
+def test_a_tied_embedding_is_packed_for_lm_head_but_read_plain_for_lookup(block_and_inputs):
+    """vLLM packs a tied embedding for the lm_head and keeps the plain weight for the
+    lookup: its copy is repacked, but writing it is never done while serving."""
+    block, _ = block_and_inputs
+    embed = nn.Embedding(32, 64)
+    handler = vllm_ops.create_onednn_mm(embed.weight.detach().t(), 32)
+    embed.cpu_linear = lambda x, weight, bias: vllm_ops.onednn_mm(handler, x, bias)
+    vllm._keep_repackable(embed, None, reads_plain=True)
+    block.add_module("embed", embed)
+    assert Repacker.plan(block, ["embed.weight"]) == PackedCopies(1, False)
+    assert Repacker.plan(block, [*NAMES, "embed.weight"]) == PackedCopies(3, False)
 
 
 def test_a_write_is_served_only_after_the_swap_packed_ahead(block_and_inputs):

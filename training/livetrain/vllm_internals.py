@@ -53,7 +53,7 @@ TOUCHED: tuple[tuple[str, str], ...] = (
     ("vllm.v1.engine.core_client", "AsyncMPClient.pause_scheduler_async"),
 )
 ATTRIBUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("vllm._custom_ops", "CPUDNNLGEMMHandler", ("handler_tensor", "dtor")),
+    ("vllm._custom_ops", "CPUDNNLGEMMHandler", ("handler_tensor",)),
     (
         "vllm.v1.worker.gpu_model_runner",
         "GPUModelRunner",
@@ -183,11 +183,13 @@ def _onednn_handler(cpu_linear: Any) -> Any:
     return None
 
 
-def _keep_repackable(layer: nn.Module, bias: torch.Tensor | None) -> None:
-    """After vLLM's dispatch: keep its kernel where `repack_cpu_weights` can refresh it
+def _keep_repackable(layer: nn.Module, bias: torch.Tensor | None, reads_plain: bool) -> None:
+    """After vLLM's dispatch: keep its kernel where worker/repack.py can refresh it
     (oneDNN), else run F.linear on the plain weight. vLLM's SGL path casts the bias to
     fp32 by replacing its storage, which would detach it from the trainer's view: that
-    layer goes back to its own bias and F.linear."""
+    layer goes back to its own bias and F.linear. `reads_plain`: inference also reads
+    the plain weight itself (an embedding's lookup), so writing it is never unfenced."""
+    _patch(layer, "_livetrain_reads_plain", reads_plain)
     handler = _onednn_handler(layer.cpu_linear)
     kept_bias: Any = getattr(layer, "bias", None)
     if bias is not None and kept_bias.data.data_ptr() != bias.data_ptr():
@@ -207,7 +209,7 @@ def _dispatch_keeping_weight(self: Any, layer: nn.Module) -> None:
         return _use_plain_weight(self, layer)
     bias = getattr(layer, "bias", None)
     dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
-    _keep_repackable(layer, bias.data if bias is not None else None)
+    _keep_repackable(layer, bias.data if bias is not None else None, reads_plain=False)
 
 
 def install_cpu_linear(kernels: str) -> None:
@@ -231,7 +233,7 @@ def install_cpu_linear(kernels: str) -> None:
 
     def embedding_keeping_weight(self: Any, layer: nn.Module) -> None:
         embedding_dispatch(self, layer)  # vLLM keeps the embedding's plain weight itself
-        _keep_repackable(layer, None)
+        _keep_repackable(layer, None, reads_plain=True)
 
     _patch(UnquantizedLinearMethod, "process_weights_after_loading", _dispatch_keeping_weight)
     _patch(UnquantizedEmbeddingMethod, "process_weights_after_loading", embedding_keeping_weight)
@@ -254,10 +256,12 @@ def packed_copies(model: nn.Module, param_names: Sequence[str]) -> tuple[list[Pa
     only_packed = True
     for name in param_names:
         module_name, _, attr = name.rpartition(".")
-        handler = getattr(modules.get(module_name), "_livetrain_onednn", None)
+        module = modules.get(module_name)
+        handler = getattr(module, "_livetrain_onednn", None)
         if attr != "weight" or handler is None:
             only_packed = False
             continue
+        only_packed = only_packed and not getattr(module, "_livetrain_reads_plain", True)
         copies[id(handler)] = PackedCopy(modules[module_name].weight, handler)
     return list(copies.values()), only_packed
 
