@@ -9,9 +9,9 @@ Every figure is printed next to a baseline measured in the same run:
   directly in one process (`Trainer.prepare` + `apply`, no IPC). The baseline runs
   while the same vLLM server is up and idle, so both sides share the machine's load
   (vLLM's CPU worker polls even when idle), in alternating rounds;
-- the optimizer's own step (APOLLO's, timed inside `Trainer.apply`'s arithmetic via
-  `Apollo.step`) against `torch.optim.AdamW.step` on the same linear weights and
-  gradients, in the same process;
+- the optimizer's own step (`Apollo.step`: its prepare and apply, no forward or
+  backward) against `torch.optim.AdamW.step` on the same linear weights and gradients,
+  in the same process;
 - latency from /train returning to the first completion that uses the new weights.
 """
 
