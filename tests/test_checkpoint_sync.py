@@ -264,6 +264,9 @@ def test_sync_writes_the_new_weights_in_place(model: Model, replace_above: float
     first = sync(model.dir, model.live, model.dirty.__contains__, 512, replace_above)
 
     assert first.files == sorted(model.files)
+    tensors = list_tensors(model.dir).items()
+    never_read = {n for n, e in tensors if n not in model.dirty or e.end == e.begin}
+    assert first.tensors_skipped == len(never_read)  # untouched, or nothing to write
     if replace_above:
         assert first.blocks_changed > 0 and first.files_replaced == []
     else:  # nothing compared: every file written once, whole

@@ -380,8 +380,13 @@ def sync(
     check_in_place_safe(model_dir)
     recover(model_dir)
     replaced = choose_replacements(model_dir, dirty, replace_above)
-    staged = {n for n, e in list_tensors(model_dir).items() if e.file.name in replaced}
+    tensors = list_tensors(model_dir)
+    staged = {n for n, e in tensors.items() if e.file.name in replaced}
     writes, result = plan(model_dir, live, lambda n: dirty(n) and n not in staged, block_size)
+    # written from the live tensors, so not skipped, though never compared
+    result.tensors_skipped -= sum(
+        1 for n in staged if dirty(n) and tensors[n].end > tensors[n].begin
+    )
     result.files = sorted({*result.files, *replaced})
     if result.files:
         _check_writable(model_dir, result.files)
