@@ -118,7 +118,7 @@ def changed(
     files_dir: Path, files: Tensors, live: Tensors, trained: set[str], block: int
 ) -> dict[str, float]:
     """What plan would write for the trained tensors, as fractions of blocks and values."""
-    _, result = plan(files_dir, live.__getitem__, trained.__contains__, block)
+    _, result = plan(list_tensors(files_dir), live.__getitem__, trained.__contains__, block)
     values = sum(int((live[n].to(files[n].dtype) != files[n]).sum()) for n in trained)
     return {
         "blocks_changed": result.blocks_changed,
@@ -171,19 +171,20 @@ def phased_sync(model_dir: Path, live: Tensors, dirty: set[str], block: int) -> 
     deletes both) and where the time goes; checks on the way that the files then
     match the live weights."""
     started = time.perf_counter()
-    replaced = choose_replacements(model_dir, dirty.__contains__, REPLACE_ABOVE)
-    staged_names = {n for n, e in list_tensors(model_dir).items() if e.file.name in replaced}
+    tensors = list_tensors(model_dir)
+    replaced = choose_replacements(tensors, dirty.__contains__, REPLACE_ABOVE)
+    staged_names = {n for n, e in tensors.items() if e.file.name in replaced}
     compared = dirty - staged_names
-    writes, _ = plan(model_dir, live.__getitem__, compared.__contains__, block)
+    writes, _ = plan(tensors, live.__getitem__, compared.__contains__, block)
     planned = time.perf_counter()
     for name in replaced:
-        stage_file(model_dir, name, live.__getitem__, dirty.__contains__)
+        stage_file(model_dir, name, tensors, live.__getitem__, dirty.__contains__)
     staged = time.perf_counter()
     size = write_journal(model_dir, writes, replaced).stat().st_size
     journaled = time.perf_counter()
     apply_journal(model_dir, writes, replaced)
     applied = time.perf_counter()
-    _, after = plan(model_dir, live.__getitem__, dirty.__contains__, block)
+    _, after = plan(list_tensors(model_dir), live.__getitem__, dirty.__contains__, block)
     assert after.blocks_changed == 0, "sync's writes must reproduce the live weights"
     return {
         "journal_bytes": size,
@@ -275,7 +276,7 @@ def diff_throughput(model_dir: Path, work: Path, args: argparse.Namespace) -> di
     compared = sum(e.end - e.begin for e in entries.values())
 
     def plan_all() -> None:
-        writes, _ = plan(copy, live.__getitem__, lambda _: True, args.block)
+        writes, _ = plan(entries, live.__getitem__, lambda _: True, args.block)
         assert not writes, "the live weights are the file's own"
 
     file_bytes = np.frombuffer((copy / WEIGHTS).read_bytes(), dtype=np.uint8)

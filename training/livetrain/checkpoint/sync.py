@@ -113,15 +113,16 @@ def _changed_runs(
 
 
 def plan(
-    model_dir: Path,
+    tensors: dict[str, FileTensor],
     live: Callable[[str], torch.Tensor],
     dirty: Callable[[str], bool],
     block_size: int = 4096,
 ) -> tuple[list[BlockWrite], SyncResult]:
-    """Every block whose live bytes differ from the file, and the counts for the reply."""
+    """Every block whose live bytes differ from the file, and the counts for the reply.
+    `tensors`: the model's table (files.list_tensors), read once per sync."""
     result = SyncResult()
     writes: list[BlockWrite] = []
-    for name, entry in list_tensors(model_dir).items():
+    for name, entry in tensors.items():
         nbytes = entry.end - entry.begin
         result.blocks_total += len(_block_edges(entry.begin, nbytes, block_size)) - 1
         if not dirty(name) or nbytes == 0:
@@ -144,24 +145,28 @@ def staged_name(name: str) -> str:
 
 
 def choose_replacements(
-    model_dir: Path, dirty: Callable[[str], bool], replace_above: float
+    tensors: dict[str, FileTensor], dirty: Callable[[str], bool], replace_above: float
 ) -> list[str]:
     """Files where trained tensors hold more than `replace_above` of the file's bytes,
     decided from the header alone: comparing such a file costs a read of every trained
     byte and finds nearly every block changed."""
-    trained: dict[str, int] = {}
-    for name, entry in list_tensors(model_dir).items():
+    trained: dict[Path, int] = {}
+    for name, entry in tensors.items():
         if dirty(name):
-            trained[entry.file.name] = trained.get(entry.file.name, 0) + entry.end - entry.begin
+            trained[entry.file] = trained.get(entry.file, 0) + entry.end - entry.begin
     return sorted(
-        name
-        for name, nbytes in trained.items()
-        if nbytes > replace_above * (model_dir / name).stat().st_size
+        file.name
+        for file, nbytes in trained.items()
+        if nbytes > replace_above * file.stat().st_size
     )
 
 
 def stage_file(
-    model_dir: Path, name: str, live: Callable[[str], torch.Tensor], dirty: Callable[[str], bool]
+    model_dir: Path,
+    name: str,
+    tensors: dict[str, FileTensor],
+    live: Callable[[str], torch.Tensor],
+    dirty: Callable[[str], bool],
 ) -> None:
     """Step 0 for a replaced file: the file as it will be, written once in file order
     (trained tensors from the live ones, everything else copied from the original),
@@ -169,7 +174,7 @@ def stage_file(
     source = model_dir / name
     staged = model_dir / staged_name(name)
     entries = sorted(
-        (e for e in list_tensors(model_dir).values() if e.file.name == name and dirty(e.name)),
+        (e for e in tensors.values() if e.file.name == name and dirty(e.name)),
         key=lambda e: e.begin,
     )
     mode = source.stat().st_mode & 0o7777
@@ -379,10 +384,10 @@ def sync(
     started = time.perf_counter()
     check_in_place_safe(model_dir)
     recover(model_dir)
-    replaced = choose_replacements(model_dir, dirty, replace_above)
     tensors = list_tensors(model_dir)
+    replaced = choose_replacements(tensors, dirty, replace_above)
     staged = {n for n, e in tensors.items() if e.file.name in replaced}
-    writes, result = plan(model_dir, live, lambda n: dirty(n) and n not in staged, block_size)
+    writes, result = plan(tensors, live, lambda n: dirty(n) and n not in staged, block_size)
     # written from the live tensors, so not skipped, though never compared
     result.tensors_skipped -= sum(
         1 for n in staged if dirty(n) and tensors[n].end > tensors[n].begin
@@ -392,7 +397,7 @@ def sync(
         _check_writable(model_dir, result.files)
         try:
             for name in replaced:
-                stage_file(model_dir, name, live, dirty)
+                stage_file(model_dir, name, tensors, live, dirty)
             write_journal(model_dir, writes, replaced)
         except BaseException:
             if not (model_dir / JOURNAL).exists():  # not committed: the staging is moot
