@@ -57,6 +57,7 @@ from livetrain.checkpoint.sync import (
     sync,
     write_journal,
 )
+from livetrain.tools.client import LivetrainClient
 
 TMP_JOURNAL = f"{JOURNAL}.tmp"
 FAULT_BLOCK = 256  # small blocks: many pwrite calls, so many kill points inside step 2
@@ -238,7 +239,7 @@ def test_plan_writes_exactly_the_differing_file_aligned_blocks(model: Model, blo
         read.append(name)
         return model.live(name)  # raises for a tensor that is not dirty
 
-    writes, result = plan(model.dir, live, model.dirty.__contains__, block)
+    writes, result = plan(list_tensors(model.dir), live, model.dirty.__contains__, block)
 
     assert sorted((w.file, w.offset, w.data) for w in writes) == sorted(expected)
     assert result.blocks_total == windows
@@ -458,7 +459,7 @@ def _fork_server(spec_path: str) -> None:
 def test_recover_deletes_files_staged_for_an_uncommitted_sync(model: Model) -> None:
     before = snapshot(model)
     for name in model.files:
-        stage_file(model.dir, name, model.live, model.dirty.__contains__)
+        stage_file(model.dir, name, list_tensors(model.dir), model.live, model.dirty.__contains__)
     assert not no_journal(model.dir)  # the staged files are there
 
     assert recover(model.dir) == "discarded an uncommitted sync"
@@ -469,7 +470,7 @@ def test_recover_finishes_a_committed_replacement_idempotently(model: Model) -> 
     """Killed after the commit with one file renamed and the other not yet: recovery
     renames what is left, and a file already in place stays as it is."""
     for name in model.files:
-        stage_file(model.dir, name, model.live, model.dirty.__contains__)
+        stage_file(model.dir, name, list_tensors(model.dir), model.live, model.dirty.__contains__)
     write_journal(model.dir, [], model.files)
     first = model.files[0]
     os.replace(model.dir / f"{STAGE_PREFIX}{first}.tmp", model.dir / first)
@@ -493,16 +494,17 @@ def test_recover_refuses_a_journal_replacing_a_file_that_is_not_a_weight_file(
 def test_files_are_chosen_for_replacement_by_their_trained_bytes(model: Model) -> None:
     """From the header alone: a file is staged whole exactly when its trained tensors
     hold more than `replace_above` of its bytes."""
+    tensors = list_tensors(model.dir)
     trained: dict[str, int] = {}
-    for name, entry in list_tensors(model.dir).items():
+    for name, entry in tensors.items():
         if name in model.dirty:
             trained[entry.file.name] = trained.get(entry.file.name, 0) + entry.end - entry.begin
     share = {f: n / (model.dir / f).stat().st_size for f, n in trained.items()}
     for f, fraction in share.items():
-        below = choose_replacements(model.dir, model.dirty.__contains__, fraction * 0.999)
-        above = choose_replacements(model.dir, model.dirty.__contains__, fraction * 1.001)
+        below = choose_replacements(tensors, model.dirty.__contains__, fraction * 0.999)
+        above = choose_replacements(tensors, model.dirty.__contains__, fraction * 1.001)
         assert f in below and f not in above
-    assert choose_replacements(model.dir, lambda _: False, 0.0) == []
+    assert choose_replacements(tensors, lambda _: False, 0.0) == []
 
 
 def test_a_replaced_file_is_a_new_file_and_links_to_the_old_one_keep_it(
@@ -522,7 +524,7 @@ def test_a_replaced_file_is_a_new_file_and_links_to_the_old_one_keep_it(
 
 def test_recover_discards_an_uncommitted_journal(model: Model) -> None:
     before = snapshot(model)
-    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
+    writes, _ = plan(list_tensors(model.dir), model.live, model.dirty.__contains__)
     write_journal(model.dir, writes)
     # A fully written journal that was never renamed is still uncommitted.
     os.replace(model.dir / JOURNAL, model.dir / TMP_JOURNAL)
@@ -533,7 +535,7 @@ def test_recover_discards_an_uncommitted_journal(model: Model) -> None:
 
 
 def test_recover_replays_a_committed_journal_idempotently(model: Model) -> None:
-    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
+    writes, _ = plan(list_tensors(model.dir), model.live, model.dirty.__contains__)
     journal = write_journal(model.dir, writes)
     committed = journal.read_bytes()
     apply_journal(model.dir)
@@ -552,7 +554,7 @@ def test_recover_replays_a_committed_journal_idempotently(model: Model) -> None:
 
 def test_recover_refuses_a_journal_with_a_flipped_payload_byte(model: Model) -> None:
     before = snapshot(model)
-    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
+    writes, _ = plan(list_tensors(model.dir), model.live, model.dirty.__contains__)
     journal = write_journal(model.dir, writes)
     raw = bytearray(journal.read_bytes())
     raw[-1 - len(writes[-1].data) // 2] ^= 0x01  # a byte inside the last block's payload
@@ -565,7 +567,7 @@ def test_recover_refuses_a_journal_with_a_flipped_payload_byte(model: Model) -> 
 
 def test_recover_refuses_a_journal_with_a_flipped_offset(model: Model) -> None:
     before = snapshot(model)
-    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
+    writes, _ = plan(list_tensors(model.dir), model.live, model.dirty.__contains__)
     journal = write_journal(model.dir, writes)
     raw = journal.read_bytes()
     field = f'"offset": {writes[0].offset}'.encode()
@@ -692,7 +694,7 @@ def test_the_journal_is_never_written_through_a_planted_symlink(model: Model) ->
     victim = model.dir.parent / "victim"
     victim.write_bytes(b"keep")
     (model.dir / TMP_JOURNAL).symlink_to(victim)
-    writes, _ = plan(model.dir, model.live, model.dirty.__contains__)
+    writes, _ = plan(list_tensors(model.dir), model.live, model.dirty.__contains__)
     with pytest.raises(FileExistsError):
         write_journal(model.dir, writes)
     assert victim.read_bytes() == b"keep"
@@ -774,7 +776,10 @@ RESTART_ATOL = 1e-5
 
 
 @pytest.mark.server
-def test_train_sync_restart_continue(models, tmp_path_factory):
+def test_train_sync_restart_continue_then_kill(models, tmp_path_factory):
+    """Steps synced by hand come back on restart, optimizer state with them, so the
+    next step equals the uninterrupted run's; automatic syncs follow a burst once; a
+    SIGKILL then loses exactly the steps after the last sync and leaves no journal."""
     workdir = tmp_path_factory.mktemp("ckpt")
     model = shutil.copytree(models["llama"], workdir / "model")
     layout = {n: (e.dtype, e.shape, e.begin, e.end) for n, e in list_tensors(model).items()}
@@ -832,6 +837,11 @@ def test_train_sync_restart_continue(models, tmp_path_factory):
         status = second.status()
         assert status["syncs"] == 1 and status["last_sync"]["weight_version"] == 6
         assert status["bytes_synced"] > 0 and not status["sync_pending"]
+        last_synced = second.continuation_logprobs(context, continuation)
+        second.train(context, continuation, lr=3e-3, retrain=True).raise_for_status()
+        lost = second.continuation_logprobs(context, continuation)
+        kill_server(second, signal.SIGKILL)
+    assert_files_hold(model, (context, continuation), last_synced, not_=lost)
 
 
 def wait_gone(pid: int, timeout: float = 120) -> None:
@@ -841,13 +851,31 @@ def wait_gone(pid: int, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+def assert_files_hold(
+    model: Path, sample: tuple[list[int], list[int]], served: list[float], not_: list[float]
+) -> None:
+    """The files give what a server served at one version (`served`) and not at another,
+    by Hugging Face, and no journal is left behind."""
+    on_disk = files_logprobs(model, *sample)
+    np.testing.assert_allclose(on_disk, served, atol=RESTART_ATOL * 10)
+    assert np.abs(np.asarray(on_disk) - np.asarray(not_)).max() > 1e-3
+    assert no_journal(model)
+
+
+def kill_server(client: LivetrainClient, sig: signal.Signals) -> None:
+    """Signal the server's process group (as a service manager stops it) and wait until
+    the trainer is gone too."""
+    trainer = client.status()["trainer_pid"]
+    os.killpg(client.server.process.pid, sig)
+    client.server.process.wait(timeout=60)
+    wait_gone(trainer)
+
+
 @pytest.mark.server
-@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
-def test_a_stopped_server_loses_only_what_it_must(models, tmp_path_factory, stop):
+def test_a_gracefully_stopped_server_syncs_what_it_has_not(models, tmp_path_factory):
     """SIGTERM (vLLM's graceful shutdown, sent to the process group): the trainer syncs
-    the steps since the last sync before it exits. SIGKILL: the files hold exactly the
-    last sync, and only the steps after it are lost."""
-    workdir = tmp_path_factory.mktemp(f"stop-{stop}")
+    the steps since the last sync before it exits. (SIGKILL: the restart test.)"""
+    workdir = tmp_path_factory.mktemp("sigterm")
     model = shutil.copytree(models["llama"], workdir / "model")
     serve = contextlib.contextmanager(start_server)
     with serve(model, workdir, None) as client:  # automatic syncs on (600 s)
@@ -858,15 +886,8 @@ def test_a_stopped_server_loses_only_what_it_must(models, tmp_path_factory, stop
         synced = client.continuation_logprobs(context, continuation)
         client.train(context, continuation, lr=3e-3, retrain=True).raise_for_status()
         latest = client.continuation_logprobs(context, continuation)
-        trainer = client.status()["trainer_pid"]
-        os.killpg(client.server.process.pid, getattr(signal, stop))
-        client.server.process.wait(timeout=60)
-        wait_gone(trainer)
-    on_disk = files_logprobs(model, context, continuation)
-    expected, other = (latest, synced) if stop == "SIGTERM" else (synced, latest)
-    np.testing.assert_allclose(on_disk, expected, atol=RESTART_ATOL * 10)
-    assert np.abs(np.asarray(on_disk) - np.asarray(other)).max() > 1e-3
-    assert no_journal(model)
+        kill_server(client, signal.SIGTERM)
+    assert_files_hold(model, (context, continuation), latest, not_=synced)
 
 
 @pytest.mark.server
