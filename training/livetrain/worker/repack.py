@@ -28,6 +28,9 @@ class Repacker:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="livetrain-repack")
         self._pending: tuple[tuple[str, ...], Future[tuple[list[int], float]]] | None = None
+        # The trainer writes the same parameters every step, and a copy's handler object
+        # outlives its swaps (only the pointer inside it changes): resolve them once.
+        self._resolved: tuple[tuple[str, ...], tuple[list[vllm.PackedCopy], bool]] | None = None
 
     @staticmethod
     def plan(model: nn.Module, names: list[str]) -> PackedCopies:
@@ -36,7 +39,7 @@ class Repacker:
 
     def start(self, model: nn.Module, names: list[str]) -> PackedCopies:
         """Pack fresh copies of the named weights in the background (serving goes on)."""
-        copies, only_packed = vllm.packed_copies(model, names)
+        copies, only_packed = self._copies(model, names)
         self._discard()
         self._pending = (tuple(names), self._pool.submit(_timed_pack, copies))
         return PackedCopies(len(copies), only_packed)
@@ -48,7 +51,7 @@ class Repacker:
     def finish(self, model: nn.Module, names: list[str]) -> Repacked:
         """Swap in the copies `start` packed for these names, or pack them now (generation
         is paused either way). `ms` is the packing time, wherever it ran."""
-        copies, _ = vllm.packed_copies(model, names)
+        copies, _ = self._copies(model, names)
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] == tuple(names):
             fresh, ms = pending[1].result()
@@ -58,6 +61,11 @@ class Repacker:
             fresh, ms = _timed_pack(copies)
         vllm.swap_packed(copies, fresh)
         return Repacked(len(copies), ms)
+
+    def _copies(self, model: nn.Module, names: list[str]) -> tuple[list[vllm.PackedCopy], bool]:
+        if self._resolved is None or self._resolved[0] != tuple(names):
+            self._resolved = (tuple(names), vllm.packed_copies(model, names))
+        return self._resolved[1]
 
     def _discard(self) -> None:
         if self._pending is not None:
