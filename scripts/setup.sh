@@ -54,14 +54,14 @@ print(" ".join(n for n in ("torchvision", "torchaudio", "torchcodec") if install
 if [[ -n "$leftovers" ]]; then pip uninstall -y $leftovers; fi
 
 # 7. (--dev) Debian's Chromium for the browser test of the readout page
-#    (tests/test_readout_ui.py drives it through playwright; `playwright install` would
+#    (tests/test_live_readout_ui.py drives it through playwright; `playwright install` would
 #    download a browser, which these machines cannot).
 if [[ "$extras" == *dev* && ! -x /usr/bin/chromium ]]; then
   echo "installing chromium (apt)..."
   sudo=$([[ $(id -u) -eq 0 ]] || echo sudo)
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null \
-    || echo "WARNING: could not install chromium; tests/test_readout_ui.py will skip" >&2
+    || echo "WARNING: could not install chromium; tests/test_live_readout_ui.py will skip" >&2
 fi
 
 # 8. Convert the default model once into ~/.cache/livetrain/models (about 40 s; later

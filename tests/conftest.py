@@ -52,6 +52,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.server)
 
 
+# A session-scoped server is stopped as soon as the last selected test that uses it has
+# run, not at the end of the session: an idle vLLM still takes about a tenth of a core,
+# which every later test on this 2-core machine would pay for.
+_last_user: dict[str, str] = {}  # fixture name -> node id of the last test using it
+_shared: dict[str, Server] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    for item in session.items:
+        for name in SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            _last_user[name] = item.nodeid
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    for name, nodeid in _last_user.items():
+        if nodeid == item.nodeid and name in _shared:
+            _shared.pop(name).stop()
+
+
+def share_until_last_user(request: pytest.FixtureRequest, client: LivetrainClient) -> None:
+    _shared[request.fixturename] = client.server  # type: ignore[attr-defined]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,11 +132,15 @@ def start_server(
 
 
 @pytest.fixture(scope="session")
-def llama_server(models: dict[str, Path], tmp_path_factory) -> Iterator[LivetrainClient]:
+def llama_server(
+    models: dict[str, Path], tmp_path_factory, request: pytest.FixtureRequest
+) -> Iterator[LivetrainClient]:
     """Llama (untied, GQA, padded vocab) behind --api-key, compiled as vLLM defaults to;
     shared by the online-training, route-safety and undo tests (it keeps two steps)."""
     workdir, env = tmp_path_factory.mktemp("llama"), {"LIVETRAIN_UNDO_STEPS": "2"}
-    yield from start_server(models["llama"], workdir, API_KEY, eager=False, env=env)
+    for client in start_server(models["llama"], workdir, API_KEY, eager=False, env=env):
+        share_until_last_user(request, client)
+        yield client
 
 
 @pytest.fixture(scope="session")
@@ -220,10 +247,14 @@ def write_readout(
     return folder
 
 
-@pytest.fixture(scope="module")
-def readout_server(models: dict[str, Path], tmp_path_factory) -> Iterator[ReadoutServer]:
+@pytest.fixture(scope="session")
+def readout_server(
+    models: dict[str, Path], tmp_path_factory, request: pytest.FixtureRequest
+) -> Iterator[ReadoutServer]:
     """Llama compiled (as vLLM defaults to) with a 100-concept readout on both blocks,
-    prefix caching, and chunked prefill forced by a small token budget per step."""
+    prefix caching, and chunked prefill forced by a small token budget per step; shared
+    by the live readout's tests and its page's (test_live_readout*.py, run one after the
+    other). Tests that load another readout load the launch one back."""
     workdir = tmp_path_factory.mktemp("readout")
     concepts = list(
         json.loads(
@@ -248,6 +279,7 @@ def readout_server(models: dict[str, Path], tmp_path_factory) -> Iterator[Readou
         env=env,
         extra_args=["--max-num-batched-tokens", "64", "--chat-template", str(template)],
     ):
+        share_until_last_user(request, client)
         yield ReadoutServer(
             client.http.base_url.__str__().rstrip("/"),
             API_KEY,
