@@ -15,6 +15,8 @@ step decodes a full batch of 8). In each livetrain server three /train steps the
 give the pause per step (`pause_ms`), the packing time (`repack.ms`, ahead of the
 pause where `repack.ahead`), and the trainer's own write (`trainer_ms.apply`: the bare
 in-place write), all three from the same steps.
+`cpu_cores`: CPU each process of the server used during the batch-8 decodes, in cores
+(from /proc), so a cost outside the model's kernels (the trainer, the API server) shows.
 Prints every round, the medians, and each livetrain mode over vllm_default.
 """
 
@@ -22,10 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import add_model_argument, bench_model, decode_tokens_per_s  # noqa: E402
@@ -39,6 +44,47 @@ MODES = {  # mode -> (VLLM_PLUGINS, LIVETRAIN_CPU_KERNELS)
     "livetrain_plain": (",".join(PLUGINS), "plain"),
 }
 REPEATS = 3  # decode measurements per server; the median is the round's figure
+
+
+def _process_tree(root: int) -> list[int]:
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            todo += [int(c) for c in (task / "children").read_text().split()]
+    return pids
+
+
+def _cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
+    """(command name, user + system seconds) of each process still alive."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[pid] = (
+            stat[stat.index("(") + 1 : stat.rindex(")")],
+            (int(fields[11]) + int(fields[12])) / ticks,
+        )
+    return out
+
+
+def batch_8_decode(server: Server, roles: dict[int, str]) -> tuple[float, dict[str, float]]:
+    """Median batch-8 tokens/s, and the cores each process used meanwhile (keyed by
+    `roles`, else by command name)."""
+    pids = _process_tree(server.process.pid)
+    before, started = _cpu_seconds(pids), time.perf_counter()
+    rates = [decode_tokens_per_s(server.url, 8, 128, one_request=True) for _ in range(REPEATS)]
+    after, wall = _cpu_seconds(pids), time.perf_counter() - started
+    cores = {
+        roles.get(pid, name): round((seconds - before.get(pid, (name, 0.0))[1]) / wall, 3)
+        for pid, (name, seconds) in after.items()
+    }
+    return statistics.median(rates), cores
 
 
 def measure_steps(url: str) -> dict[str, float]:
@@ -59,7 +105,7 @@ def measure_steps(url: str) -> dict[str, float]:
     }
 
 
-def measure(model: Path, mode: str, args: argparse.Namespace, work: Path) -> dict[str, float]:
+def measure(model: Path, mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     plugins, kernels = MODES[mode]
     env = plugin_env()
     env["VLLM_PLUGINS"] = plugins
@@ -71,15 +117,14 @@ def measure(model: Path, mode: str, args: argparse.Namespace, work: Path) -> dic
     vllm_args += ["--enforce-eager"] if args.eager else []
     with Server(model, 8312, vllm_args, env=env, log_path=work / f"{mode}.log") as server:
         server.wait_healthy()
+        assert server.process is not None
+        roles = {server.process.pid: "api_server"}
+        if kernels:
+            roles[LivetrainClient(server.url).wait_trainer()["trainer_pid"]] = "trainer"
         decode_tokens_per_s(server.url, 8, 16, one_request=True)  # warm-up
-        result = {
-            "batch_1": statistics.median(
-                decode_tokens_per_s(server.url, 1, 128) for _ in range(REPEATS)
-            ),
-            "batch_8": statistics.median(
-                decode_tokens_per_s(server.url, 8, 128, one_request=True) for _ in range(REPEATS)
-            ),
-        }
+        batch_1 = statistics.median(decode_tokens_per_s(server.url, 1, 128) for _ in range(REPEATS))
+        batch_8, cores = batch_8_decode(server, roles)
+        result: dict[str, Any] = {"batch_1": batch_1, "batch_8": batch_8, "cpu_cores": cores}
         if kernels:
             result |= measure_steps(server.url)
         print(json.dumps({"mode": mode, **result}), flush=True)
@@ -96,12 +141,13 @@ def main() -> None:
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     model, work = bench_model(args.model), Path(tempfile.mkdtemp(prefix="livetrain-decode-"))
-    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for _ in range(args.rounds):
         for mode in modes:
             runs[mode].append(measure(model, mode, args, work))
     summary = {
-        mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()
+        mode: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "cpu_cores"}
+        for mode, rs in runs.items()
     }
     base = runs.get("vllm_default")
     ratios = {
