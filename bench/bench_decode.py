@@ -9,6 +9,8 @@ A/B/C/A/B/C so the machine's drift hits every mode:
 - `livetrain`: the plugins loaded, LIVETRAIN_CPU_KERNELS=vllm (the default): vLLM's
   packed kernels, packed afresh from the written weights with each step.
 - `livetrain_plain`: LIVETRAIN_CPU_KERNELS=plain: F.linear on the plain weights.
+- `vllm_keep_plain` (a control, not in the default set): no livetrain; vLLM's own
+  dispatch keeps the plain weights beside its packed copies (keep_plain_worker.py).
 
 Decode: tokens/s of one stream, and of 8 prompts sent as one completion (so each
 step decodes a full batch of 8). In each livetrain server three /train steps then
@@ -16,7 +18,8 @@ give the pause per step (`pause_ms`), the packing time (`repack.ms`, ahead of th
 pause where `repack.ahead`), and the trainer's own write (`trainer_ms.apply`: the bare
 in-place write), all three from the same steps.
 `cpu_cores`: CPU each process of the server used during the batch-8 decodes, in cores
-(from /proc), so a cost outside the model's kernels (the trainer, the API server) shows.
+(from /proc), so a cost outside the model's kernels (the trainer, the API server) shows;
+`worker_rss_mb`: the worker's resident memory after decoding.
 Prints every round, the medians, and each livetrain mode over vllm_default.
 """
 
@@ -43,6 +46,7 @@ MODES = {  # mode -> (VLLM_PLUGINS, LIVETRAIN_CPU_KERNELS)
     "livetrain": (",".join(PLUGINS), "vllm"),
     "livetrain_plain": (",".join(PLUGINS), "plain"),
 }
+CONTROLS = {"vllm_keep_plain": ("", None)}  # run only when named in --modes
 REPEATS = 3  # decode measurements per server; the median is the round's figure
 
 
@@ -71,6 +75,19 @@ def _cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
             (int(fields[11]) + int(fields[12])) / ticks,
         )
     return out
+
+
+def worker_rss_mb(server: Server) -> float:
+    """Resident memory of vLLM's worker process (shared weight memory counted once)."""
+    assert server.process is not None
+    for pid in _process_tree(server.process.pid):
+        status = Path(f"/proc/{pid}/status").read_text()
+        if "Name:\tVLLM::Worker" in status:
+            return (
+                int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS")).split()[1])
+                / 1024
+            )
+    raise RuntimeError("no VLLM::Worker process under the server")
 
 
 def batch_8_decode(server: Server, roles: dict[int, str]) -> tuple[float, dict[str, float]]:
@@ -106,7 +123,7 @@ def measure_steps(url: str) -> dict[str, float]:
 
 
 def measure(model: Path, mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    plugins, kernels = MODES[mode]
+    plugins, kernels = {**MODES, **CONTROLS}[mode]
     env = plugin_env()
     env["VLLM_PLUGINS"] = plugins
     env["LIVETRAIN_STATE_DIR"] = str(work / "state" / mode)
@@ -115,6 +132,9 @@ def measure(model: Path, mode: str, args: argparse.Namespace, work: Path) -> dic
         env["LIVETRAIN_CPU_KERNELS"] = kernels
     vllm_args = ["--max-model-len", "512", "--dtype", args.dtype]
     vllm_args += ["--enforce-eager"] if args.eager else []
+    if mode == "vllm_keep_plain":
+        env["PYTHONPATH"] = f"{Path(__file__).parent}:{env.get('PYTHONPATH', '')}"
+        vllm_args += ["--worker-extension-cls", "keep_plain_worker.KeepPlain"]
     with Server(model, 8312, vllm_args, env=env, log_path=work / f"{mode}.log") as server:
         server.wait_healthy()
         assert server.process is not None
@@ -125,6 +145,7 @@ def measure(model: Path, mode: str, args: argparse.Namespace, work: Path) -> dic
         batch_1 = statistics.median(decode_tokens_per_s(server.url, 1, 128) for _ in range(REPEATS))
         batch_8, cores = batch_8_decode(server, roles)
         result: dict[str, Any] = {"batch_1": batch_1, "batch_8": batch_8, "cpu_cores": cores}
+        result["worker_rss_mb"] = worker_rss_mb(server)
         if kernels:
             result |= measure_steps(server.url)
         print(json.dumps({"mode": mode, **result}), flush=True)
