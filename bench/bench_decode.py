@@ -41,12 +41,12 @@ from common import add_model_argument, bench_model, decode_tokens_per_s  # noqa:
 from livetrain.tools.client import LivetrainClient  # noqa: E402
 from livetrain.tools.launch import PLUGINS, Server, plugin_env  # noqa: E402
 
-MODES = {  # mode -> (VLLM_PLUGINS, LIVETRAIN_CPU_KERNELS)
-    "vllm_default": ("", None),
-    "livetrain": (",".join(PLUGINS), "vllm"),
-    "livetrain_plain": (",".join(PLUGINS), "plain"),
+MODES = {  # mode -> (VLLM_PLUGINS, LIVETRAIN_CPU_KERNELS, --worker-extension-cls)
+    "vllm_default": ("", None, None),
+    "livetrain": (",".join(PLUGINS), "vllm", None),
+    "livetrain_plain": (",".join(PLUGINS), "plain", None),
 }
-CONTROLS = {"vllm_keep_plain": ("", None)}  # run only when named in --modes
+CONTROLS = {"vllm_keep_plain": ("", None, "keep_plain_worker.KeepPlain")}  # only if named
 REPEATS = 3  # decode measurements per server; the median is the round's figure
 
 
@@ -81,12 +81,11 @@ def worker_rss_mb(server: Server) -> float:
     """Resident memory of vLLM's worker process (shared weight memory counted once)."""
     assert server.process is not None
     for pid in _process_tree(server.process.pid):
-        status = Path(f"/proc/{pid}/status").read_text()
-        if "Name:\tVLLM::Worker" in status:
-            return (
-                int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS")).split()[1])
-                / 1024
-            )
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        if status["Name"].strip() == "VLLM::Worker":
+            return int(status["VmRSS"].split()[0]) / 1024  # kB
     raise RuntimeError("no VLLM::Worker process under the server")
 
 
@@ -123,7 +122,7 @@ def measure_steps(url: str) -> dict[str, float]:
 
 
 def measure(model: Path, mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    plugins, kernels = {**MODES, **CONTROLS}[mode]
+    plugins, kernels, extension = {**MODES, **CONTROLS}[mode]
     env = plugin_env()
     env["VLLM_PLUGINS"] = plugins
     env["LIVETRAIN_STATE_DIR"] = str(work / "state" / mode)
@@ -132,9 +131,9 @@ def measure(model: Path, mode: str, args: argparse.Namespace, work: Path) -> dic
         env["LIVETRAIN_CPU_KERNELS"] = kernels
     vllm_args = ["--max-model-len", "512", "--dtype", args.dtype]
     vllm_args += ["--enforce-eager"] if args.eager else []
-    if mode == "vllm_keep_plain":
+    if extension:  # a module in bench/
         env["PYTHONPATH"] = f"{Path(__file__).parent}:{env.get('PYTHONPATH', '')}"
-        vllm_args += ["--worker-extension-cls", "keep_plain_worker.KeepPlain"]
+        vllm_args += ["--worker-extension-cls", extension]
     with Server(model, 8312, vllm_args, env=env, log_path=work / f"{mode}.log") as server:
         server.wait_healthy()
         assert server.process is not None
