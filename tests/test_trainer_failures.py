@@ -18,11 +18,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import LOGPROB_ATOL, files_logprobs, start_server
+from safetensors.torch import load_file
 
 from livetrain.api.endpoints import load_guard
-from livetrain.config import PluginConfig
+from livetrain.config import PluginConfig, TrainableFamilies
+from livetrain.formats import messages as msg
+from livetrain.formats.shared_tensors import export_tensor
 from livetrain.tools.client import LivetrainClient
+from livetrain.trainer.model import AttachError
+from livetrain.trainer.trainer import Trainer
 
 DEADLINE_S = 5
 HEALTHY_S = 3
@@ -106,6 +112,49 @@ def test_a_trainer_killed_while_writing_weights_restores_them_from_the_files(tor
     body = {"context_ids": context, "continuation_ids": continuation}
     trainer = torn_server.http.post("/train/score", json=body).raise_for_status().json()
     assert trainer["token_logprobs"][0] == pytest.approx(original, abs=1e-4)
+
+
+def test_a_trainer_attaching_after_a_torn_write_restores_rather_than_refuses(models, tmp_path):
+    """The server above kills its trainer at a deadline of 1 us, so whether the trainer
+    wrote anything before it died is luck. Here the torn tensor is certain: the served
+    weights (this process's, shared as vLLM's worker shares them) differ from the files
+    at version 0. A trainer told to restore puts the file values back; one that is not
+    told refuses to train on them."""
+    files = load_file(models["llama"] / "model.safetensors")
+    served = {name: tensor.clone() for name, tensor in files.items()}
+    export = msg.WeightExport(
+        params={name: export_tensor(t) for name, t in served.items()},
+        map={name: msg.ParamRows(name, 0, t.shape[0]) for name, t in served.items()},
+        dropped=[],
+    )
+    torn = "model.layers.0.mlp.down_proj.weight"
+    served[torn][:2] += 1.0  # half a write: the first rows only
+
+    def attach(restore: bool, state: str) -> None:
+        request = msg.Attach(
+            id=0,
+            protocol_version=msg.PROTOCOL_VERSION,
+            model_dir=str(models["llama"]),
+            state_dir=str(tmp_path / state),
+            export=export,
+            families=TrainableFamilies(),
+            weight_version=0,
+            sync_block_bytes=4096,
+            max_update_ratio=2.0,
+            sync_on_exit=False,
+            restore_from_files=restore,
+            guard=None,
+            undo_steps=0,
+        )
+        trainer, attached = Trainer.from_attach(request)
+        trainer.finish_save()
+        assert attached.weight_version == 1  # the restore is a write
+
+    with pytest.raises(AttachError, match=f"{torn}: the served weights differ"):
+        attach(restore=False, state="refused")
+    attach(restore=True, state="restored")
+    for name, tensor in files.items():
+        assert torch.equal(served[name], tensor), name
 
 
 @pytest.mark.server

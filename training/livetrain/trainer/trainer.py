@@ -104,7 +104,9 @@ class Trainer:
     def from_attach(cls, request: msg.Attach) -> tuple[Trainer, msg.Attached]:
         """Map vLLM's weights, verify them, and resume any saved state that fits."""
         model_dir = Path(request.model_dir)
-        trained = request.weight_version > 0
+        # A torn write leaves the trainable tensors anywhere between two versions, even
+        # at version 0; they are restored below, so only the frozen ones must match.
+        trained = request.weight_version > 0 or request.restore_from_files
         attached = attach(model_dir, request.export, request.families, weights_trained=trained)
         trainer = cls(
             attached,
