@@ -1,9 +1,13 @@
 """Decode speed with livetrain loaded against vLLM without it, and the pause per step.
 
     python bench/bench_decode.py [--dtype float32] [--rounds 2] [--eager]
+    python bench/bench_decode.py --paired [--pairs 8] [--modes vllm_default,livetrain]
 
 Modes, each a fresh server (compiled, as vLLM defaults to), rounds alternating
-A/B/C/A/B/C so the machine's drift hits every mode:
+A/B/C/A/B/C so the machine's drift hits every mode. With `--paired`, the modes'
+servers run at the same time instead and take one request each in turn (A/B, B/A, ...),
+so each pair's ratio is measured within seconds; a round's servers drift apart by more
+than the gap measured (10-20 % here).
 
 - `vllm_default`: no livetrain plugin; vLLM packs its CPU linear weights.
 - `livetrain`: the plugins loaded, LIVETRAIN_CPU_KERNELS=vllm (the default): vLLM's
@@ -11,6 +15,9 @@ A/B/C/A/B/C so the machine's drift hits every mode:
 - `livetrain_plain`: LIVETRAIN_CPU_KERNELS=plain: F.linear on the plain weights.
 - `vllm_keep_plain` (a control, not in the default set): no livetrain; vLLM's own
   dispatch keeps the plain weights beside its packed copies (keep_plain_worker.py).
+- `vllm_shared_weights` (a control): as `vllm_keep_plain`, and every parameter then
+  moves into fd-backed shared memory, as livetrain's attach moves it
+  (shared_weights_worker.py).
 
 Decode: tokens/s of one stream, and of 8 prompts sent as one completion (so each
 step decodes a full batch of 8). In each livetrain server three /train steps then
@@ -26,12 +33,14 @@ Prints every round, the medians, and each livetrain mode over vllm_default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +55,13 @@ MODES = {  # mode -> (VLLM_PLUGINS, LIVETRAIN_CPU_KERNELS, --worker-extension-cl
     "livetrain": (",".join(PLUGINS), "vllm", None),
     "livetrain_plain": (",".join(PLUGINS), "plain", None),
 }
-CONTROLS = {"vllm_keep_plain": ("", None, "keep_plain_worker.KeepPlain")}  # only if named
+CONTROLS = {  # run only if named in --modes
+    "vllm_keep_plain": ("", None, "keep_plain_worker.KeepPlain"),
+    "vllm_shared_weights": ("", None, "shared_weights_worker.SharedWeights"),
+}
 REPEATS = 3  # decode measurements per server; the median is the round's figure
+CELLS = {"batch_1": 1, "batch_8": 8}  # cell -> prompts sent as one completion
+PORT = 8312
 
 
 def _process_tree(root: int) -> list[int]:
@@ -121,7 +135,11 @@ def measure_steps(url: str) -> dict[str, float]:
     }
 
 
-def measure(model: Path, mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def serving(
+    model: Path, mode: str, args: argparse.Namespace, work: Path, port: int
+) -> Iterator[tuple[Server, dict[int, str]]]:
+    """A warmed-up server of `mode`, and the roles of its processes (for `cpu_cores`)."""
     plugins, kernels, extension = {**MODES, **CONTROLS}[mode]
     env = plugin_env()
     env["VLLM_PLUGINS"] = plugins
@@ -134,26 +152,90 @@ def measure(model: Path, mode: str, args: argparse.Namespace, work: Path) -> dic
     if extension:  # a module in bench/
         env["PYTHONPATH"] = f"{Path(__file__).parent}:{env.get('PYTHONPATH', '')}"
         vllm_args += ["--worker-extension-cls", extension]
-    with Server(model, 8312, vllm_args, env=env, log_path=work / f"{mode}.log") as server:
+    with Server(model, port, vllm_args, env=env, log_path=work / f"{mode}.log") as server:
         server.wait_healthy()
         assert server.process is not None
         roles = {server.process.pid: "api_server"}
         if kernels:
             roles[LivetrainClient(server.url).wait_trainer()["trainer_pid"]] = "trainer"
         decode_tokens_per_s(server.url, 8, 16, one_request=True)  # warm-up
+        yield server, roles
+
+
+def after_decode(server: Server, mode: str) -> dict[str, Any]:
+    """The worker's memory, then (livetrain modes) three steps' pause and write."""
+    result: dict[str, Any] = {"worker_rss_mb": worker_rss_mb(server)}
+    if {**MODES, **CONTROLS}[mode][1]:
+        result |= measure_steps(server.url)
+    return result
+
+
+def measure(model: Path, mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One round of one mode: a server of its own, decoded REPEATS times per cell."""
+    with serving(model, mode, args, work, PORT) as (server, roles):
         batch_1 = statistics.median(decode_tokens_per_s(server.url, 1, 128) for _ in range(REPEATS))
         batch_8, cores = batch_8_decode(server, roles)
         result: dict[str, Any] = {"batch_1": batch_1, "batch_8": batch_8, "cpu_cores": cores}
-        result["worker_rss_mb"] = worker_rss_mb(server)
-        if kernels:
-            result |= measure_steps(server.url)
+        result |= after_decode(server, mode)
         print(json.dumps({"mode": mode, **result}), flush=True)
         return result
+
+
+def measure_paired(
+    model: Path, modes: list[str], args: argparse.Namespace, work: Path
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, Any]]]:
+    """Every mode's server up at once, one request to each in turn (the order reversed
+    every other pair), so the machine's drift, which moves a whole round by 10-20 %
+    here, hits both sides of a pair alike. The idle servers poll meanwhile, the same
+    for every mode. Returns the pairs' rates per mode and each server's after_decode."""
+    if sum(bool({**MODES, **CONTROLS}[m][0]) for m in modes) > 1:
+        raise SystemExit("--paired: one livetrain mode at most (it locks the model folder)")
+    rates: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    with contextlib.ExitStack() as stack:
+        servers = {
+            mode: stack.enter_context(serving(model, mode, args, work, PORT + i))[0]
+            for i, mode in enumerate(modes)
+        }
+        for pair in range(args.pairs):
+            order = modes if pair % 2 == 0 else modes[::-1]
+            measured: dict[str, dict[str, float]] = {mode: {} for mode in modes}
+            for cell, streams in CELLS.items():
+                for mode in order:
+                    url = servers[mode].url
+                    measured[mode][cell] = decode_tokens_per_s(url, streams, 128, one_request=True)
+            print(json.dumps({"pair": pair, **measured}), flush=True)
+            for mode in modes:
+                rates[mode].append(measured[mode])
+        return rates, {mode: after_decode(servers[mode], mode) for mode in modes}
+
+
+def over_baseline(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each mode's decode over vllm_default's: the ratio of the medians, the median of
+    the rounds' (or pairs') ratios, and every round's."""
+    base = runs.get("vllm_default")
+    if not base:
+        return {}
+    ratios: dict[str, Any] = {}
+    for mode, rs in runs.items():
+        if mode == "vllm_default":
+            continue
+        ratios[mode] = {}
+        for cell in CELLS:
+            each = [r[cell] / b[cell] for r, b in zip(rs, base, strict=True)]
+            ratios[mode][cell] = {
+                "median": statistics.median(r[cell] for r in rs)
+                / statistics.median(b[cell] for b in base),
+                "median_of_rounds": statistics.median(each),
+                "rounds": each,
+            }
+    return ratios
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--paired", action="store_true", help="all servers at once, see above")
+    parser.add_argument("--pairs", type=int, default=8, help="requests per cell with --paired")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (default compiled)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
@@ -161,38 +243,21 @@ def main() -> None:
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     model, work = bench_model(args.model), Path(tempfile.mkdtemp(prefix="livetrain-decode-"))
-    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
-    for _ in range(args.rounds):
-        for mode in modes:
-            runs[mode].append(measure(model, mode, args, work))
-    summary = {
+    report: dict[str, Any] = {"dtype": args.dtype, "eager": args.eager, "paired": args.paired}
+    if args.paired:
+        runs, report["servers"] = measure_paired(model, modes, args, work)
+    else:
+        runs = {mode: [] for mode in modes}
+        for _ in range(args.rounds):
+            for mode in modes:
+                runs[mode].append(measure(model, mode, args, work))
+    report["tokens_per_s"] = {
         mode: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "cpu_cores"}
         for mode, rs in runs.items()
     }
-    base = runs.get("vllm_default")
-    ratios = {
-        mode: {
-            cell: {
-                "median": summary[mode][cell] / summary["vllm_default"][cell],
-                "rounds": [r[cell] / b[cell] for r, b in zip(runs[mode], base, strict=True)],
-            }
-            for cell in ("batch_1", "batch_8")
-        }
-        for mode in modes
-        if base and mode != "vllm_default"
-    }
-    print(
-        json.dumps(
-            {
-                "dtype": args.dtype,
-                "eager": args.eager,
-                "tokens_per_s": summary,
-                "over_vllm_default": ratios,
-                "runs": runs,
-            },
-            indent=2,
-        )
-    )
+    report["over_vllm_default"] = over_baseline(runs)
+    report["runs"] = runs
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
