@@ -1,7 +1,7 @@
 """Decode speed with livetrain loaded against vLLM without it, and the pause per step.
 
     python bench/bench_decode.py [--dtype float32] [--rounds 2] [--eager]
-    python bench/bench_decode.py --paired [--pairs 8] [--modes vllm_default,livetrain]
+    python bench/bench_decode.py --paired [--pairs 8] --modes vllm_default,livetrain
 
 Modes, each a fresh server (compiled, as vLLM defaults to), rounds alternating
 A/B/C/A/B/C so the machine's drift hits every mode. With `--paired`, the modes'
@@ -210,8 +210,8 @@ def measure_paired(
 
 
 def over_baseline(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Each mode's decode over vllm_default's: the ratio of the medians, the median of
-    the rounds' (or pairs') ratios, and every round's."""
+    """Each mode's decode over vllm_default's: the ratio of the medians, the median and
+    quartiles of the rounds' (or pairs') ratios, and every round's."""
     base = runs.get("vllm_default")
     if not base:
         return {}
@@ -226,6 +226,7 @@ def over_baseline(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 "median": statistics.median(r[cell] for r in rs)
                 / statistics.median(b[cell] for b in base),
                 "median_of_rounds": statistics.median(each),
+                "quartiles": statistics.quantiles(each, n=4) if len(each) > 1 else None,
                 "rounds": each,
             }
     return ratios
