@@ -59,9 +59,14 @@ CONTROLS = {  # run only if named in --modes
     "vllm_keep_plain": ("", None, "keep_plain_worker.KeepPlain"),
     "vllm_shared_weights": ("", None, "shared_weights_worker.SharedWeights"),
 }
+ALL_MODES = {**MODES, **CONTROLS}
 REPEATS = 3  # decode measurements per server; the median is the round's figure
 CELLS = {"batch_1": 1, "batch_8": 8}  # cell -> prompts sent as one completion
 PORT = 8312
+
+
+def loads_livetrain(mode: str) -> bool:
+    return bool(ALL_MODES[mode][0])
 
 
 def _process_tree(root: int) -> list[int]:
@@ -140,7 +145,7 @@ def serving(
     model: Path, mode: str, args: argparse.Namespace, work: Path, port: int
 ) -> Iterator[tuple[Server, dict[int, str]]]:
     """A warmed-up server of `mode`, and the roles of its processes (for `cpu_cores`)."""
-    plugins, kernels, extension = {**MODES, **CONTROLS}[mode]
+    plugins, kernels, extension = ALL_MODES[mode]
     env = plugin_env()
     env["VLLM_PLUGINS"] = plugins
     env["LIVETRAIN_STATE_DIR"] = str(work / "state" / mode)
@@ -165,7 +170,7 @@ def serving(
 def after_decode(server: Server, mode: str) -> dict[str, Any]:
     """The worker's memory, then (livetrain modes) three steps' pause and write."""
     result: dict[str, Any] = {"worker_rss_mb": worker_rss_mb(server)}
-    if {**MODES, **CONTROLS}[mode][1]:
+    if loads_livetrain(mode):
         result |= measure_steps(server.url)
     return result
 
@@ -188,7 +193,7 @@ def measure_paired(
     every other pair), so the machine's drift, which moves a whole round by 10-20 %
     here, hits both sides of a pair alike. The idle servers poll meanwhile, the same
     for every mode. Returns the pairs' rates per mode and each server's after_decode."""
-    if sum(bool({**MODES, **CONTROLS}[m][0]) for m in modes) > 1:
+    if sum(loads_livetrain(m) for m in modes) > 1:
         raise SystemExit("--paired: one livetrain mode at most (it locks the model folder)")
     rates: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     with contextlib.ExitStack() as stack:
