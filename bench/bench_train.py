@@ -44,7 +44,7 @@ from livetrain.tools.client import LivetrainClient  # noqa: E402
 from livetrain.tools.launch import Server, plugin_env  # noqa: E402
 from livetrain.trainer.apollo import Apollo  # noqa: E402
 from livetrain.trainer.loss import continuation_logprobs, mean_loss  # noqa: E402
-from livetrain.trainer.model import classify  # noqa: E402
+from livetrain.trainer.model import classify, own_model  # noqa: E402
 from livetrain.trainer.trainer import Trainer  # noqa: E402
 
 SETTINGS = {"lr": 1e-4}
@@ -55,7 +55,7 @@ def in_process_trainer(model_dir: Path, state_dir: Path) -> Trainer:
     as the server's does."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.requires_grad_(False)
-    return Trainer(classify(model, TrainableFamilies()), model_dir, state_dir)
+    return Trainer(own_model(model, model_dir, TrainableFamilies()), model_dir, state_dir)
 
 
 def in_process_tokens_per_s(trainer: Trainer, samples, steps: int) -> float:

@@ -24,7 +24,7 @@ from livetrain.formats import readout_format
 from livetrain.tools.client import LivetrainClient
 from livetrain.tools.launch import Server, plugin_env
 from livetrain.tools.tiny_model import build_tiny_model
-from livetrain.trainer.model import classify
+from livetrain.trainer.model import own_model
 from livetrain.trainer.trainer import Trainer
 
 API_KEY = "test-key-123"
@@ -158,7 +158,7 @@ def make_trainer(
     """A Trainer on a Hugging Face model of its own (no vLLM), as the bench builds one."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     model.requires_grad_(False)
-    attached = classify(model, TrainableFamilies())
+    attached = own_model(model, model_dir, TrainableFamilies())
     return Trainer(attached, model_dir, state_dir, weight_version=weight_version, **settings)
 
 

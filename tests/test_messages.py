@@ -22,8 +22,17 @@ EXPORT = msg.WeightExport(
             pid=1, fd=3, nbytes=64, dtype="float32", shape=[4, 4], stride=[4, 1], offset=0
         )
     },
-    map={"model.w": msg.ParamRows("w", 0, 4)},
+    map={"model.w": msg.TensorView("w", 4, [3, 4], [4, 1])},
     dropped=["lm_head.weight"],
+)
+PLAN = msg.TrainPlan(
+    dtype="float32",
+    groups=[msg.PlanGroup("linear", "apollo", 14, 1000, 4000)],
+    trainable_bytes=4000,
+    gradient_bytes=4000,
+    optimizer_bytes=512,
+    rank=64,
+    logits_bytes_per_token=8000,
 )
 REQUESTS = [
     msg.Attach(
@@ -50,7 +59,9 @@ REQUESTS = [
     msg.SetGuard(id=7, guard=msg.Guard(samples=[([4], [5, 6])], max_rise=0.0)),
 ]
 BODIES = [
-    msg.Attached(3, 14, 0, 1000, ["a.weight"], 5, None, None, 2, msg.OptimizerStatus(0, 0)),
+    msg.Attached(
+        3, 14, 0, 1000, ["a.weight"], ["a.w"], 5, PLAN, None, None, 2, msg.OptimizerStatus(0, 0)
+    ),
     msg.Prepared(loss=1.5, tokens=3, skipped_samples=0, moments_reset=["a"], guard=None),
     msg.Prepared(1.5, 3, 0, [], msg.GuardCheck(before=2.0, after=1.9, max_rise=0.05)),
     msg.Applied(msg.OptimizerStatus(1, 123), undo_available=1),

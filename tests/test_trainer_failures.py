@@ -124,7 +124,10 @@ def test_a_trainer_attaching_after_a_torn_write_restores_rather_than_refuses(mod
     served = {name: tensor.clone() for name, tensor in files.items()}
     export = msg.WeightExport(
         params={name: export_tensor(t) for name, t in served.items()},
-        map={name: msg.ParamRows(name, 0, t.shape[0]) for name, t in served.items()},
+        map={
+            name: msg.TensorView(name, 0, list(t.shape), list(t.stride()))
+            for name, t in served.items()
+        },
         dropped=[],
     )
     torn = "model.layers.0.mlp.down_proj.weight"

@@ -1,8 +1,9 @@
 """General plugin (`vllm.general_plugins`): runs in every vLLM process it is loaded in
 (API server, engine core, workers) and installs what each of them needs.
 
-- CPU workers keep plain, writable linear weights (vLLM would free them once packed),
-  with vLLM's packed kernels rebuilt after each write or F.linear on the plain ones.
+- CPU workers keep plain, writable linear and fused-expert weights (vLLM would free
+  them once packed), with vLLM's packed kernels rebuilt after each write (or, for
+  linear layers, F.linear on the plain ones).
 - Workers gain the `livetrain_*` methods of worker/rpc.py (collective_rpc).
 - Before vLLM's loader reads a model directory, an interrupted checkpoint sync in it
   is finished or discarded (checkpoint/sync.recover), so vLLM never loads a torn file.
@@ -43,6 +44,7 @@ def register() -> None:
     vllm_internals.check_version()
     if vllm_internals.is_cpu():
         vllm_internals.install_cpu_linear(plugin_config().cpu_kernels)
+        vllm_internals.install_cpu_moe_plain_copies()
     vllm_internals.install_worker_methods(rpc.METHODS)
     vllm_internals.install_before_model_load(_recover)
     vllm_internals.install_engine_config_hook(readout_launch.engine_config_entry)

@@ -17,12 +17,24 @@ from __future__ import annotations
 
 import importlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from livetrain.weight_map import (
+    MappingError,
+    Placement,
+    Provenance,
+    assemble,
+    meta_twin,
+    parameters_replaced,
+    pieces_by_source,
+)
 
 SUPPORTED_VLLM = ">=0.32.0,<0.33"  # also the pin of the `gpu` and `cpu` extras
 ADDITIONAL_CONFIG_KEY = "livetrain"  # our entry in VllmConfig.additional_config
@@ -39,6 +51,7 @@ TOUCHED: tuple[tuple[str, str], ...] = (
     ("vllm.model_executor.layers.vocab_parallel_embedding", "VocabParallelEmbedding"),
     ("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm"),
     ("vllm._custom_ops", "CPUDNNLGEMMHandler"),
+    ("vllm._custom_ops", "cpu_prepack_moe_weight"),
     ("vllm.model_executor.model_loader.base_loader", "BaseModelLoader.load_model"),
     ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.load_model"),
     ("vllm.v1.request", "Request.get_skip_reading_prefix_cache"),
@@ -47,9 +60,18 @@ TOUCHED: tuple[tuple[str, str], ...] = (
     ("vllm.envs", "VLLM_API_KEY"),
     ("vllm.entrypoints.serve.middleware.authenticate", "AuthenticationMiddleware.verify_token"),
     ("vllm.model_executor.models.llama", "LlamaForCausalLM.set_aux_hidden_state_layers"),
-    ("vllm.model_executor.models.utils", "WeightsMapper._map_name_with_shard"),
-    ("vllm.model_executor.layers.linear", "QKVParallelLinear._get_shard_offset_mapping"),
-    ("vllm.model_executor.layers.linear", "QKVParallelLinear._get_shard_size_mapping"),
+    (
+        "vllm.model_executor.layers.fused_moe.experts.cpu_moe",
+        "CPUUnquantizedExperts.process_weights_after_loading",
+    ),
+    ("vllm.model_executor.layers.fused_moe.experts.cpu_moe", "replace_parameter"),
+    ("vllm.model_executor.model_loader.utils", "get_model_architecture"),
+    ("vllm.distributed", "init_distributed_environment"),
+    ("vllm.distributed", "initialize_model_parallel"),
+    ("vllm.distributed", "destroy_model_parallel"),
+    ("vllm.distributed.parallel_state", "model_parallel_is_initialized"),
+    ("vllm.config", "set_current_vllm_config"),
+    ("vllm.engine.arg_utils", "EngineArgs"),
     ("vllm.v1.engine.core_client", "AsyncMPClient.pause_scheduler_async"),
 )
 ATTRIBUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -89,13 +111,9 @@ ATTRIBUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.v1.core.sched.output", "NewRequestData", ("req_id", "sampling_params")),
     ("vllm.v1.outputs", "ModelRunnerOutput", ("req_id_to_index", "sampled_token_ids")),
     ("vllm.v1.worker.worker_base", "WorkerBase", ("model_runner", "parallel_config")),
-    ("vllm.model_executor.layers.linear", "MergedColumnParallelLinear", ("output_sizes",)),
-    (
-        "vllm.model_executor.layers.vocab_parallel_embedding",
-        "VocabParallelEmbedding",
-        ("org_vocab_size",),
-    ),
+    ("vllm.model_executor.layers.fused_moe.experts.cpu_moe", "CPUUnquantizedExperts", ("isa",)),
     ("vllm.config", "VllmConfig", ("additional_config", "compute_hash")),
+    ("vllm.config", "ModelConfig", ("quantization", "model", "dtype")),
     ("vllm.v1.engine.output_processor", "OutputProcessor", ("add_request", "request_states")),
     (
         "vllm.v1.engine.async_llm",
@@ -239,12 +257,154 @@ def install_cpu_linear(kernels: str) -> None:
     _patch(UnquantizedEmbeddingMethod, "process_weights_after_loading", embedding_keeping_weight)
 
 
-@dataclass(frozen=True)
-class PackedCopy:
-    """One of vLLM's packed CPU kernels and the plain weight it was packed from."""
+def install_cpu_moe_plain_copies() -> None:
+    """On CPU, vLLM packs each fused-experts weight (`w13_weight`, `w2_weight`) into
+    its grouped-GEMM layout and drops the loaded one. Keep the loaded (plain) tensor
+    beside the packed one, as `_livetrain_plain` on the layer: it is what the trainer
+    shares and writes, and `MoePackedCopy` packs it into the served tensor afresh.
+
+    vLLM replaces the parameter once per transform (zero-padding, then packing); the
+    tensor the last replacement drops is the plain one, in the layout packing reads."""
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    experts = cpu_moe.CPUUnquantizedExperts
+    if not _once(experts, "_livetrain_keeps_plain"):
+        return
+    process = experts.process_weights_after_loading
+    replace = cpu_moe.replace_parameter
+
+    def replace_keeping_plain(layer, name, new_tensor, *args, **kwargs):
+        if name in ("w13_weight", "w2_weight"):
+            layer.__dict__.setdefault("_livetrain_plain", {})[name] = getattr(layer, name)
+        return replace(layer, name, new_tensor, *args, **kwargs)
+
+    def process_keeping_plain(self, layer):
+        cpu_moe.replace_parameter = replace_keeping_plain
+        try:
+            process(self, layer)
+        finally:
+            cpu_moe.replace_parameter = replace
+        if "_livetrain_plain" in layer.__dict__:
+            layer._livetrain_moe_isa = self.isa
+
+    _patch(experts, "process_weights_after_loading", process_keeping_plain)
+
+
+def _plain_copies(model: nn.Module) -> dict[str, torch.Tensor]:
+    """vLLM parameter name -> the plain tensor kept beside its packed copy (CPU MoE)."""
+    plain: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        for attr, tensor in module.__dict__.get("_livetrain_plain", {}).items():
+            plain[f"{module_name}.{attr}" if module_name else attr] = tensor
+    return plain
+
+
+def shared_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every vLLM parameter by name, as the tensor training shares: the parameter
+    itself, or the plain tensor kept beside a packed one."""
+    params = dict(model.named_parameters())
+    return {name: t.data for name, t in {**params, **_plain_copies(model)}.items()}
+
+
+def checkpoint_placements(
+    model: nn.Module, tensors: dict[str, tuple[list[int], torch.dtype]]
+) -> tuple[dict[str, Placement], list[str]]:
+    """Where each checkpoint tensor (name -> shape, dtype) lives in the model's
+    parameters, decided by the model class's own `load_weights` run on meta tensors
+    (weight_map.Provenance), and the names it skips (a tied lm_head, say).
+
+    Every parameter is swapped for a meta twin while the loader runs (nothing is read or
+    written; the parameters are back before this returns); a parameter whose plain
+    tensor is kept beside a packed one is probed with the plain tensor's layout, since
+    that is what the loader filled. Raises MappingError naming every tensor the loader
+    does not simply move, and how it changes it."""
+    plain = _plain_copies(model)
+    names: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), name)
+    mode = Provenance()
+
+    def twin(param: torch.Tensor) -> torch.Tensor:
+        return meta_twin(param, like=plain.get(names.get(id(param), "")))
+
+    with parameters_replaced(model, twin) as twins:
+        for original, replacement in twins.items():
+            mode.destination(names[original], replacement)
+        probes = [(n, torch.empty(shape, dtype=dtype, device="meta")) for n, (shape, dtype) in tensors.items()]
+        for name, probe in probes:
+            mode.track(name, probe)
+        with mode:
+            model.load_weights(iter(probes))  # type: ignore[operator]
+    grouped = pieces_by_source(mode.pieces)
+    placements: dict[str, Placement] = {}
+    problems: list[str] = []
+    for name, (shape, _) in tensors.items():
+        if name in mode.computed:
+            problems.append(
+                f"{name}: vLLM computes the served tensor from it at load ({mode.computed[name]})"
+                ", so training it would change values inference never reads"
+            )
+        elif name in grouped:
+            try:
+                placements[name] = assemble(name, shape, grouped[name])
+            except MappingError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise MappingError("; ".join(problems))
+    return placements, sorted(set(tensors) - set(placements))
+
+
+class PackedCopy(Protocol):
+    """One of vLLM's packed CPU kernels and the plain weight it is packed from."""
 
     weight: torch.Tensor
-    handler: Any  # vLLM's CPUDNNLGEMMHandler
+
+    def pack(self) -> Any: ...  # a fresh packed copy of the plain weight, not yet served
+    def swap(self, fresh: Any) -> None: ...  # serve it (generation is paused)
+    def release(self, fresh: Any) -> None: ...  # drop one that was never served
+
+
+@dataclass(frozen=True)
+class OneDnnCopy:
+    """A linear layer's oneDNN kernel (vLLM's CPUDNNLGEMMHandler)."""
+
+    weight: torch.Tensor
+    handler: Any
+
+    def pack(self) -> int:
+        weight = self.weight.t()
+        return int(torch.ops._C.create_onednn_mm_handler(weight, ONEDNN_PRIMITIVE_CACHE))
+
+    def swap(self, fresh: int) -> None:
+        """The pointer goes into the existing `handler_tensor` in place, which compiled
+        graphs read at run time, so they pick it up without a retrace."""
+        stale = int(self.handler.handler_tensor.item())
+        self.handler.handler_tensor.fill_(fresh)
+        self.release(stale)
+
+    def release(self, fresh: int) -> None:
+        torch.ops._C.release_dnnl_matmul_handler(fresh)
+
+
+@dataclass(frozen=True)
+class MoePackedCopy:
+    """A fused-experts weight in vLLM's CPU grouped-GEMM layout, and its plain tensor."""
+
+    weight: torch.Tensor  # the plain tensor (the trainer's view)
+    served: torch.Tensor  # the packed parameter inference reads
+    isa: str
+
+    def pack(self) -> torch.Tensor:
+        from vllm._custom_ops import cpu_prepack_moe_weight
+
+        return cpu_prepack_moe_weight(self.weight, self.isa)
+
+    def swap(self, fresh: torch.Tensor) -> None:
+        # in place: compiled graphs hold the served tensor itself
+        self.served.copy_(fresh)
+
+    def release(self, fresh: torch.Tensor) -> None:
+        pass  # freed with the last reference
 
 
 def packed_copies(model: nn.Module, param_names: Sequence[str]) -> tuple[list[PackedCopy], bool]:
@@ -258,35 +418,54 @@ def packed_copies(model: nn.Module, param_names: Sequence[str]) -> tuple[list[Pa
         module_name, _, attr = name.rpartition(".")
         module = modules.get(module_name)
         handler = getattr(module, "_livetrain_onednn", None)
-        if attr != "weight" or handler is None:
+        plain = getattr(module, "__dict__", {}).get("_livetrain_plain", {}).get(attr)
+        if plain is not None:
+            served = getattr(module, attr)
+            copies[id(served)] = MoePackedCopy(plain, served.data, module._livetrain_moe_isa)
+        elif attr == "weight" and handler is not None:
+            only_packed = only_packed and not getattr(module, "_livetrain_reads_plain", True)
+            copies[id(handler)] = OneDnnCopy(module.weight, handler)
+        else:
             only_packed = False
-            continue
-        only_packed = only_packed and not getattr(module, "_livetrain_reads_plain", True)
-        copies[id(handler)] = PackedCopy(modules[module_name].weight, handler)
     return list(copies.values()), only_packed
 
 
-def pack(copies: Sequence[PackedCopy]) -> list[int]:
-    """Fresh oneDNN handlers packed from the current plain weights (not yet served)."""
-    return [
-        int(torch.ops._C.create_onednn_mm_handler(c.weight.t(), ONEDNN_PRIMITIVE_CACHE))
-        for c in copies
-    ]
+def build_meta_model(model_dir: str, dtype: str) -> nn.Module:
+    """vLLM's model class for `model_dir`, built on the meta device (no weights, no
+    memory) in this process, as the worker would build it at tensor parallel size 1:
+    what `livetrain check` probes without starting a server. The first call initialises
+    a one-process torch.distributed group, which vLLM's layers ask for.
 
+    vLLM serves some families through its Transformers backend, which decorates
+    transformers' model classes in place: build any Hugging Face model this process
+    needs before calling this."""
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import (
+        destroy_model_parallel,
+        init_distributed_environment,
+        initialize_model_parallel,
+    )
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader.utils import get_model_architecture
 
-def swap_packed(copies: Sequence[PackedCopy], fresh: Sequence[int]) -> None:
-    """Serve the fresh handlers: each pointer goes into the existing `handler_tensor` in
-    place, which compiled graphs read at run time, so they pick it up without a
-    retrace; the stale handlers are freed."""
-    stale = [int(copy.handler.handler_tensor.item()) for copy in copies]
-    for copy, pointer in zip(copies, fresh, strict=True):
-        copy.handler.handler_tensor.fill_(pointer)
-    release_packed(stale)
-
-
-def release_packed(pointers: Sequence[int]) -> None:
-    for pointer in pointers:
-        torch.ops._C.release_dnnl_matmul_handler(pointer)
+    config = EngineArgs(model=model_dir, dtype=dtype, enforce_eager=True).create_engine_config()
+    with set_current_vllm_config(config):
+        if model_parallel_is_initialized():
+            destroy_model_parallel()  # its groups depend on the model (MoE's expert group)
+        else:
+            rendezvous = Path(tempfile.mkdtemp(prefix="livetrain-check-")) / "rendezvous"
+            init_distributed_environment(
+                world_size=1,
+                rank=0,
+                local_rank=0,
+                distributed_init_method=f"file://{rendezvous}",
+                backend="gloo",
+            )
+        initialize_model_parallel(1, 1)
+        model_class, _ = get_model_architecture(config.model_config)
+        with torch.device("meta"):
+            return model_class(vllm_config=config, prefix="")
 
 
 def install_worker_methods(methods: dict[str, Callable[..., Any]]) -> None:
@@ -432,33 +611,6 @@ def worker_world_size(worker: Any) -> int:
     return int(worker.parallel_config.world_size)
 
 
-def checkpoint_param(model: nn.Module, hf_name: str) -> tuple[str, Any] | None:
-    """(vLLM parameter name, shard id) a checkpoint tensor loads into, by the model
-    class's own `hf_to_vllm_mapper`; None where the loader skips the tensor."""
-    mapper = getattr(model, "hf_to_vllm_mapper", None)
-    return mapper._map_name_with_shard(hf_name) if mapper else (hf_name, None)
-
-
-def shard_rows(module: Any, attr: str, shard: Any, param: torch.Tensor) -> tuple[int, int]:
-    """Row range (dim 0) of `param` that holds the checkpoint tensor for `shard`, from the
-    fused layer's own shard tables."""
-    if shard is None:
-        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-
-        if isinstance(module, VocabParallelEmbedding) and attr == "weight":
-            return 0, int(module.org_vocab_size)  # rows past it are vLLM's padding
-        return 0, param.shape[0]
-    offset = size = None
-    if isinstance(shard, str) and hasattr(module, "_get_shard_offset_mapping"):
-        offset = module._get_shard_offset_mapping(shard)
-        size = module._get_shard_size_mapping(shard)
-    elif isinstance(shard, int) and hasattr(module, "output_sizes"):
-        offset, size = sum(module.output_sizes[:shard]), module.output_sizes[shard]
-    if offset is None or size is None:
-        raise KeyError(f"no row table for shard {shard!r} of {type(module).__name__}")
-    return offset, offset + size
-
-
 def capture_block_outputs(runner: Any, blocks: Sequence[int]) -> None:
     """Make the loaded model also return the outputs of `blocks` (0-based) every step,
     through vLLM's EAGLE-3 aux-hidden-state path, which survives compilation."""
@@ -566,6 +718,11 @@ async def pause_engine(engine: Any) -> None:
         await core.pause_scheduler_async(mode="keep", clear_cache=False)
     else:
         await engine.pause_generation(mode="keep", clear_cache=False)
+
+
+def engine_quantization(engine: Any) -> str | None:
+    """The quantisation vLLM applies to the served model (a checkpoint's or --quantization)."""
+    return getattr(engine.model_config, "quantization", None)
 
 
 def running_request_ids(engine: Any) -> Any:

@@ -18,10 +18,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
+
 from livetrain import vllm_internals as vllm
 from livetrain.api.sync_timer import SyncTimer
 from livetrain.api.trainer_process import TrainerExited, TrainerProcess
-from livetrain.checkpoint.files import list_tensors
+from livetrain.checkpoint.files import checkpoint_tensors, quantized
 from livetrain.config import OptimizerSettings, PluginConfig
 from livetrain.formats import messages as msg
 
@@ -121,8 +123,14 @@ class TrainerSupervisor:
         await self._end_torn()
 
     async def _start_trainer(self) -> None:
-        names = list(list_tensors(self.model_dir))
-        (frame, *_) = await self.engine.collective_rpc("livetrain_export_weights", args=(names,))
+        # A model that cannot train says so before any trainer runs (never half-attached).
+        reason = quantized(self.model_dir, vllm.engine_quantization(self.engine))
+        if reason is not None:
+            raise TrainerUnavailable(reason)
+        tensors = checkpoint_tensors(self.model_dir)
+        (frame, *_) = await self.engine.collective_rpc(
+            "livetrain_export_weights", args=(msg.encode(tensors),)
+        )
         export = msg.decode(frame, msg.WeightExport)
         self.weight_version = parse_weight_version(await self.engine.get_weight_version())
         trainer = TrainerProcess(self._runtime_dir, self.restarts)
@@ -146,8 +154,7 @@ class TrainerSupervisor:
             guard=self.guard,
             undo_steps=self.config.undo_steps,
         )
-        written = {export.map[n].param for n in attached.trainable_names if n in export.map}
-        self._written = sorted(written)
+        self._written = attached.written_params
         self._unfenced_writes = False
         if self._packed_cpu:
             (frame, *_) = await self.engine.collective_rpc(
@@ -490,7 +497,7 @@ class TrainerSupervisor:
     def status(self) -> dict[str, Any]:
         info: dict[str, Any] = {}
         if self.attached is not None:
-            info = {f: getattr(self.attached, f) for f in self.attached.__struct_fields__}
+            info = msgspec.to_builtins(self.attached)
             for shown_elsewhere in ("weight_version", "optimizer", "guard_loss"):
                 info.pop(shown_elsewhere)
             info.update(

@@ -15,6 +15,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from livetrain.formats.messages import CheckpointTensor
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class FileTensor:
@@ -24,6 +33,14 @@ class FileTensor:
     shape: tuple[int, ...]
     begin: int  # absolute byte offset of the tensor's data in the file
     end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype as torch names it; ValueError for one torch cannot hold (e.g. the
+        packed 4-bit and 8-bit float codes of quantised checkpoints)."""
+        if self.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.name}: safetensors dtype {self.dtype} is not a plain tensor")
+        return SAFETENSORS_DTYPES[self.dtype]
 
 
 def is_plain_weight_name(name: object) -> bool:
@@ -75,6 +92,31 @@ def list_tensors(model_dir: Path) -> dict[str, FileTensor]:
             begin, end = (data_start + offset for offset in info["data_offsets"])
             tensors[name] = FileTensor(name, path, info["dtype"], tuple(info["shape"]), begin, end)
     return tensors
+
+
+def quantized(model_dir: Path, engine_quantization: str | None = None) -> str | None:
+    """Why the model's weights are not real tensors training can step (a quantised
+    checkpoint, or vLLM quantising at load), or None when they are."""
+    if model_dir.suffix == ".gguf":
+        return "the model is a GGUF file: training needs a folder of safetensors weights"
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method or engine_quantization:
+        return (
+            f"the model is quantised ({method or engine_quantization}): training needs the "
+            "real weights; serve an unquantised (bf16, fp16 or fp32) checkpoint"
+        )
+    return None
+
+
+def checkpoint_tensors(model_dir: Path) -> list[CheckpointTensor]:
+    """Every tensor's name, shape and torch dtype, for vLLM's loader to place; a file
+    dtype torch cannot hold (a quantised format) raises ValueError naming the tensor."""
+    return [
+        CheckpointTensor(name, list(t.shape), str(t.torch_dtype).removeprefix("torch."))
+        for name, t in list_tensors(model_dir).items()
+    ]
 
 
 def load_tensor(entry: FileTensor) -> torch.Tensor:

@@ -41,7 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from livetrain.checkpoint.files import FileTensor, list_tensors, safetensors_files
+from livetrain.checkpoint.files import (
+    SAFETENSORS_DTYPES,
+    FileTensor,
+    list_tensors,
+    safetensors_files,
+)
 
 JOURNAL = ".livetrain-sync.journal"
 STAGE_PREFIX, STAGE_SUFFIX = ".livetrain-stage.", ".tmp"  # never a *.safetensors name
@@ -50,11 +55,6 @@ STAGE_PREFIX, STAGE_SUFFIX = ".livetrain-stage.", ".tmp"  # never a *.safetensor
 # file once, and trained tensors change in nearly every block (DESIGN.md's figures).
 REPLACE_ABOVE = 0.5
 _MAGIC = b"LTJOURNAL1"
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
 
 
 class JournalCorrupt(RuntimeError):

@@ -22,7 +22,7 @@ import msgspec
 
 from livetrain.config import OptimizerSettings, TrainableFamilies
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 T = TypeVar("T")
 _encoder = msgspec.msgpack.Encoder()
@@ -87,17 +87,27 @@ TensorHandle = CpuFdHandle | CudaIpcHandle
 # ---- vLLM worker -> API server (collective_rpc results) -----------------------------
 
 
-class ParamRows(msgspec.Struct, frozen=True):
-    """Rows [start, stop) of vLLM parameter `param` hold one checkpoint tensor."""
+class CheckpointTensor(msgspec.Struct, frozen=True):
+    """A tensor of the model's safetensors files, as its header describes it."""
+
+    name: str
+    shape: list[int]
+    dtype: str  # torch's name, e.g. "float32"
+
+
+class TensorView(msgspec.Struct, frozen=True):
+    """Where one checkpoint tensor's elements live: a strided view (its shape,
+    row-major) of vLLM parameter `param`, `offset` elements from that tensor's start."""
 
     param: str
-    start: int
-    stop: int
+    offset: int
+    shape: list[int]
+    stride: list[int]
 
 
 class WeightExport(msgspec.Struct, frozen=True):
     params: dict[str, TensorHandle]  # vLLM parameter name -> handle
-    map: dict[str, ParamRows]  # checkpoint tensor name -> where it lives
+    map: dict[str, TensorView]  # checkpoint tensor name -> where it lives
     dropped: list[str]  # checkpoint tensors vLLM's loader skips (e.g. a tied lm_head)
 
 
@@ -242,13 +252,38 @@ class OptimizerStatus(msgspec.Struct, frozen=True):
     state_bytes: int
 
 
+class PlanGroup(msgspec.Struct, frozen=True):
+    """Tensors of one kind and what training does with them."""
+
+    kind: str  # linear | router | experts | bias | embeddings | lm_head | norms | other
+    optimizer: Literal["apollo", "adamw", "frozen"]
+    tensors: int
+    params: int
+    bytes: int  # at the served dtype
+
+
+class TrainPlan(msgspec.Struct, frozen=True):
+    """What a model trains and the memory training takes beside the served weights
+    (`livetrain check` prints it; `/train/status` shows the attached trainer's)."""
+
+    dtype: str
+    groups: list[PlanGroup]
+    trainable_bytes: int
+    gradient_bytes: int  # one gradient of every trainable tensor, at the served dtype
+    optimizer_bytes: int  # fp32 moments at `rank` (APOLLO) and AdamW's
+    rank: int
+    logits_bytes_per_token: int  # fp32 logits and their gradient, per padded token
+
+
 class Attached(msgspec.Struct, frozen=True, tag="attached"):
     weight_version: int  # higher than asked when resumed from a synced checkpoint
     apollo_tensors: int
     adamw_tensors: int
     trainable_params: int
-    trainable_names: list[str]  # checkpoint names of the tensors this trainer writes
+    trainable_names: list[str]  # the Hugging Face parameters this trainer writes
+    written_params: list[str]  # the vLLM tensors they live in (repacked after writes)
     frozen_tensors: int
+    plan: TrainPlan
     resumed_from_version: int | None
     guard_loss: float | None  # the guard set's loss on the served weights
     torch_threads: int

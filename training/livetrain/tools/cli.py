@@ -45,6 +45,20 @@ def _fetch_model(args: argparse.Namespace, _: list[str]) -> None:
     print(args.out)
 
 
+def _check(args: argparse.Namespace, _: list[str]) -> None:
+    # vLLM logs to stdout at INFO by default; the report is what belongs there.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from livetrain.tools.check import as_json, check, render
+
+    reports = check([Path(model) for model in args.models], dtype=args.dtype)
+    if args.json:
+        print("[" + ",\n".join(as_json(r) for r in reports) + "]")
+    else:
+        print("\n\n".join(render(r) for r in reports))
+    sys.exit(0 if all(r.ok for r in reports) else 1)
+
+
 def _demo(args: argparse.Namespace, _: list[str]) -> None:
     from livetrain.tools.demo import run_demo
 
@@ -61,9 +75,21 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("model")
     serve.set_defaults(run=_serve)
 
+    check = commands.add_parser(
+        "check",
+        help="say, without a server, whether models can train in place, what trains and "
+        "the memory it takes; exit status 1, with the reason, when one cannot",
+    )
+    check.add_argument("models", nargs="+", metavar="MODEL", help="folders of safetensors")
+    check.add_argument("--dtype", default="auto", help="the dtype vLLM will serve (--dtype)")
+    check.add_argument("--json", action="store_true", help="the report as JSON")
+    check.set_defaults(run=_check)
+
     build = commands.add_parser("build-model", help="build a tiny random-weight model")
     build.add_argument("--out", default=None, help="default: ~/.cache/livetrain/models/tiny-llama")
-    build.add_argument("--arch", default="llama", help="llama or qwen2")
+    build.add_argument(
+        "--arch", default="llama", help="model family, e.g. qwen3_moe (an unknown one lists all)"
+    )
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     build.set_defaults(run=_build_model)

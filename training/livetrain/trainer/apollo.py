@@ -1,10 +1,16 @@
-"""APOLLO for 2-D linear weights, AdamW for everything else, in two phases.
+"""APOLLO for weight matrices, AdamW for everything else, in two phases.
 
 APOLLO (Zhu et al. 2024, "APOLLO: SGD-like memory, AdamW-level performance") runs Adam
 on a random rank-r projection of each gradient and uses it only to learn a per-channel
 (rank 1: per-tensor) rescaling of the raw gradient, so a weight of shape (m, n) costs
 2 * r * max(m, n) fp32 moments instead of AdamW's 2 * m * n. The projection matrix is
 regenerated from a seed rather than stored.
+
+A 3-D weight (a mixture of experts' fused `[experts, m, n]` tensor) is a batch of
+matrices: each expert gets its own moments, channel scales, norm-growth limiter and
+update-size check, as if it were a separate 2-D weight; they share one projection
+matrix, which only has to be random, so one draw per tensor serves them all. An
+expert no token was routed to has a zero gradient and therefore a zero update.
 
 A step is split in two because the caller fences inference only while weights change:
 `prepare()` does all the math and every safety check without touching weights or
@@ -62,11 +68,11 @@ class NonFiniteUpdate(RefusedUpdate):
 class ApolloTensorState:
     """Committed APOLLO state of one weight; never mutated, only replaced."""
 
-    exp_avg: torch.Tensor  # fp32, (r, n) if m <= n else (m, r)
+    exp_avg: torch.Tensor  # fp32, (r, n) if m <= n else (m, r); batch dims first
     exp_avg_sq: torch.Tensor
     steps: int  # steps taken with these moments (restarts when the rank changes)
     rank: int
-    prev_update_norm: torch.Tensor  # fp32 0-d, post-limiter ||U||_F; 0 = no history
+    prev_update_norm: torch.Tensor  # fp32, post-limiter ||U||_F per matrix; 0 = no history
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,8 @@ class ApolloTensorStep:
 
     state: ApolloTensorState  # what apply() commits
     grad: torch.Tensor  # the gradient prepare() read and checked (a reference, not a copy)
-    scale: torch.Tensor  # s: (1, n), (m, 1), or 0-d for rank 1
-    limiter: torch.Tensor  # 0-d factor from the norm-growth limiter, 1 when inactive
+    scale: torch.Tensor  # s: (1, n), (m, 1), or one per matrix for rank 1
+    limiter: torch.Tensor  # per matrix, from the norm-growth limiter; 1 when inactive
     coef: torch.Tensor  # lr * sqrt(settings.scale) * limiter * s, same shape as scale
 
 
@@ -145,10 +151,22 @@ def _mix_seed(*parts: int) -> int:
     return h >> 1
 
 
-def _moment_shape(shape: torch.Size | tuple[int, ...], rank: int) -> tuple[int, int]:
-    """APOLLO moments project the smaller dimension of the weight down to `rank`."""
-    m, n = shape
-    return (rank, n) if m <= n else (m, rank)
+def moment_shape(shape: torch.Size | tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """APOLLO moments project the smaller dimension of each matrix down to `rank`."""
+    *batch, m, n = shape
+    return (*batch, rank, n) if m <= n else (*batch, m, rank)
+
+
+def _norm_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of one figure per matrix: 0-d for a 2-D weight, (E, 1, 1) for experts."""
+    return () if len(shape) == 2 else (*shape[:-2], 1, 1)
+
+
+def _matrix_norm(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Frobenius norm of each matrix (the last two dims), in _norm_shape."""
+    if t.dim() == 2:
+        return torch.linalg.vector_norm(t, dtype=dtype)
+    return torch.linalg.vector_norm(t, dim=(-2, -1), keepdim=True, dtype=dtype)
 
 
 def _effective_lr(settings: OptimizerSettings, step: int) -> float:
@@ -179,11 +197,12 @@ def _limiter(norm: torch.Tensor, prev: torch.Tensor, gamma: float) -> torch.Tens
 def _project(
     g: torch.Tensor, name: str, rank: int, settings: OptimizerSettings, t: int
 ) -> tuple[torch.Tensor, int]:
-    """R = P G if m <= n else G P^T, and the axis P contracts (channels run along the other)."""
-    m, n = g.shape
+    """R = P G if m <= n else G P^T (per matrix of a batch), and the axis P contracts
+    (channels run along the other)."""
+    m, n = g.shape[-2:]
     refresh = (t - 1) // settings.proj_refresh
     p = projection(name, (m, n), rank, settings.seed, refresh, g.device)
-    return (p @ g, 0) if m <= n else (g @ p.T, 1)
+    return (p @ g, -2) if m <= n else (g @ p.T, -1)
 
 
 def _adam(
@@ -213,7 +232,7 @@ def _channel_scale(
     normalisation, too noisy to use; APOLLO-Mini therefore shares one scale.
     """
     if rank == 1:
-        return torch.linalg.vector_norm(adam) / (torch.linalg.vector_norm(projected) + _NORM_EPS)
+        return _matrix_norm(adam) / (_matrix_norm(projected) + _NORM_EPS)
     adam_norm = torch.linalg.vector_norm(adam, dim=dim, keepdim=True)
     return adam_norm / (torch.linalg.vector_norm(projected, dim=dim, keepdim=True) + _NORM_EPS)
 
@@ -262,19 +281,30 @@ def _decay_and_subtract(
 def _movement(
     param: torch.Tensor, step_norm: torch.Tensor, decay: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a bound on ||delta W||, ||W||) for W <- W * decay - step, in fp32 on W's device."""
-    weight_norm = torch.linalg.vector_norm(param, dtype=torch.float32)
+    """(a bound on ||delta W||, ||W||) for W <- W * decay - step, in fp32 on W's device;
+    per matrix for APOLLO's batches of matrices (`step_norm` has their shape)."""
+    weight_norm = (
+        _matrix_norm(param, torch.float32)
+        if step_norm.dim() > 0
+        else torch.linalg.vector_norm(param, dtype=torch.float32)
+    )
     return step_norm + (1.0 - decay) * weight_norm, weight_norm
 
 
 def _refuse_large_moves(moves: list[tuple[str, torch.Tensor, torch.Tensor]], limit: float) -> None:
-    """Raise DestructiveUpdate for the first tensor the step would move by more than
-    `limit` of its norm (tensors that are all zero have no scale to compare with)."""
+    """Raise DestructiveUpdate for the first tensor (or expert matrix, `name[k]`) the
+    step would move by more than `limit` of its norm (all-zero ones have no scale to
+    compare with). One host sync for all of them."""
     if not moves:
         return
-    moved = torch.stack([m.to("cpu") for _, m, _ in moves]).tolist()
-    norms = torch.stack([w.to("cpu") for _, _, w in moves]).tolist()
-    for (name, _, _), delta, norm in zip(moves, moved, norms, strict=True):
+    moved = torch.cat([m.to("cpu").reshape(-1) for _, m, _ in moves]).tolist()
+    norms = torch.cat([w.to("cpu").reshape(-1) for _, _, w in moves]).tolist()
+    labels = [
+        name if m.numel() == 1 else f"{name}[{k}]"
+        for name, m, _ in moves
+        for k in range(m.numel())
+    ]
+    for name, delta, norm in zip(labels, moved, norms, strict=True):
         if norm > 0 and delta > limit * norm:
             raise DestructiveUpdate(
                 name,
@@ -301,7 +331,8 @@ def _raise_first_failure(checks: list[tuple[str, str, torch.Tensor]]) -> None:
 
 
 class Apollo:
-    """APOLLO for `apollo_params` (2-D weights) and AdamW for `adamw_params`."""
+    """APOLLO for `apollo_params` (matrices, or batches of them) and AdamW for
+    `adamw_params`."""
 
     def __init__(
         self,
@@ -312,8 +343,8 @@ class Apollo:
         if both:
             raise ValueError(f"parameters given to both APOLLO and AdamW: {both}")
         for name, param in apollo_params.items():
-            if param.dim() != 2:
-                raise ValueError(f"{name}: APOLLO needs a 2-D weight, got {tuple(param.shape)}")
+            if param.dim() < 2:
+                raise ValueError(f"{name}: APOLLO needs a matrix, got {tuple(param.shape)}")
         self._apollo_params = dict(apollo_params)
         self._adamw_params = dict(adamw_params)
         self._apollo_state: dict[str, ApolloTensorState] = {}
@@ -441,7 +472,7 @@ class Apollo:
         grad = param.grad
         assert grad is not None  # _require_grads ran first
         g = grad.float()
-        rank = min(settings.rank, *g.shape)
+        rank = min(settings.rank, *g.shape[-2:])
         base = self._apollo_base(name, g, rank)
         t = base.steps + 1
         projected, dim = _project(g, name, rank, settings, t)
@@ -449,7 +480,7 @@ class Apollo:
         scale = _channel_scale(adam, projected, dim, rank)
         # ||G * s||_F from per-channel norms of G: U itself is never materialised.
         g_norms = torch.linalg.vector_norm(g, dim=dim, keepdim=True)
-        norm = torch.linalg.vector_norm(scale * g_norms) * math.sqrt(settings.scale)
+        norm = _matrix_norm(scale * g_norms) * math.sqrt(settings.scale)
         limiter = _limiter(norm, base.prev_update_norm, settings.norm_growth_limit)
         coef = scale * (lr * math.sqrt(settings.scale)) * limiter
         # max_j(max|G_j| * coef_j) is never looser than max|G| * max(coef) and still bounds
@@ -476,8 +507,9 @@ class Apollo:
         old = self._apollo_state.get(name)
         if old is not None and old.rank == rank:
             return old
-        zeros = torch.zeros(_moment_shape(g.shape, rank), device=g.device)
-        prev = torch.zeros((), device=g.device) if old is None else old.prev_update_norm
+        zeros = torch.zeros(moment_shape(g.shape, rank), device=g.device)
+        prev = torch.zeros(_norm_shape(g.shape), device=g.device)
+        prev = prev if old is None else old.prev_update_norm
         return ApolloTensorState(zeros, zeros, 0, rank, prev)
 
     def _prepare_adamw(
@@ -549,12 +581,13 @@ class Apollo:
         prefix = f"apollo/{name}/"
         param = self._group_param(prefix, self._apollo_params, name, fields, _APOLLO_FIELDS)
         rank = _read_int(fields, "rank", minimum=1, key=prefix + "rank")
-        if rank > min(param.shape):
-            raise ValueError(f"{prefix}rank: {rank} exceeds min{tuple(param.shape)}")
-        moments = _moment_shape(param.shape, rank)
+        if rank > min(param.shape[-2:]):
+            raise ValueError(f"{prefix}rank: {rank} exceeds min{tuple(param.shape[-2:])}")
+        moments = moment_shape(param.shape, rank)
         _check_float_tensor(prefix + "exp_avg", fields["exp_avg"], moments)
         _check_float_tensor(prefix + "exp_avg_sq", fields["exp_avg_sq"], moments)
-        _check_float_tensor(prefix + "prev_update_norm", fields["prev_update_norm"], ())
+        norm_shape = _norm_shape(param.shape)
+        _check_float_tensor(prefix + "prev_update_norm", fields["prev_update_norm"], norm_shape)
         return ApolloTensorState(
             exp_avg=_to_fp32(fields["exp_avg"], param),
             exp_avg_sq=_to_fp32(fields["exp_avg_sq"], param),

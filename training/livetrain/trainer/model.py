@@ -1,9 +1,16 @@
 """Training subprocess: a Hugging Face model whose parameters are vLLM's memory.
 
 The model is built as a skeleton with parameters on the meta device (nothing is
-allocated), then every parameter is replaced by a row view of the tensor vLLM
-serves from. Tied parameters (one tensor, several names) are resolved by identity
-in the skeleton, so tied embeddings need no special case.
+allocated), then every parameter is replaced by a view of the tensor vLLM serves from.
+Which view is proven, not assumed: transformers' own save-time conversion, run on the
+meta skeleton, says which elements of which skeleton parameter each checkpoint tensor
+holds (e.g. expert 3's gate rows of a fused `gate_up_proj`); vLLM's loader said where
+the same checkpoint tensor lives in its memory (the worker's `WeightExport`); a
+skeleton parameter becomes the one strided view of vLLM's tensor that agrees with both
+for every checkpoint tensor it holds (weight_map.assemble), or attaching fails naming
+it. Tied parameters (one tensor, several names) are resolved by identity, so tied
+embeddings need no special case. The checkpoint tensors themselves stay reachable as
+views (`AttachedModel.checkpoint`), for the attach check, restores and sync.
 """
 
 from __future__ import annotations
@@ -15,12 +22,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from livetrain.checkpoint.files import list_tensors, load_tensor
 from livetrain.config import TrainableFamilies
-from livetrain.formats.messages import WeightExport
+from livetrain.formats.messages import TensorView, WeightExport
 from livetrain.formats.shared_tensors import TensorImporter
+from livetrain.weight_map import MappingError, Piece, Placement, Provenance, assemble
+
+# Checkpoint tensors that are buffers some checkpoints carry, not weights.
+_NOT_WEIGHTS = ("rotary_emb.inv_freq",)
 
 
 class AttachError(RuntimeError):
@@ -33,10 +44,23 @@ class AttachedModel:
     apollo_params: dict[str, nn.Parameter] = field(default_factory=dict)
     adamw_params: dict[str, nn.Parameter] = field(default_factory=dict)
     frozen: list[str] = field(default_factory=list)
+    # checkpoint tensor name -> its elements inside a model parameter (by the
+    # parameter's first name); what the attach check, restores and sync read and write
+    checkpoint: dict[str, Placement] = field(default_factory=dict)
+    written: list[str] = field(default_factory=list)  # vLLM tensors the trainable ones live in
 
     @property
     def trainable(self) -> dict[str, nn.Parameter]:
         return {**self.apollo_params, **self.adamw_params}
+
+    def checkpoint_tensor(self, name: str) -> torch.Tensor:
+        """The live elements of checkpoint tensor `name`, a view into the model."""
+        placement = self.checkpoint[name]
+        return placement.view(self.model.get_parameter(placement.tensor).detach())
+
+    def owner(self, name: str) -> nn.Parameter:
+        """The model parameter that holds checkpoint tensor `name`."""
+        return self.model.get_parameter(self.checkpoint[name].tensor)
 
 
 @contextlib.contextmanager
@@ -57,34 +81,107 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def _attention(config: PretrainedConfig) -> str:
+    """SDPA where it computes what vLLM computes; eager where attention logits are
+    soft-capped (Gemma 2), which transformers' SDPA path cannot apply."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+
+
 def build_skeleton(model_dir: Path, dtype: torch.dtype) -> nn.Module:
     config = AutoConfig.from_pretrained(model_dir)
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        try:
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation=_attention(config)
+            )
+        except ValueError:  # a family without SDPA support (gpt-oss): its eager path
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     return model.eval()
 
 
-def _tied_groups(model: nn.Module) -> list[list[str]]:
+def canonical_names(model: nn.Module) -> dict[int, str]:
+    """Parameter id -> its first name (tied parameters have several)."""
+    names: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), name)
+    return names
+
+
+def skeleton_placements(skeleton: nn.Module) -> dict[str, Placement]:
+    """Checkpoint name -> which elements of which skeleton parameter it holds, from
+    transformers' own conversion back to the checkpoint format (what save_pretrained
+    runs: it splits fused experts, renames), run on the meta skeleton. A checkpoint
+    tensor transformers would compute from several parameters is an AttachError."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    names = canonical_names(skeleton)
+    mode = Provenance()
+    for param_id, name in names.items():
+        mode.track(name, skeleton.get_parameter(name))
+    state = {n: p.detach() for n, p in skeleton.named_parameters(remove_duplicate=False)}
+    with mode:
+        converted = revert_weight_conversion(skeleton, state)
+    placements: dict[str, Placement] = {}
+    for name, tensor in converted.items():
+        found = mode.source_of(tensor)
+        if found is None:
+            raise AttachError(f"{name}: transformers builds it from several parameters")
+        source, offset, strides = found
+        placements[name] = Placement(source, offset, tuple(tensor.shape), strides)
+    return placements
+
+
+def compose(
+    shapes: dict[str, tuple[int, ...]],
+    skeleton: dict[str, Placement],
+    served: dict[str, TensorView],
+) -> dict[str, Placement]:
+    """Skeleton parameter -> the view of vLLM's memory it must be: the one strided view
+    that puts each checkpoint tensor it holds (`skeleton`) where vLLM keeps that tensor
+    (`served`). Checkpoint tensors vLLM skips (a tied lm_head) do not take part."""
+    pieces: dict[str, list[Piece]] = {}
+    for name, held in skeleton.items():
+        view = served.get(name)
+        if view is None:
+            continue
+        if tuple(view.shape) != held.shape:
+            raise AttachError(f"{name}: vLLM holds {tuple(view.shape)}, transformers {held.shape}")
+        pieces.setdefault(held.tensor, []).append(
+            Piece(
+                held.tensor,
+                held.shape,
+                held.offset,
+                held.stride,
+                view.param,
+                view.offset,
+                tuple(view.stride),
+            )
+        )
+    placed: dict[str, Placement] = {}
+    for name, shape in shapes.items():
+        if name not in pieces:
+            raise AttachError(f"no vLLM tensor for Hugging Face parameter {name}")
+        try:
+            placed[name] = assemble(name, shape, pieces[name])
+        except MappingError as exc:
+            raise AttachError(
+                f"{exc}: vLLM keeps it in a layout the Hugging Face model cannot compute "
+                "with as a view (padded, or reordered)"
+            ) from exc
+    return placed
+
+
+def place_views(
+    model: nn.Module, placed: dict[str, Placement], export: WeightExport, importer: TensorImporter
+) -> None:
+    """Replace every skeleton parameter (tied ones together) by its view of vLLM's memory."""
+    modules = dict(model.named_modules())
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
-    return list(groups.values())
-
-
-def place_views(model: nn.Module, export: WeightExport, importer: TensorImporter) -> None:
-    """Replace every skeleton parameter by its view into vLLM's memory, or fail."""
-    mapping = export.map
-    modules = dict(model.named_modules())
-    for names in _tied_groups(model):
-        sources = [n for n in names if n in mapping]
-        if not sources:
-            raise AttachError(f"no vLLM tensor for Hugging Face parameter(s) {names}")
-        entry = mapping[sources[0]]
-        full = importer(export.params[entry.param])
-        view = full[entry.start : entry.stop]
-        expected = model.get_parameter(names[0]).shape
-        if view.shape != expected:
-            raise AttachError(f"{sources[0]}: vLLM view {tuple(view.shape)} != {tuple(expected)}")
+    for names in groups.values():
+        placement = placed[names[0]]
+        view = placement.view(importer(export.params[placement.tensor]))
         param = nn.Parameter(view, requires_grad=False)
         for name in names:
             owner, _, attr = name.rpartition(".")
@@ -94,29 +191,39 @@ def place_views(model: nn.Module, export: WeightExport, importer: TensorImporter
         raise AttachError(f"parameters left without a view: {leftovers}")
 
 
-def verify_against_files(model: nn.Module, model_dir: Path, exempt: set[int]) -> None:
-    """Refuse views that differ from the checkpoint, except parameters in `exempt` (ids).
-
-    Every checkpoint tensor must name a model parameter of the same shape, and each
-    non-exempt parameter must equal its file tensor bit for bit after casting to the
-    served dtype.
-    """
-    params = dict(model.named_parameters(remove_duplicate=False))
+def checkpoint_map(model_dir: Path, placements: dict[str, Placement]) -> dict[str, Placement]:
+    """The placements of the tensors the files hold; every file tensor but known
+    buffers must have one of the same shape."""
+    held: dict[str, Placement] = {}
     for name, entry in list_tensors(model_dir).items():
-        if name not in params:
-            if name.endswith("inv_freq"):
-                continue  # legacy RoPE cache some checkpoints carry; a buffer, not a weight
-            raise AttachError(f"checkpoint tensor {name!r} has no parameter in the model")
-        view = params[name].detach()
-        if tuple(view.shape) != entry.shape:
-            raise AttachError(f"{name}: served shape {tuple(view.shape)} != file {entry.shape}")
-        if id(params[name]) in exempt:
+        if name.endswith(_NOT_WEIGHTS):
             continue
-        on_disk = load_tensor(entry).to(device=view.device, dtype=view.dtype)
+        placement = placements.get(name)
+        if placement is None:
+            raise AttachError(f"checkpoint tensor {name!r} has no parameter in the model")
+        if placement.shape != entry.shape:
+            raise AttachError(f"{name}: the model holds {placement.shape}, the file {entry.shape}")
+        held[name] = placement
+    return held
+
+
+def verify_against_files(attached: AttachedModel, model_dir: Path, exempt: set[int]) -> None:
+    """Refuse views that differ from the checkpoint, except those held by parameters in
+    `exempt` (ids): each must equal its file tensor bit for bit after casting to the
+    served dtype. This is also the end-to-end check of the mapping: a view that put
+    one element in the wrong place would differ from the file."""
+    tensors = list_tensors(model_dir)
+    for name in attached.checkpoint:
+        if id(attached.owner(name)) in exempt:
+            continue
+        view = attached.checkpoint_tensor(name)
+        on_disk = load_tensor(tensors[name]).to(device=view.device, dtype=view.dtype)
         if not torch.equal(view, on_disk):
             raise AttachError(
-                f"{name}: the served weights differ from {entry.file.name}; "
-                "refusing to train on weights that do not match the model files"
+                f"{name}: the served weights differ from {tensors[name].file.name}; "
+                "refusing to train on weights that do not match the model files "
+                "(vLLM may transform this tensor at load: quantisation, a permutation, "
+                "a scale)"
             )
 
 
@@ -125,12 +232,12 @@ def restore_weights(attached: AttachedModel, model_dir: Path) -> None:
     """Copy each trainable tensor's file value into its view (cast to the served dtype:
     bit-identical when the files hold that dtype). Frozen tensors were verified equal
     to the files at attach and never change."""
-    params = dict(attached.model.named_parameters(remove_duplicate=False))
+    tensors = list_tensors(model_dir)
     trainable = {id(p) for p in attached.trainable.values()}
-    for name, entry in list_tensors(model_dir).items():
-        param = params.get(name)
-        if param is not None and id(param) in trainable:
-            param.copy_(load_tensor(entry).to(device=param.device, dtype=param.dtype))
+    for name in attached.checkpoint:
+        if id(attached.owner(name)) in trainable:
+            view = attached.checkpoint_tensor(name)
+            view.copy_(load_tensor(tensors[name]).to(device=view.device, dtype=view.dtype))
     writes_landed(attached)
 
 
@@ -141,8 +248,18 @@ def writes_landed(attached: AttachedModel) -> None:
         torch.cuda.synchronize()
 
 
+def is_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("Norm")
+
+
 def classify(model: nn.Module, families: TrainableFamilies) -> AttachedModel:
-    """Split parameters into APOLLO (2-D linear), AdamW (other trainables), frozen."""
+    """Split parameters into APOLLO, AdamW and frozen.
+
+    The `linear` family is every weight matrix that is not an embedding or a norm:
+    linear layers, MoE routers, and fused experts (3-D: a matrix per expert, which
+    APOLLO treats one by one); their biases train with AdamW. Other parameters (norms,
+    embeddings, lm_head) follow their own families; anything else (gpt-oss's attention
+    sinks, say) stays frozen."""
     out_embed = model.get_output_embeddings().weight  # type: ignore[operator]
     in_embed = model.get_input_embeddings().weight  # type: ignore[operator]
     attached = AttachedModel(model)
@@ -153,23 +270,33 @@ def classify(model: nn.Module, families: TrainableFamilies) -> AttachedModel:
                 continue
             seen.add(id(param))
             name = f"{module_name}.{attr}" if module_name else attr
+            target = attached.adamw_params
             if param is out_embed or param is in_embed:
                 allowed = (families.lm_head and param is out_embed) or (
                     families.embeddings and param is in_embed
                 )
-                target = attached.adamw_params
-            elif isinstance(module, nn.Linear):
-                allowed = families.linear
-                target = attached.apollo_params if param.ndim == 2 else attached.adamw_params
-            elif type(module).__name__.endswith("Norm"):
-                allowed, target = families.norms, attached.adamw_params
+            elif is_norm(module):
+                allowed = families.norms
+            elif attr.endswith("bias"):
+                allowed = families.linear and any(p.ndim >= 2 for p in module.parameters(False))
+            elif param.ndim >= 2:
+                allowed, target = families.linear, attached.apollo_params
             else:
-                allowed, target = False, attached.adamw_params
+                allowed = False
             if allowed:
                 param.requires_grad_(True)
                 target[name] = param
             else:
                 attached.frozen.append(name)
+    return attached
+
+
+def own_model(model: nn.Module, model_dir: Path, families: TrainableFamilies) -> AttachedModel:
+    """A Hugging Face model with its own memory (the tests, the benchmarks), classified
+    and with its checkpoint tensors mapped, as `attach` does for vLLM's memory."""
+    skeleton = build_skeleton(model_dir, next(model.parameters()).dtype)
+    attached = classify(model, families)
+    attached.checkpoint = checkpoint_map(model_dir, skeleton_placements(skeleton))
     return attached
 
 
@@ -185,10 +312,15 @@ def attach(
     first = next(iter(export.params.values()))
     dtype = getattr(torch, first.dtype)
     model = build_skeleton(model_dir, dtype)
-    place_views(model, export, importer)
+    held = skeleton_placements(model)
+    shapes = {name: tuple(model.get_parameter(name).shape) for name in canonical_names(model).values()}
+    placed = compose(shapes, held, export.map)
+    place_views(model, placed, export, importer)
     device = next(model.parameters()).device
     model.to(device)  # buffers (RoPE tables) follow the weights' device
     attached = classify(model, families)
+    attached.checkpoint = checkpoint_map(model_dir, held)
+    attached.written = sorted({placed[name].tensor for name in attached.trainable})
     exempt = {id(p) for p in attached.trainable.values()} if weights_trained else set()
-    verify_against_files(model, model_dir, exempt)
+    verify_against_files(attached, model_dir, exempt)
     return attached

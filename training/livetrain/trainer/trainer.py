@@ -28,6 +28,7 @@ from livetrain.trainer import state as trainer_state
 from livetrain.trainer.apollo import Apollo, PendingStep, RefusedUpdate
 from livetrain.trainer.loss import continuation_logprobs, mean_loss
 from livetrain.trainer.model import AttachedModel, attach, restore_weights, writes_landed
+from livetrain.trainer.plan import train_plan
 
 log = logging.getLogger("livetrain.trainer")
 
@@ -130,7 +131,9 @@ class Trainer:
             adamw_tensors=len(attached.adamw_params),
             trainable_params=sum(p.numel() for p in attached.trainable.values()),
             trainable_names=sorted(attached.trainable),
+            written_params=attached.written,
             frozen_tensors=len(attached.frozen),
+            plan=train_plan(attached),
             resumed_from_version=resumed_from,
             guard_loss=trainer.guard_loss(),
             torch_threads=torch.get_num_threads(),
@@ -374,12 +377,14 @@ class Trainer:
 
     def checkpoint(self) -> msg.Synced | msg.Failed:
         """Write the live weights into the model's safetensors (changed blocks only)."""
-        params = dict(self.attached.model.named_parameters(remove_duplicate=False))
+        attached = self.attached
         try:
             result = checkpoint_sync.sync(
                 self.model_dir,
-                live=params.__getitem__,
-                dirty=lambda name: id(params[name]) in self.dirty,
+                live=attached.checkpoint_tensor,
+                dirty=lambda name: (
+                    name in attached.checkpoint and id(attached.owner(name)) in self.dirty
+                ),
                 block_size=self.block_bytes,
             )
         except (OSError, checkpoint_sync.JournalCorrupt, checkpoint_sync.UnsafeModelDir) as exc:

@@ -13,17 +13,25 @@ from typing import Any
 
 from livetrain import vllm_internals as vllm
 from livetrain.formats import readout_format
-from livetrain.formats.messages import ReadoutLoaded, TapStats, encode
+from livetrain.formats.messages import (
+    CheckpointTensor,
+    ReadoutLoaded,
+    TapStats,
+    decode,
+    encode,
+)
 from livetrain.formats.score_ring import ScoreRing
 from livetrain.worker.export import export_weights
 from livetrain.worker.readout_tap import Tap
 from livetrain.worker.repack import Repacker
 
 
-def livetrain_export_weights(worker: Any, hf_names: list[str]) -> bytes:
-    """A `WeightExport` of this worker's model for the given checkpoint names."""
+def livetrain_export_weights(worker: Any, tensors: bytes) -> bytes:
+    """A `WeightExport` of this worker's model for the checkpoint's tensors (an encoded
+    list of `CheckpointTensor`)."""
     model = vllm.worker_model(worker)
-    return encode(export_weights(model, hf_names, vllm.worker_world_size(worker)))
+    wanted = decode(tensors, list[CheckpointTensor])
+    return encode(export_weights(model, wanted, vllm.worker_world_size(worker)))
 
 
 def _repacker(worker: Any) -> Repacker:

@@ -1,0 +1,187 @@
+"""Every popular decoder family trains in place: for each, a real vLLM server with the
+plugin on a tiny random model of that family (built here in seconds), where
+
+- the trainer attaches to vLLM's memory and computes exactly the served log-probs,
+- two steps change what is served, and the served log-probs stay the trainer's,
+- a checkpoint sync writes files that Hugging Face loads to the served model (and, for
+  mixtures of experts, the expert and router tensors in the files changed),
+- a rollback serves the synced weights again, bit for bit,
+- `livetrain check`, which starts no server, said beforehand exactly what the server
+  trains and writes.
+
+Servers are started ahead, two at a time, while earlier families are tested (starting
+one is mostly single-threaded imports); at most three are up at once. The whole matrix
+takes about 4 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import LOGPROB_ATOL, SAMPLE_TEXT, start_server
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from livetrain.tools.client import LivetrainClient
+from livetrain.tools.tiny_model import ARCHS, MOE_ARCHS, build_tiny_model
+from livetrain.trainer.model import build_skeleton, skeleton_placements
+
+pytestmark = pytest.mark.server
+# vLLM's worker runs inside its engine-core process: one interpreter start less per
+# server (~8 s here). What these tests check (where each tensor lives, what is served)
+# does not depend on the executor; every other server test runs vLLM's default one.
+ONE_PROCESS_WORKER = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# Logits through soft-capping and multipliers, summed differently by vLLM's kernels.
+SYNCED_ATOL = 2e-4
+
+
+class ServerPool:
+    """Family servers started ahead of their tests: `STARTING` at a time, at most
+    `ALIVE` up at once (a test holds one from `server()` until its `with` ends)."""
+
+    STARTING, ALIVE = 2, 3
+
+    def __init__(self, models: dict[str, Path], root: Path) -> None:
+        self.models, self.root = models, root
+        self._alive = threading.BoundedSemaphore(self.ALIVE)
+        self._pool = ThreadPoolExecutor(self.STARTING, thread_name_prefix="family-server")
+        self._started: dict[str, Future[tuple[LivetrainClient, Iterator]]] = {}
+        for family in models:  # in test order; each waits for a free slot
+            self._started[family] = self._pool.submit(self._start, family)
+
+    def _start(self, family: str) -> tuple[LivetrainClient, Iterator]:
+        self._alive.acquire()
+        try:
+            workdir = self.root / family
+            workdir.mkdir()
+            running = start_server(self.models[family], workdir, None, env=ONE_PROCESS_WORKER)
+            return next(running), running
+        except BaseException:
+            self._alive.release()
+            raise
+
+    @contextmanager
+    def server(self, family: str) -> Iterator[LivetrainClient]:
+        client, running = self._started[family].result()
+        try:
+            yield client
+        finally:
+            running.close()  # stops the server
+            self._alive.release()
+
+    def close(self) -> None:
+        for future in self._started.values():
+            future.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for future in self._started.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result()[1].close()
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {family: build_tiny_model(root / family, arch=family) for family in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def checks(family_models: dict[str, Path]) -> Future[dict[str, dict]]:
+    """`livetrain check` of every family's pristine folder, one process for all of them,
+    run while the first servers start."""
+
+    def run() -> dict[str, dict]:
+        models = [str(family_models[family]) for family in ARCHS]
+        command = [sys.executable, "-m", "livetrain", "check", "--json", "--dtype", "float32"]
+        done = subprocess.run([*command, *models], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return {Path(r["model"]).name: r for r in json.loads(done.stdout)}
+
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(run)
+
+
+@pytest.fixture(scope="module")
+def pool(family_models, tmp_path_factory) -> Iterator[ServerPool]:
+    servers = ServerPool(family_models, tmp_path_factory.mktemp("family-servers"))
+    yield servers
+    servers.close()
+
+
+def score(client: LivetrainClient, context: list[int], continuation: list[int]) -> list[float]:
+    body = {"context_ids": context, "continuation_ids": continuation}
+    reply = client.http.post("/train/score", json=body).raise_for_status().json()
+    return reply["token_logprobs"][0]
+
+
+def assert_trainer_serves(client: LivetrainClient, sample: tuple[list[int], list[int]]) -> list:
+    served = client.continuation_logprobs(*sample)
+    np.testing.assert_allclose(score(client, *sample), served, atol=LOGPROB_ATOL)
+    return served
+
+
+def file_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})  # noqa: SIM118
+    return out
+
+
+def hf_logprobs(model_dir: Path, sample: tuple[list[int], list[int]]) -> list[float]:
+    """What Hugging Face's own implementation, loading the files, assigns the sample."""
+    from livetrain.trainer.loss import continuation_logprobs
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        return continuation_logprobs(hf, [sample])[0].tolist()
+
+
+@pytest.mark.parametrize("family", ARCHS)
+def test_family_trains_syncs_and_rolls_back_in_place(family, pool, checks, family_models):
+    with pool.server(family) as client:
+        model_dir: Path = client.workdir / "model"  # type: ignore[attr-defined]
+        trainer = client.status()["trainer"]
+        report = checks.result()[family]
+        assert report["ok"], report["blockers"]
+        assert report["written"] == trainer["written_params"]
+        assert report["plan"] == trainer["plan"]
+        kinds = {g["kind"] for g in trainer["plan"]["groups"] if g["optimizer"] == "apollo"}
+        assert kinds >= ({"experts", "router"} if family in MOE_ARCHS else {"linear"})
+
+        sample = (client.tokenize(SAMPLE_TEXT[0]), client.tokenize(SAMPLE_TEXT[1]))
+        original = file_tensors(model_dir)
+        before = assert_trainer_serves(client, sample)
+        for step in range(2):
+            reply = client.train(*sample, lr=2e-3, retrain=True).raise_for_status().json()
+            assert reply["weight_version"] == step + 1
+            served = assert_trainer_serves(client, sample)
+        assert sum(served) > sum(before) + 0.1, (before, served)
+
+        client.http.post("/checkpoint").raise_for_status()
+        synced = file_tensors(model_dir)
+        changed = {name for name, t in synced.items() if not torch.equal(t, original[name])}
+        held = skeleton_placements(build_skeleton(model_dir, torch.float32))
+        owners = {name: held[name].tensor for name in changed}  # per-expert -> fused
+        assert changed and set(owners.values()) <= set(trainer["trainable_names"]), owners
+        if family in MOE_ARCHS:
+            assert any("expert" in name for name in changed), changed
+            assert any(name.endswith(("gate.weight", "router.weight")) for name in changed)
+        np.testing.assert_allclose(hf_logprobs(model_dir, sample), served, atol=SYNCED_ATOL)
+
+        client.train(*sample, lr=2e-3, retrain=True).raise_for_status()
+        assert client.continuation_logprobs(*sample) != served
+        client.http.post("/train/rollback").raise_for_status()
+        assert client.continuation_logprobs(*sample) == served  # exactly the synced weights
+        assert_trainer_serves(client, sample)
