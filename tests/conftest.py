@@ -96,6 +96,7 @@ def start_server(
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
     link_model: bool = False,
+    trainer_states: tuple[str, ...] = ("idle",),
 ) -> Iterator[LivetrainClient]:
     """A real vLLM server on `model` with a private state dir; yields a client.
 
@@ -103,6 +104,7 @@ def start_server(
     A model outside `workdir` is served from a private copy there (one server per model
     folder: livetrain locks it); `link_model` hard-links the files instead of copying,
     for a large model on a server that never syncs (a sync would write through links).
+    Returns once the trainer is in one of `trainer_states`.
     """
     if not Path(model).resolve().is_relative_to(workdir.resolve()):
         copy = shutil.copy2 if not link_model else os.link
@@ -124,7 +126,7 @@ def start_server(
             client = LivetrainClient(server.url, api_key=api_key)
             client.workdir = workdir  # type: ignore[attr-defined]
             client.server = server  # type: ignore[attr-defined]
-            client.wait_trainer()
+            client.wait_trainer(states=trainer_states)
         except Exception:
             print(log.read_text()[-5000:])
             raise

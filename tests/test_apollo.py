@@ -648,3 +648,48 @@ def test_state_dict_snapshot_survives_later_steps():
         opt.step(OptimizerSettings(rank=4))
     assert all(torch.equal(snapshot[k], frozen[k]) for k in snapshot)
     assert not torch.equal(opt.state_dict()["apollo/w/exp_avg"], frozen["apollo/w/exp_avg"])
+
+
+# --- mixtures of experts: a 3-D weight is a batch of matrices --------------------------
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_an_experts_tensor_steps_each_matrix_as_the_reference_does(rank: int) -> None:
+    """A fused [experts, m, n] weight: each expert matrix gets exactly the reference's
+    APOLLO step with its own moments and limiter (the projection, regenerated from the
+    tensor's name, is shared). An expert no token reached (zero gradient) stays put."""
+    settings = make_settings(rank=rank, lr=1e-2, norm_growth_limit=1.01, weight_decay=0.0)
+    experts, shape = 3, (4, 6)
+    params = make_params({"experts": (experts, *shape)})
+    start = params["experts"].detach().clone()
+    weights = [start[e].clone() for e in range(experts)]
+    states = [new_ref_state() for _ in range(experts)]
+    opt = Apollo(params, {})
+    gen = torch.Generator().manual_seed(5)
+    for t in range(1, 5):
+        grad = torch.randn(experts, *shape, generator=gen) * t  # growing: the limiter bites
+        grad[2] = 0.0  # expert 2 was never routed to
+        params["experts"].grad = grad
+        opt.step(settings)
+        p = ref_projection("experts", shape, settings, t)
+        for e in range(experts):
+            weights[e] = ref_apollo_step(weights[e], grad[e], p, states[e], settings, settings.lr)
+    for e in range(experts):
+        torch.testing.assert_close(
+            params["experts"][e].detach().double(), weights[e], rtol=1e-5, atol=1e-6
+        )
+    assert torch.equal(params["experts"][2].detach(), start[2])
+    assert not torch.equal(params["experts"][0].detach(), start[0])
+    state = opt.state_dict()
+    assert state["apollo/experts/exp_avg"].shape[0] == experts
+    assert state["apollo/experts/prev_update_norm"].shape == (experts, 1, 1)
+    Apollo(params, {}).load_state_dict(state)  # the saved shapes are the ones it checks
+
+
+def test_the_update_size_limit_names_the_expert_it_would_move_too_far() -> None:
+    params = make_params({"experts": (3, 4, 6)})
+    grad = torch.zeros(3, 4, 6)
+    grad[1] = 1e3  # only expert 1 is routed to, hard
+    params["experts"].grad = grad
+    with pytest.raises(Exception, match=r"experts\[1\]: the step would move it by"):
+        Apollo(params, {}).prepare(make_settings(lr=0.5), max_update_ratio=0.1)

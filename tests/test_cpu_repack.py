@@ -106,3 +106,77 @@ def test_finish_packs_itself_when_nothing_was_started_for_these_names(block_and_
     write(block)
     assert repacker.finish(block, NAMES).tensors == 2  # nothing pending at all
     assert_serves_plain(block, x)
+
+
+# --- fused experts: vLLM's CPU grouped-GEMM layout ------------------------------------
+
+EXPERTS, INTER, HIDDEN = 4, 64, 128
+
+
+class Experts(nn.Module):
+    """A fused-experts layer as the plugin leaves vLLM's on CPU: the packed tensors
+    inference reads, the plain ones beside them (`_livetrain_plain`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(1)
+        plain = {
+            "w13_weight": torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen) * 0.1,
+            "w2_weight": torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) * 0.1,
+        }
+        for name, tensor in plain.items():
+            packed = vllm_ops.cpu_prepack_moe_weight(tensor, "vec")
+            setattr(self, name, nn.Parameter(packed, requires_grad=False))
+        self._livetrain_plain = plain
+        self._livetrain_moe_isa = "vec"
+
+    def served(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        vllm_ops.cpu_fused_moe(
+            out, x, self.w13_weight, self.w2_weight, None, None, weights, ids, "silu", "vec"
+        )
+        return out
+
+    def reference(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same mixture computed from the plain weights, expert by expert."""
+        w13, w2 = self._livetrain_plain["w13_weight"], self._livetrain_plain["w2_weight"]
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for k in range(ids.shape[1]):
+                gate_up = w13[ids[t, k]] @ x[t]
+                hidden = F.silu(gate_up[:INTER]) * gate_up[INTER:]
+                out[t] += weights[t, k] * (w2[ids[t, k]] @ hidden)
+        return out
+
+
+EXPERT_NAMES = ["moe.w13_weight", "moe.w2_weight"]
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_written_experts_are_served_after_the_swap(ahead):
+    if not hasattr(vllm_ops, "cpu_fused_moe"):
+        pytest.skip("vLLM's CPU MoE ops are not in this build")
+    model = nn.Module()
+    model.moe = Experts()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, HIDDEN, generator=gen)
+    ids = torch.randint(0, EXPERTS, (6, 2), generator=gen, dtype=torch.int32)
+    weights = torch.softmax(torch.randn(6, 2, generator=gen), dim=-1)
+    torch.testing.assert_close(
+        model.moe.served(x, ids, weights), model.moe.reference(x, ids, weights)
+    )
+    before = model.moe.served(x, ids, weights)
+    assert Repacker.plan(model, EXPERT_NAMES) == PackedCopies(2, True)
+    repacker = Repacker()
+    with torch.no_grad():  # a step: the trainer writes the plain tensors
+        model.moe._livetrain_plain["w13_weight"][1].mul_(-2.0)
+        model.moe._livetrain_plain["w2_weight"].add_(0.05)
+    if ahead:
+        repacker.start(model, EXPERT_NAMES)
+        while not repacker.ready().ready:
+            time.sleep(0.01)
+        torch.testing.assert_close(model.moe.served(x, ids, weights), before)  # not yet
+    assert repacker.finish(model, EXPERT_NAMES).tensors == 2
+    served = model.moe.served(x, ids, weights)
+    torch.testing.assert_close(served, model.moe.reference(x, ids, weights), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(served, before)

@@ -11,7 +11,13 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from livetrain.tools import tiny_model
-from livetrain.tools.tiny_model import ARCHS, build_tiny_model, ensure_tiny_model
+from livetrain.tools.tiny_model import (
+    ARCHS,
+    FAMILIES,
+    MOE_ARCHS,
+    build_tiny_model,
+    ensure_tiny_model,
+)
 
 SENTENCE = "The kettle whistled twice.\n\nThen,  at 10:30, Mara read 3 letters, cafe and café!"
 # arch -> (attention heads, kv heads, lm_head tied to the embedding)
@@ -29,6 +35,20 @@ def _load(model_dir: Path) -> PreTrainedModel:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_every_family_loads_as_itself_with_random_norms(built: dict[str, Path], arch: str) -> None:
+    model = _load(built[arch])
+    assert model.config.model_type == FAMILIES[arch][0]
+    assert model.config.num_hidden_layers == 2 and model.config.head_dim == 64
+    names = [name for name, _ in model.named_parameters()]
+    assert any("expert" in name for name in names) is (arch in MOE_ARCHS)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert not torch.allclose(param, torch.ones_like(param)), name
+        if name.endswith("bias"):
+            assert param.abs().min() > 0, name
+
+
+@pytest.mark.parametrize("arch", SHAPES)
 def test_hf_loads_model_with_requested_shape(built: dict[str, Path], arch: str) -> None:
     model = _load(built[arch])
     heads, kv_heads, tied = SHAPES[arch]
@@ -116,7 +136,7 @@ def test_bfloat16_build_stores_bfloat16(tmp_path: Path) -> None:
 
 
 def test_rejects_unknown_arch_and_dtype(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="arch"):
+    with pytest.raises(ValueError, match="qwen3_moe"):  # the message lists the families
         build_tiny_model(tmp_path / "m", arch="gpt2")
     with pytest.raises(ValueError, match="dtype"):
         build_tiny_model(tmp_path / "m", dtype="float16")

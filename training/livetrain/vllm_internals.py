@@ -32,6 +32,7 @@ from livetrain.weight_map import (
     Provenance,
     assemble,
     meta_twin,
+    parameters_on_meta,
     parameters_replaced,
     pieces_by_source,
 )
@@ -279,7 +280,7 @@ def install_cpu_moe_plain_copies() -> None:
         return replace(layer, name, new_tensor, *args, **kwargs)
 
     def process_keeping_plain(self, layer):
-        cpu_moe.replace_parameter = replace_keeping_plain
+        cpu_moe.replace_parameter = replace_keeping_plain  # type: ignore[assignment]
         try:
             process(self, layer)
         finally:
@@ -330,7 +331,10 @@ def checkpoint_placements(
     with parameters_replaced(model, twin) as twins:
         for original, replacement in twins.items():
             mode.destination(names[original], replacement)
-        probes = [(n, torch.empty(shape, dtype=dtype, device="meta")) for n, (shape, dtype) in tensors.items()]
+        probes = [
+            (n, torch.empty(shape, dtype=dtype, device="meta"))
+            for n, (shape, dtype) in tensors.items()
+        ]
         for name, probe in probes:
             mode.track(name, probe)
         with mode:
@@ -341,8 +345,8 @@ def checkpoint_placements(
     for name, (shape, _) in tensors.items():
         if name in mode.computed:
             problems.append(
-                f"{name}: vLLM computes the served tensor from it at load ({mode.computed[name]})"
-                ", so training it would change values inference never reads"
+                f"{name}: vLLM {mode.computed[name]} at load, so training it would change "
+                "values inference never reads"
             )
         elif name in grouped:
             try:
@@ -357,7 +361,8 @@ def checkpoint_placements(
 class PackedCopy(Protocol):
     """One of vLLM's packed CPU kernels and the plain weight it is packed from."""
 
-    weight: torch.Tensor
+    @property
+    def weight(self) -> torch.Tensor: ...
 
     def pack(self) -> Any: ...  # a fresh packed copy of the plain weight, not yet served
     def swap(self, fresh: Any) -> None: ...  # serve it (generation is paused)
@@ -416,7 +421,7 @@ def packed_copies(model: nn.Module, param_names: Sequence[str]) -> tuple[list[Pa
     only_packed = True
     for name in param_names:
         module_name, _, attr = name.rpartition(".")
-        module = modules.get(module_name)
+        module: Any = modules.get(module_name)
         handler = getattr(module, "_livetrain_onednn", None)
         plain = getattr(module, "__dict__", {}).get("_livetrain_plain", {}).get(attr)
         if plain is not None:
@@ -449,7 +454,8 @@ def build_meta_model(model_dir: str, dtype: str) -> nn.Module:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.utils import get_model_architecture
 
-    config = EngineArgs(model=model_dir, dtype=dtype, enforce_eager=True).create_engine_config()
+    args = EngineArgs(model=model_dir, dtype=dtype, enforce_eager=True)  # type: ignore[arg-type]
+    config = args.create_engine_config()
     with set_current_vllm_config(config):
         if model_parallel_is_initialized():
             destroy_model_parallel()  # its groups depend on the model (MoE's expert group)
@@ -464,7 +470,7 @@ def build_meta_model(model_dir: str, dtype: str) -> nn.Module:
             )
         initialize_model_parallel(1, 1)
         model_class, _ = get_model_architecture(config.model_config)
-        with torch.device("meta"):
+        with parameters_on_meta():
             return model_class(vllm_config=config, prefix="")
 
 

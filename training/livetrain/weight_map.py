@@ -56,7 +56,9 @@ class Placement:
         if found is None:
             raise MappingError(f"{self.tensor}: not a box of a {tuple(base.shape)} tensor")
         origin, along = found
-        offset = base.storage_offset() + sum(a * s for a, s in zip(origin, base.stride(), strict=True))
+        offset = base.storage_offset() + sum(
+            a * s for a, s in zip(origin, base.stride(), strict=True)
+        )
         stride = [0 if d is None else base.stride(d) for d in along]
         return base.as_strided(self.shape, stride, offset)
 
@@ -134,7 +136,9 @@ def _locate(
 def _source_map(view: torch.Tensor, layout: _Layout) -> tuple[int, tuple[int, ...]] | None:
     """(source offset, source strides) of a view into a tracked storage."""
     dims = [(d.size, d.storage_stride) for d in layout.dims]
-    found = _locate(view.storage_offset() - layout.storage_offset, view.shape, view.stride(), dims)
+    found = _locate(
+        int(view.storage_offset()) - layout.storage_offset, view.shape, view.stride(), dims
+    )
     if found is None:
         return None
     origin, along = found
@@ -148,7 +152,9 @@ def _source_map(view: torch.Tensor, layout: _Layout) -> tuple[int, tuple[int, ..
 def _logical(view: torch.Tensor, base: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
     """A view of `base`'s memory as (offset, strides) in base's row-major positions."""
     dims = list(zip(base.shape, base.stride(), strict=True))
-    found = _locate(view.storage_offset() - base.storage_offset(), view.shape, view.stride(), dims)
+    found = _locate(
+        int(view.storage_offset() - base.storage_offset()), view.shape, view.stride(), dims
+    )
     if found is None:
         return None
     origin, along = found
@@ -176,7 +182,7 @@ class Provenance(TorchDispatchMode):
         super().__init__()
         self._layouts: dict[int, _Layout] = {}
         self._dests: dict[int, tuple[str, torch.Tensor]] = {}
-        self.computed: dict[str, str] = {}  # source -> first op that computed from it
+        self.computed: dict[str, str] = {}  # source -> what the loader first did to it
         self._computed_keys: dict[int, str] = {}  # storage -> source it was computed from
         self.pieces: list[Piece] = []
         # Storages are keyed by address: holding every keyed tensor keeps an address
@@ -190,7 +196,7 @@ class Provenance(TorchDispatchMode):
                 tensor.shape, tensor.stride(), contiguous_strides(tensor.shape), strict=True
             )
         )
-        self._layouts[_key(tensor)] = _Layout(name, dims, tensor.storage_offset(), 0)
+        self._layouts[_key(tensor)] = _Layout(name, dims, int(tensor.storage_offset()), 0)
         self._held.append(tensor)
 
     def destination(self, name: str, tensor: torch.Tensor) -> None:
@@ -210,7 +216,7 @@ class Provenance(TorchDispatchMode):
             return args[0]
         out = func(*args, **kwargs)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        sources = {self._source_name(t) for t in inputs} - {None}
+        sources = {name for t in inputs if (name := self._source_name(t)) is not None}
         if sources:
             for result in (t for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
                 if _key(result) in self._layouts or _key(result) in self._dests:
@@ -226,17 +232,23 @@ class Provenance(TorchDispatchMode):
         self, func: Any, inputs: list[torch.Tensor], sources: set[str], result: torch.Tensor
     ) -> None:
         """Give a new tensor made from tracked ones a map back, or note the op."""
-        found = self.source_of(inputs[0]) if func in _ELEMENT_COPIES else None
+        copies = func in _ELEMENT_COPIES
+        found = self.source_of(inputs[0]) if copies else None
         if found is not None and result.shape == inputs[0].shape:
             source, offset, strides = found
             dims = tuple(
                 _Dim(size, stride, src)
                 for size, stride, src in zip(result.shape, result.stride(), strides, strict=True)
             )
-            self._layouts[_key(result)] = _Layout(source, dims, result.storage_offset(), offset)
+            self._layouts[_key(result)] = _Layout(
+                source, dims, int(result.storage_offset()), offset
+            )
         else:
+            done = (
+                "reorders it in a way no strided view can express" if copies else "computes with it"
+            )
             for source in sources:
-                self.computed.setdefault(source, str(func))
+                self.computed.setdefault(source, f"{done} ({func})")
             self._computed_keys[_key(result)] = min(sources)
         self._held.append(result)
 
@@ -245,13 +257,13 @@ class Provenance(TorchDispatchMode):
         if found is None:
             source = self._source_name(src)
             if source is not None:
-                self.computed.setdefault(source, "a computed value")
+                self.computed.setdefault(source, "copies it in a way no strided view can express")
             return
         dest, base = self._dests[_key(dst)]
         source, offset, strides = found
         landed = _logical(dst, base)
         if tuple(src.shape) != tuple(dst.shape) or landed is None:
-            self.computed.setdefault(source, "a copy no view can express")
+            self.computed.setdefault(source, "copies it in a way no strided view can express")
             return
         self.pieces.append(Piece(source, tuple(dst.shape), offset, strides, dest, *landed))
 
@@ -336,10 +348,9 @@ def _solve_offsets(
         # the piece that starts one step further along d, all else known, fixes it
         for origin, offset in others:
             delta = [o - o0 for o, o0 in zip(origin, origin0, strict=True)]
-            if delta[d] != 0 and all(
-                x == 0 or strides[k] is not None for k, x in enumerate(delta) if k != d
-            ):
-                known = sum(x * strides[k] for k, x in enumerate(delta) if k != d and x)  # type: ignore[operator]
+            others_known = [(x, strides[k]) for k, x in enumerate(delta) if k != d and x]
+            if delta[d] != 0 and all(stride is not None for _, stride in others_known):
+                known = sum(x * stride for x, stride in others_known if stride is not None)
                 step, rest = divmod(offset - offset0 - known, delta[d])
                 if rest == 0:
                     strides[d] = step
@@ -361,15 +372,42 @@ def pieces_by_source(pieces: Sequence[Piece]) -> dict[str, list[Piece]]:
     return grouped
 
 
-def meta_twin(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+def meta_twin(
+    tensor: torch.Tensor, like: torch.Tensor | None = None, share_attributes: bool = False
+) -> torch.Tensor:
     """A meta tensor of the same class (vLLM's parameter subclasses included) and
     attributes (e.g. vLLM's `weight_loader`) as `tensor`, with the shape, strides and
-    dtype of `like` (default: `tensor`'s own), allocating nothing."""
+    dtype of `like` (default: `tensor`'s own), allocating nothing. `share_attributes`:
+    attributes set on `tensor` later appear on the twin too (one attribute dict)."""
     like = tensor if like is None else like
     data = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device="meta")
     twin = torch.Tensor._make_subclass(type(tensor), data, tensor.requires_grad)
-    twin.__dict__.update(getattr(tensor, "__dict__", {}))
+    if share_attributes:
+        twin.__dict__ = tensor.__dict__
+    else:
+        twin.__dict__.update(tensor.__dict__)
     return twin
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Construct modules with meta parameters but real buffers and temporaries (RoPE
+    tables, ALiBi slopes a constructor reads back), so no weight memory is kept. A
+    parameter keeps its class and its attributes, including those its layer sets after
+    registering it (vLLM's `set_weight_attrs`)."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        # Already-meta parameters are being re-registered (weight tying): keep identity.
+        if param is not None and not param.is_meta:
+            param = meta_twin(param, share_attributes=True)  # type: ignore[assignment]
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -379,7 +417,7 @@ def parameters_replaced(
     """Within the `with`, every parameter of `module` is `replacement(parameter)` (one
     replacement per parameter object, so tied ones stay tied); yields original id ->
     replacement. The originals are put back even if the body raises."""
-    replaced: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+    replaced: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
     twins: dict[int, torch.Tensor] = {}
     try:
         for owner in module.modules():
@@ -393,4 +431,4 @@ def parameters_replaced(
         yield twins
     finally:
         for owner, name, param in replaced:
-            owner._parameters[name] = param  # type: ignore[assignment]
+            owner._parameters[name] = param

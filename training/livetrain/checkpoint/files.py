@@ -17,7 +17,6 @@ from safetensors import safe_open
 
 from livetrain.formats.messages import CheckpointTensor
 
-
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,

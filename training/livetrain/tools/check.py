@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
 from typing import Any
 
 from livetrain.config import TrainableFamilies
@@ -39,7 +38,9 @@ class CheckReport:
         return not self.blockers
 
 
-def check(models: list[Path], dtype: str = "auto", families: TrainableFamilies | None = None) -> list[CheckReport]:
+def check(
+    models: list[Path], dtype: str = "auto", families: TrainableFamilies | None = None
+) -> list[CheckReport]:
     """Everything the server would decide about training each model, without one.
 
     The Hugging Face side of every model is built first: vLLM serves some families
@@ -50,7 +51,10 @@ def check(models: list[Path], dtype: str = "auto", families: TrainableFamilies |
 
         families = plugin_config().train  # the server's: LIVETRAIN_TRAIN_*
     reports = [_read(model) for model in models]
-    skeletons = [_skeleton(model, report) if report.ok else None for model, report in zip(models, reports, strict=True)]
+    skeletons = [
+        _skeleton(model, report) if report.ok else None
+        for model, report in zip(models, reports, strict=True)
+    ]
     for model, report, skeleton in zip(models, reports, skeletons, strict=True):
         if skeleton is not None:
             _against_vllm(model, dtype, families, report, *skeleton)
@@ -64,7 +68,9 @@ def _read(model_dir: Path) -> CheckReport:
     report = CheckReport(str(model_dir))
     config_path = model_dir / "config.json"
     if config_path.is_file():
-        report.architecture = (json.loads(config_path.read_text()).get("architectures") or [None])[0]
+        report.architecture = (json.loads(config_path.read_text()).get("architectures") or [None])[
+            0
+        ]
     reason = quantized(model_dir)
     if reason is None:
         try:

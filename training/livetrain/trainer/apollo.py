@@ -300,9 +300,7 @@ def _refuse_large_moves(moves: list[tuple[str, torch.Tensor, torch.Tensor]], lim
     moved = torch.cat([m.to("cpu").reshape(-1) for _, m, _ in moves]).tolist()
     norms = torch.cat([w.to("cpu").reshape(-1) for _, _, w in moves]).tolist()
     labels = [
-        name if m.numel() == 1 else f"{name}[{k}]"
-        for name, m, _ in moves
-        for k in range(m.numel())
+        name if m.numel() == 1 else f"{name}[{k}]" for name, m, _ in moves for k in range(m.numel())
     ]
     for name, delta, norm in zip(labels, moved, norms, strict=True):
         if norm > 0 and delta > limit * norm:

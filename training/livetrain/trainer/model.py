@@ -15,8 +15,6 @@ views (`AttachedModel.checkpoint`), for the attach check, restores and sync.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +26,14 @@ from livetrain.checkpoint.files import list_tensors, load_tensor
 from livetrain.config import TrainableFamilies
 from livetrain.formats.messages import TensorView, WeightExport
 from livetrain.formats.shared_tensors import TensorImporter
-from livetrain.weight_map import MappingError, Piece, Placement, Provenance, assemble
+from livetrain.weight_map import (
+    MappingError,
+    Piece,
+    Placement,
+    Provenance,
+    assemble,
+    parameters_on_meta,
+)
 
 # Checkpoint tensors that are buffers some checkpoints carry, not weights.
 _NOT_WEIGHTS = ("rotary_emb.inv_freq",)
@@ -63,24 +68,6 @@ class AttachedModel:
         return self.model.get_parameter(self.checkpoint[name].tensor)
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Construct modules with meta parameters but real buffers (e.g. RoPE tables)."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        # Already-meta parameters are being re-registered (weight tying): keep identity.
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
 def _attention(config: PretrainedConfig) -> str:
     """SDPA where it computes what vLLM computes; eager where attention logits are
     soft-capped (Gemma 2), which transformers' SDPA path cannot apply."""
@@ -89,13 +76,15 @@ def _attention(config: PretrainedConfig) -> str:
 
 def build_skeleton(model_dir: Path, dtype: torch.dtype) -> nn.Module:
     config = AutoConfig.from_pretrained(model_dir)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         try:
             model = AutoModelForCausalLM.from_config(
                 config, dtype=dtype, attn_implementation=_attention(config)
             )
         except ValueError:  # a family without SDPA support (gpt-oss): its eager path
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, attn_implementation="eager"
+            )
     return model.eval()
 
 
@@ -116,11 +105,11 @@ def skeleton_placements(skeleton: nn.Module) -> dict[str, Placement]:
 
     names = canonical_names(skeleton)
     mode = Provenance()
-    for param_id, name in names.items():
+    for name in names.values():
         mode.track(name, skeleton.get_parameter(name))
     state = {n: p.detach() for n, p in skeleton.named_parameters(remove_duplicate=False)}
     with mode:
-        converted = revert_weight_conversion(skeleton, state)
+        converted = revert_weight_conversion(skeleton, state)  # type: ignore[arg-type]
     placements: dict[str, Placement] = {}
     for name, tensor in converted.items():
         found = mode.source_of(tensor)
@@ -313,7 +302,9 @@ def attach(
     dtype = getattr(torch, first.dtype)
     model = build_skeleton(model_dir, dtype)
     held = skeleton_placements(model)
-    shapes = {name: tuple(model.get_parameter(name).shape) for name in canonical_names(model).values()}
+    shapes = {
+        name: tuple(model.get_parameter(name).shape) for name in canonical_names(model).values()
+    }
     placed = compose(shapes, held, export.map)
     place_views(model, placed, export, importer)
     device = next(model.parameters()).device
