@@ -7,7 +7,9 @@ plugin on a tiny random model of that family (built here in seconds), where
   mixtures of experts, the expert and router tensors in the files changed),
 - a rollback serves the synced weights again, bit for bit,
 - `livetrain check`, which starts no server, said beforehand exactly what the server
-  trains and writes.
+  trains and writes,
+- the live readout scores every generated token from the block outputs Hugging Face
+  computes (families without vLLM's aux-hidden-state path included).
 
 And models that cannot train are refused with the reason, never half-attached: Bloom,
 whose fused q/k/v vLLM reorders at load (its server serves, and says why it does not
@@ -33,15 +35,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LOGPROB_ATOL, SAMPLE_TEXT, start_server
+from conftest import LOGPROB_ATOL, SAMPLE_TEXT, start_server, write_readout
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from livetrain.formats import readout_format
 from livetrain.tools.client import LivetrainClient
 from livetrain.tools.tiny_model import ARCHS, MOE_ARCHS, REFUSED_FAMILIES, build_tiny_model
 from livetrain.trainer.model import build_skeleton, skeleton_placements
 
 pytestmark = pytest.mark.server
+CONCEPTS = ["calm", "fear", "joy", "anger", "curiosity", "grief"]
+# Served compiled, as vLLM defaults to (the others eager, to start in half the time):
+# fused experts repacked under torch.compile, and the readout's block-output op kept.
+COMPILED = {"mixtral"}
 # vLLM's worker runs inside its engine-core process: one interpreter start less per
 # server (~8 s here). What these tests check (where each tensor lives, what is served)
 # does not depend on the executor; every other server test runs vLLM's default one.
@@ -59,41 +66,71 @@ class ServerPool:
     def __init__(self, models: dict[str, Path], root: Path) -> None:
         self.models, self.root = models, root
         self._alive = threading.BoundedSemaphore(self.ALIVE)
+        self._lock = threading.Lock()
+        self._running: dict[str, Iterator] = {}  # family -> its start_server generator
+        self._closing = False
         self._pool = ThreadPoolExecutor(self.STARTING, thread_name_prefix="family-server")
-        self._started: dict[str, Future[tuple[LivetrainClient, Iterator]]] = {}
+        self._started: dict[str, Future[LivetrainClient]] = {}
         for family in models:  # in test order; each waits for a free slot
             self._started[family] = self._pool.submit(self._start, family)
 
-    def _start(self, family: str) -> tuple[LivetrainClient, Iterator]:
+    def _start(self, family: str) -> LivetrainClient:
         self._alive.acquire()
         try:
+            if self._closing:
+                raise RuntimeError("the pool is closing")
             workdir = self.root / family
             workdir.mkdir()
-            states = ("failed",) if family in REFUSED_FAMILIES else ("idle",)
+            env, states = dict(ONE_PROCESS_WORKER), ("idle",)
+            if family in REFUSED_FAMILIES:
+                states = ("failed",)
+            else:  # a readout of random directions on both blocks
+                config = json.loads((self.models[family] / "config.json").read_text())
+                readout = write_readout(
+                    workdir / "readout", CONCEPTS, [0, 1], config["hidden_size"], 1
+                )
+                env["LIVETRAIN_READOUT"] = str(readout)
             running = start_server(
-                self.models[family], workdir, None, env=ONE_PROCESS_WORKER, trainer_states=states
+                self.models[family],
+                workdir,
+                None,
+                eager=family not in COMPILED,
+                env=env,
+                trainer_states=states,
             )
-            return next(running), running
+            client = next(running)
         except BaseException:
             self._alive.release()
             raise
+        with self._lock:
+            self._running[family] = running
+        return client
 
-    @contextmanager
-    def server(self, family: str) -> Iterator[LivetrainClient]:
-        client, running = self._started[family].result()
-        try:
-            yield client
-        finally:
+    def _stop(self, family: str) -> None:
+        with self._lock:
+            running = self._running.pop(family, None)
+        if running is not None:
             running.close()  # stops the server
             self._alive.release()
 
+    @contextmanager
+    def server(self, family: str) -> Iterator[LivetrainClient]:
+        try:
+            yield self._started[family].result()
+        finally:
+            self._stop(family)
+
     def close(self) -> None:
+        """Stop every server, also those started for tests that did not run (a start
+        waiting for a slot gets one, sees the pool closing and gives it back)."""
+        self._closing = True
         for future in self._started.values():
             future.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        for future in self._started.values():
-            if future.done() and not future.cancelled() and future.exception() is None:
-                future.result()[1].close()
+        for family in list(self._running):
+            self._stop(family)
+        self._pool.shutdown(wait=True)
+        for family in list(self._running):
+            self._stop(family)
 
 
 # A model that cannot train -> what `livetrain check` and the server say about it.
@@ -132,8 +169,14 @@ def checks(family_models: dict[str, Path]) -> Iterator[Future[dict[str, dict]]]:
 
 
 @pytest.fixture(scope="module")
-def pool(family_models, tmp_path_factory) -> Iterator[ServerPool]:
-    served = {name: family_models[name] for name in (*ARCHS, "bloom")}
+def pool(family_models, tmp_path_factory, request) -> Iterator[ServerPool]:
+    """Servers for the families the selected tests of this module use, in test order."""
+    wanted: list[str] = []
+    for item in request.session.items:
+        if item.module is request.module and "pool" in getattr(item, "fixturenames", ()):
+            params = getattr(item, "callspec", None)
+            wanted.append(params.params["family"] if params else "bloom")
+    served = {name: family_models[name] for name in dict.fromkeys(wanted)}
     servers = ServerPool(served, tmp_path_factory.mktemp("family-servers"))
     yield servers
     servers.close()
@@ -207,6 +250,45 @@ def test_family_trains_syncs_and_rolls_back_in_place(family, pool, checks, famil
         client.http.post("/train/rollback").raise_for_status()
         assert client.continuation_logprobs(*sample) == served  # exactly the synced weights
         assert_trainer_serves(client, sample)
+
+        assert_readout_is_the_block_outputs(client, model_dir)
+
+
+def block_outputs(hf: torch.nn.Module, ids: list[int]) -> list[torch.Tensor]:
+    """Each decoder block's output at every position (float64), by forward hooks."""
+    outputs: list[torch.Tensor] = []
+    hooks = [
+        block.register_forward_hook(
+            lambda _m, _a, out: outputs.append((out[0] if isinstance(out, tuple) else out)[0])
+        )
+        for block in hf.model.layers
+    ]
+    with torch.no_grad():
+        hf(torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    return [o.double() for o in outputs]
+
+
+def assert_readout_is_the_block_outputs(client: LivetrainClient, model_dir: Path) -> None:
+    """Every generated token's scores are the readout's directions applied to the block
+    outputs Hugging Face computes for the same tokens (the served weights are the
+    files' again after the rollback above)."""
+    prompt = client.tokenize("The lamp flickered twice and the room went quiet.")
+    body = {"model": client.model, "prompt": prompt, "max_tokens": 6, "temperature": 0}
+    body |= {"return_token_ids": True, "vllm_xargs": {"readout": True}}
+    completion = client.http.post("/v1/completions", json=body).raise_for_status().json()
+    got = client.readout(completion["id"])
+    generated = [row["token_id"] for row in got["tokens"]]
+    assert generated == completion["choices"][0]["token_ids"] and len(generated) == 6
+    readout = readout_format.load(client.workdir / "readout")  # type: ignore[attr-defined]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    blocks = block_outputs(hf, prompt + generated[:-1])
+    for k, row in enumerate(got["tokens"]):
+        for layer in readout.layers:
+            want = blocks[layer][len(prompt) - 1 + k] @ readout.vectors[layer].double().T
+            have = torch.tensor(row["scores"][str(layer)], dtype=torch.float64)
+            torch.testing.assert_close(have, want, atol=5e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("model", REFUSALS)

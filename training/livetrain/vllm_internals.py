@@ -86,6 +86,7 @@ ATTRIBUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "sample_tokens",
             "get_model",
             "execute_model_state",
+            "max_num_tokens",
             "use_aux_hidden_state_outputs",
             "use_async_scheduling",
             "input_batch",
@@ -618,17 +619,79 @@ def worker_world_size(worker: Any) -> int:
 
 
 def capture_block_outputs(runner: Any, blocks: Sequence[int]) -> None:
-    """Make the loaded model also return the outputs of `blocks` (0-based) every step,
-    through vLLM's EAGLE-3 aux-hidden-state path, which survives compilation."""
+    """Make the loaded model also give the outputs of `blocks` (0-based) every step.
+
+    Where the model class has vLLM's EAGLE-3 aux-hidden-state path, that: the model
+    returns `hidden + residual` after each block, as part of its own code. Families
+    without it (Gemma 2 and 3, Mixtral, OLMoE in vLLM 0.32) get the same sum written by
+    each captured decoder block into a static buffer through a custom op that mutates
+    it, which compiled graphs keep (they drop a forward hook, or an op without an
+    effect) and CUDA graphs replay; `step_block_outputs` reads the step's rows back."""
     model = runner.get_model()
-    if not hasattr(model, "set_aux_hidden_state_layers"):
-        raise RuntimeError(f"live readout: {type(model).__name__} cannot return block outputs")
     if runner.use_aux_hidden_state_outputs:
         raise RuntimeError("live readout: speculative decoding already uses the aux outputs")
     if runner.use_async_scheduling:  # tokens arrive later, off this path (CUDA only)
         raise RuntimeError("live readout: start vLLM with --no-async-scheduling")
-    model.set_aux_hidden_state_layers(tuple(i + 1 for i in blocks))
-    runner.use_aux_hidden_state_outputs = True
+    if hasattr(model, "set_aux_hidden_state_layers"):
+        model.set_aux_hidden_state_layers(tuple(i + 1 for i in blocks))
+        runner.use_aux_hidden_state_outputs = True
+        return
+    layers = _decoder_blocks(model, runner.model_config.hf_text_config.num_hidden_layers)
+    device = next(model.parameters()).device
+    shape = (runner.max_num_tokens, runner.model_config.get_hidden_size())
+    buffers = [torch.zeros(shape, dtype=runner.model_config.dtype, device=device) for _ in blocks]
+    for block, buffer in zip(blocks, buffers, strict=True):
+        _write_output_into(layers[block], buffer)
+    runner._livetrain_block_buffers = buffers
+
+
+def _decoder_blocks(model: nn.Module, count: int) -> nn.ModuleList:
+    """The model's list of decoder blocks (`model.layers` in vLLM's models)."""
+    for name, module in model.named_modules():
+        named_as_blocks = name.rpartition(".")[2] in ("layers", "h")
+        if named_as_blocks and isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise RuntimeError(f"live readout: no list of {count} decoder blocks in {type(model).__name__}")
+
+
+_CAPTURE_OP: Any = None
+
+
+def _capture_op() -> Any:
+    """`livetrain::block_output(out, hidden, residual)`: out[:rows] = hidden + residual.
+    Registered once per process, when a worker first needs it."""
+    global _CAPTURE_OP
+    if _CAPTURE_OP is None:
+
+        @torch.library.custom_op("livetrain::block_output", mutates_args=("out",))
+        def block_output(
+            out: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+        ) -> None:
+            rows = out.narrow(0, 0, hidden.shape[0])
+            if residual is None:
+                rows.copy_(hidden)
+            else:
+                torch.add(hidden, residual, out=rows)
+
+        @block_output.register_fake
+        def _(out: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+            return None
+
+        _CAPTURE_OP = block_output
+    return _CAPTURE_OP
+
+
+def _write_output_into(block: nn.Module, buffer: torch.Tensor) -> None:
+    """After each call, `block` writes its output (hidden + residual) into `buffer`."""
+    forward, capture = block.forward, _capture_op()
+
+    def forward_and_capture(*args: Any, **kwargs: Any) -> Any:
+        out = forward(*args, **kwargs)
+        hidden, residual = out if isinstance(out, tuple) else (out, None)
+        capture(buffer, hidden, residual)
+        return out
+
+    _patch(block, "forward", forward_and_capture)
 
 
 def runner_settings(runner: Any) -> tuple[dict[str, Any], int, torch.device]:
@@ -672,6 +735,10 @@ class StepRequest:
 
 def step_block_outputs(runner: Any) -> list[torch.Tensor] | None:
     """The captured block outputs of the step just run, [rows, hidden] each, or None."""
+    buffers = getattr(runner, "_livetrain_block_buffers", None)
+    if buffers is not None:
+        rows = int(runner.query_start_loc.np[runner.input_batch.num_reqs])
+        return [buffer[:rows] for buffer in buffers]
     state = runner.execute_model_state
     return None if state is None else state.aux_hidden_states
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from livetrain.config import TrainableFamilies
-from livetrain.formats.messages import CheckpointTensor, TensorView, TrainPlan
+from livetrain.formats.messages import CheckpointTensor, TrainPlan
 from livetrain.weight_map import Placement
 
 
@@ -105,18 +105,16 @@ def _against_vllm(
     held: dict[str, Placement],
 ) -> None:
     """vLLM's placements of the checkpoint, the skeleton composed onto them, the plan."""
-    import torch
-
     from livetrain import vllm_internals
     from livetrain.trainer import model as trainer_model
     from livetrain.trainer.plan import train_plan
     from livetrain.weight_map import MappingError
+    from livetrain.worker.export import served_views
 
     try:
         served = vllm_internals.build_meta_model(str(model_dir), dtype)
         served_dtype = next(served.parameters()).dtype
-        wanted = {t.name: (t.shape, getattr(torch, t.dtype)) for t in report.tensors}
-        placements, report.dropped = vllm_internals.checkpoint_placements(served, wanted)
+        views, report.dropped = served_views(served, report.tensors)
     except MappingError as exc:
         report.blockers.append(f"vLLM's loader does not keep these tensors as they are: {exc}")
         return
@@ -125,24 +123,14 @@ def _against_vllm(
         report.blockers.append(f"vLLM {_vllm_version()} cannot build this model: {reason}")
         return
     report.dtype = str(served_dtype).removeprefix("torch.")
-    views = {
-        n: TensorView(p.tensor, p.offset, list(p.shape), list(p.stride))
-        for n, p in placements.items()
-    }
     try:
         skeleton.to(served_dtype)
-        shapes = {
-            name: tuple(skeleton.get_parameter(name).shape)
-            for name in trainer_model.canonical_names(skeleton).values()
-        }
-        placed = trainer_model.compose(shapes, held, views)
-        attached = trainer_model.classify(skeleton, families)
-        attached.checkpoint = trainer_model.checkpoint_map(model_dir, held)
+        placed = trainer_model.compose(skeleton, held, views)
+        attached = trainer_model.classified(skeleton, families, model_dir, held, placed)
     except trainer_model.AttachError as exc:
         report.blockers.append(f"the trainer cannot attach: {exc}")
         return
-    report.written = sorted({placed[name].tensor for name in attached.trainable})
-    report.plan = train_plan(attached)
+    report.written, report.plan = attached.written, train_plan(attached)
 
 
 def _vllm_version() -> str:

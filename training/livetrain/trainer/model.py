@@ -121,15 +121,14 @@ def skeleton_placements(skeleton: nn.Module) -> dict[str, Placement]:
 
 
 def compose(
-    shapes: dict[str, tuple[int, ...]],
-    skeleton: dict[str, Placement],
-    served: dict[str, TensorView],
+    skeleton: nn.Module, held_by: dict[str, Placement], served: dict[str, TensorView]
 ) -> dict[str, Placement]:
     """Skeleton parameter -> the view of vLLM's memory it must be: the one strided view
-    that puts each checkpoint tensor it holds (`skeleton`) where vLLM keeps that tensor
+    that puts each checkpoint tensor it holds (`held_by`) where vLLM keeps that tensor
     (`served`). Checkpoint tensors vLLM skips (a tied lm_head) do not take part."""
+    shapes = {n: tuple(skeleton.get_parameter(n).shape) for n in canonical_names(skeleton).values()}
     pieces: dict[str, list[Piece]] = {}
-    for name, held in skeleton.items():
+    for name, held in held_by.items():
         view = served.get(name)
         if view is None:
             continue
@@ -280,13 +279,27 @@ def classify(model: nn.Module, families: TrainableFamilies) -> AttachedModel:
     return attached
 
 
+def classified(
+    model: nn.Module,
+    families: TrainableFamilies,
+    model_dir: Path,
+    held_by: dict[str, Placement],
+    placed: dict[str, Placement] | None = None,
+) -> AttachedModel:
+    """`classify`, with the checkpoint tensors mapped (`held_by`) and, given where the
+    parameters live in vLLM (`placed`), the vLLM tensors training writes."""
+    attached = classify(model, families)
+    attached.checkpoint = checkpoint_map(model_dir, held_by)
+    if placed is not None:
+        attached.written = sorted({placed[name].tensor for name in attached.trainable})
+    return attached
+
+
 def own_model(model: nn.Module, model_dir: Path, families: TrainableFamilies) -> AttachedModel:
     """A Hugging Face model with its own memory (the tests, the benchmarks), classified
     and with its checkpoint tensors mapped, as `attach` does for vLLM's memory."""
     skeleton = build_skeleton(model_dir, next(model.parameters()).dtype)
-    attached = classify(model, families)
-    attached.checkpoint = checkpoint_map(model_dir, skeleton_placements(skeleton))
-    return attached
+    return classified(model, families, model_dir, skeleton_placements(skeleton))
 
 
 def attach(
@@ -302,16 +315,11 @@ def attach(
     dtype = getattr(torch, first.dtype)
     model = build_skeleton(model_dir, dtype)
     held = skeleton_placements(model)
-    shapes = {
-        name: tuple(model.get_parameter(name).shape) for name in canonical_names(model).values()
-    }
-    placed = compose(shapes, held, export.map)
+    placed = compose(model, held, export.map)
     place_views(model, placed, export, importer)
     device = next(model.parameters()).device
     model.to(device)  # buffers (RoPE tables) follow the weights' device
-    attached = classify(model, families)
-    attached.checkpoint = checkpoint_map(model_dir, held)
-    attached.written = sorted({placed[name].tensor for name in attached.trainable})
+    attached = classified(model, families, model_dir, held, placed)
     exempt = {id(p) for p in attached.trainable.values()} if weights_trained else set()
     verify_against_files(attached, model_dir, exempt)
     return attached

@@ -26,19 +26,29 @@ def export_weights(
         raise RuntimeError(
             f"livetrain supports one worker (tensor/pipeline parallel size 1); got {world_size}"
         )
-    wanted = {t.name: (t.shape, getattr(torch, t.dtype)) for t in tensors}
-    placements, dropped = checkpoint_placements(model, wanted)
+    views, dropped = served_views(model, tensors)
     shared = shared_tensors(model)
-    used = {p.tensor for p in placements.values()}
+    used = {view.param for view in views.values()}
     _check_every_param_fed(model, used)
     return WeightExport(
         params={name: export_tensor(shared[name]) for name in sorted(used)},
-        map={
-            name: TensorView(p.tensor, p.offset, list(p.shape), list(p.stride))
-            for name, p in placements.items()
-        },
+        map=views,
         dropped=dropped,
     )
+
+
+def served_views(
+    model: nn.Module, tensors: list[CheckpointTensor]
+) -> tuple[dict[str, TensorView], list[str]]:
+    """Where vLLM keeps each checkpoint tensor, and the ones its loader skips (also what
+    `livetrain check` asks of a model built on meta parameters)."""
+    wanted = {t.name: (t.shape, getattr(torch, t.dtype)) for t in tensors}
+    placements, dropped = checkpoint_placements(model, wanted)
+    views = {
+        name: TensorView(p.tensor, p.offset, list(p.shape), list(p.stride))
+        for name, p in placements.items()
+    }
+    return views, dropped
 
 
 def _check_every_param_fed(model: nn.Module, used: set[str]) -> None:
