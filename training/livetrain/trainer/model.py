@@ -61,11 +61,11 @@ class AttachedModel:
     def checkpoint_tensor(self, name: str) -> torch.Tensor:
         """The live elements of checkpoint tensor `name`, a view into the model."""
         placement = self.checkpoint[name]
-        return placement.view(self.model.get_parameter(placement.tensor).detach())
+        return placement.view(model_tensor(self.model, placement.tensor).detach())
 
-    def owner(self, name: str) -> nn.Parameter:
-        """The model parameter that holds checkpoint tensor `name`."""
-        return self.model.get_parameter(self.checkpoint[name].tensor)
+    def owner(self, name: str) -> torch.Tensor:
+        """The model parameter (or saved buffer) that holds checkpoint tensor `name`."""
+        return model_tensor(self.model, self.checkpoint[name].tensor)
 
 
 def _attention(config: PretrainedConfig) -> str:
@@ -96,18 +96,40 @@ def canonical_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
+def saved_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers a checkpoint holds (persistent ones: DeepSeek-V3's and GLM-4.5's router
+    `e_score_correction_bias`), by name; RoPE tables and the like are not saved."""
+    out = {}
+    for module_name, module in model.named_modules():
+        for attr, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and attr not in module._non_persistent_buffers_set:
+                out[f"{module_name}.{attr}" if module_name else attr] = buffer
+    return out
+
+
+def model_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """A parameter or saved buffer by name."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    tensor = module._parameters.get(attr)
+    return tensor if tensor is not None else module._buffers[attr]  # type: ignore[return-value]
+
+
 def skeleton_placements(skeleton: nn.Module) -> dict[str, Placement]:
-    """Checkpoint name -> which elements of which skeleton parameter it holds, from
-    transformers' own conversion back to the checkpoint format (what save_pretrained
-    runs: it splits fused experts, renames), run on the meta skeleton. A checkpoint
-    tensor transformers would compute from several parameters is an AttachError."""
+    """Checkpoint name -> which elements of which skeleton parameter (or saved buffer)
+    it holds, from transformers' own conversion back to the checkpoint format (what
+    save_pretrained runs: it splits fused experts, renames), run on the meta skeleton.
+    A checkpoint tensor transformers would compute from several is an AttachError."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    names = canonical_names(skeleton)
     mode = Provenance()
-    for name in names.values():
+    for name in canonical_names(skeleton).values():
         mode.track(name, skeleton.get_parameter(name))
+    buffers = saved_buffers(skeleton)
+    for name, buffer in buffers.items():
+        mode.track(name, buffer)
     state = {n: p.detach() for n, p in skeleton.named_parameters(remove_duplicate=False)}
+    state.update(buffers)
     with mode:
         converted = revert_weight_conversion(skeleton, state)  # type: ignore[arg-type]
     placements: dict[str, Placement] = {}
@@ -125,8 +147,10 @@ def compose(
 ) -> dict[str, Placement]:
     """Skeleton parameter -> the view of vLLM's memory it must be: the one strided view
     that puts each checkpoint tensor it holds (`held_by`) where vLLM keeps that tensor
-    (`served`). Checkpoint tensors vLLM skips (a tied lm_head) do not take part."""
+    (`served`); the same for saved buffers vLLM loads. Checkpoint tensors vLLM skips (a
+    tied lm_head) do not take part."""
     shapes = {n: tuple(skeleton.get_parameter(n).shape) for n in canonical_names(skeleton).values()}
+    buffers = {n: tuple(b.shape) for n, b in saved_buffers(skeleton).items()}
     pieces: dict[str, list[Piece]] = {}
     for name, held in held_by.items():
         view = served.get(name)
@@ -146,7 +170,7 @@ def compose(
             )
         )
     placed: dict[str, Placement] = {}
-    for name, shape in shapes.items():
+    for name, shape in {**shapes, **{n: b for n, b in buffers.items() if n in pieces}}.items():
         if name not in pieces:
             raise AttachError(f"no vLLM tensor for Hugging Face parameter {name}")
         try:
@@ -162,7 +186,8 @@ def compose(
 def place_views(
     model: nn.Module, placed: dict[str, Placement], export: WeightExport, importer: TensorImporter
 ) -> None:
-    """Replace every skeleton parameter (tied ones together) by its view of vLLM's memory."""
+    """Replace every skeleton parameter (tied ones together), and every saved buffer
+    vLLM loads, by its view of vLLM's memory."""
     modules = dict(model.named_modules())
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -174,6 +199,10 @@ def place_views(
         for name in names:
             owner, _, attr = name.rpartition(".")
             setattr(modules[owner], attr, param)
+    for name in saved_buffers(model).keys() & placed.keys():
+        owner, _, attr = name.rpartition(".")
+        placement = placed[name]
+        modules[owner]._buffers[attr] = placement.view(importer(export.params[placement.tensor]))
     leftovers = [n for n, p in model.named_parameters() if p.is_meta]
     if leftovers:
         raise AttachError(f"parameters left without a view: {leftovers}")

@@ -55,4 +55,8 @@ def _check_every_param_fed(model: nn.Module, used: set[str]) -> None:
     fed = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in used}
     orphans = [name for name, p in model.named_parameters() if id(p) not in fed]
     if orphans:
-        raise KeyError(f"vLLM parameters with no checkpoint tensor: {orphans}")
+        raise KeyError(
+            f"vLLM parameters no checkpoint tensor feeds: {orphans} (vLLM derives them at "
+            "load from other tensors, e.g. MLA's absorbed W_UK/W_UV from kv_b_proj, so "
+            "training those could not reach them)"
+        )
