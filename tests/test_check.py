@@ -9,9 +9,13 @@ import json
 import subprocess
 import sys
 
+from conftest import make_trainer
+
 from livetrain.checkpoint.files import quantized
+from livetrain.config import OptimizerSettings
 from livetrain.formats.messages import PlanGroup, TrainPlan
 from livetrain.tools.check import CheckReport, render
+from livetrain.trainer.plan import train_plan
 
 
 def test_a_quantised_checkpoint_is_refused_by_its_config(models, tmp_path):
@@ -60,3 +64,21 @@ def test_the_report_says_what_trains_and_what_it_costs():
     assert render(blocked).endswith(
         "BLOCKER: the model is quantised (gptq): ...\nresult: cannot train"
     )
+
+
+def test_the_plans_optimizer_memory_is_what_a_step_allocates(models):
+    """The plan's optimizer figure is the moments APOLLO keeps after a step (the
+    per-tensor counters aside), and its gradient figure the trained tensors' bytes."""
+    trainer = make_trainer(models["llama"])
+    plan = train_plan(trainer.attached)
+    trainer.prepare([([5, 6, 7], [8, 9])], OptimizerSettings(lr=1e-3))
+    grads = sum(p.grad.nbytes for p in trainer.attached.trainable.values())
+    trainer.apply(1)
+    moments = sum(t.nbytes for k, t in trainer.optimizer.state_dict().items() if "exp_avg" in k)
+    assert plan.optimizer_bytes == moments and plan.gradient_bytes == grads
+    assert {(g.kind, g.optimizer) for g in plan.groups} == {
+        ("linear", "apollo"),
+        ("embeddings", "frozen"),
+        ("lm_head", "frozen"),
+        ("norms", "frozen"),
+    }

@@ -63,9 +63,10 @@ async def _hung_up(request: Request) -> None:
 
 
 def resolve_model_dir(model: str) -> Path:
-    """vLLM's --model as a local directory (a path, or a hub id already cached)."""
+    """vLLM's --model as a local directory (a path, or a hub id already cached), or the
+    file it names (a GGUF, which the trainer then refuses with the reason)."""
     path = Path(model).expanduser()
-    if path.is_dir():
+    if path.exists():
         return path.resolve()
     from huggingface_hub import snapshot_download
 
@@ -110,7 +111,8 @@ class LivetrainEndpoints:
             )
         model_config = engine_client.model_config
         model_dir = resolve_model_dir(model_config.model)
-        self.lock = lock_model_dir(model_dir)  # held for the server's lifetime
+        # held for the server's lifetime; a single file (GGUF) is never synced into
+        self.lock = lock_model_dir(model_dir) if model_dir.is_dir() else None
         self.limits = {
             "vocab_size": model_config.get_vocab_size(),
             "max_model_len": model_config.max_model_len,
