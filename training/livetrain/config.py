@@ -41,7 +41,7 @@ class TrainableFamilies:
     large (embeddings) or sensitive (norms) and stay frozen unless asked for. Fixed per
     server: the set of tensors defines the optimizer state."""
 
-    linear: bool = True
+    linear: bool = True  # every weight matrix but embeddings: MoE routers, experts, biases
     embeddings: bool = False
     norms: bool = False
     lm_head: bool = False
