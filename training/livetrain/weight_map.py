@@ -115,7 +115,7 @@ def _locate(
     rest = offset
     for d in order:
         origin[d], rest = divmod(rest, dims[d][1])
-        if origin[d] >= dims[d][0]:
+        if not 0 <= origin[d] < dims[d][0]:
             return None
     if rest != 0:
         return None
@@ -320,9 +320,17 @@ def _check_cover(
 
 
 def _disjoint(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
-    """Axis-aligned boxes of equal count and total volume overlap only if two do."""
-    if len(boxes) > 4096:
-        return len({origin for origin, _ in boxes}) == len(boxes)  # equal boxes, distinct starts
+    """Whether no two axis-aligned boxes (origin, extent) overlap. Boxes of one extent
+    (one per expert, say) at distinct origins aligned to it cannot; others are compared
+    pairwise."""
+    extents = {extent for _, extent in boxes}
+    if len(extents) == 1:
+        (extent,) = extents
+        aligned = all(
+            o % e == 0 for origin, _ in boxes for o, e in zip(origin, extent, strict=True)
+        )
+        if aligned and len({origin for origin, _ in boxes}) == len(boxes):
+            return True
     for i, (a, ea) in enumerate(boxes):
         for b, eb in boxes[i + 1 :]:
             if all(x < y + ey and y < x + ex for x, ex, y, ey in zip(a, ea, b, eb, strict=True)):
