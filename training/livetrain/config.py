@@ -21,7 +21,7 @@ from typing import get_type_hints
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """APOLLO (2-D linear weights) and AdamW (other trainable tensors) settings."""
+    """APOLLO (weight matrices) and AdamW (other trainable tensors) settings."""
 
     lr: float = 1e-3
     rank: int = 64
