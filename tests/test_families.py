@@ -141,10 +141,25 @@ REFUSALS = {
 }
 
 
+# Qwen3-MoE saved in transformers' own layout (experts fused into 3-D tensors under
+# their parameter names) instead of the per-expert tensors save_pretrained writes.
+FUSED = "qwen3_moe_fused"
+SERVED = (*ARCHS, FUSED)
+
+
+def save_fused(model_dir: Path, out: Path) -> Path:
+    shutil.copytree(model_dir, out)
+    (out / "model.safetensors").unlink()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.save_pretrained(out, save_original_format=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
     built = {f: build_tiny_model(root / f, arch=f) for f in (*ARCHS, *REFUSED_FAMILIES)}
+    built[FUSED] = save_fused(built["qwen3_moe"], root / FUSED)
     quantised = shutil.copytree(built["llama"], root / "quantised")
     config = json.loads((quantised / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
@@ -213,7 +228,7 @@ def hf_logprobs(model_dir: Path, sample: tuple[list[int], list[int]]) -> list[fl
         return continuation_logprobs(hf, [sample])[0].tolist()
 
 
-@pytest.mark.parametrize("family", ARCHS)
+@pytest.mark.parametrize("family", SERVED)
 def test_family_trains_syncs_and_rolls_back_in_place(family, pool, checks, family_models):
     with pool.server(family) as client:
         model_dir: Path = client.workdir / "model"  # type: ignore[attr-defined]
@@ -222,8 +237,9 @@ def test_family_trains_syncs_and_rolls_back_in_place(family, pool, checks, famil
         assert report["ok"], report["blockers"]
         assert report["written"] == trainer["written_params"]
         assert report["plan"] == trainer["plan"]
+        moe = family in (*MOE_ARCHS, FUSED)
         kinds = {g["kind"] for g in trainer["plan"]["groups"] if g["optimizer"] == "apollo"}
-        assert kinds >= ({"experts", "router"} if family in MOE_ARCHS else {"linear"})
+        assert kinds >= ({"experts", "router"} if moe else {"linear"})
 
         sample = (client.tokenize(SAMPLE_TEXT[0]), client.tokenize(SAMPLE_TEXT[1]))
         original = file_tensors(model_dir)
@@ -240,7 +256,7 @@ def test_family_trains_syncs_and_rolls_back_in_place(family, pool, checks, famil
         held = skeleton_placements(build_skeleton(model_dir, torch.float32))
         owners = {name: held[name].tensor for name in changed}  # per-expert -> fused
         assert changed and set(owners.values()) <= set(trainer["trainable_names"]), owners
-        if family in MOE_ARCHS:
+        if moe:
             assert any("expert" in name for name in changed), changed
             assert any(name.endswith(("gate.weight", "router.weight")) for name in changed)
         np.testing.assert_allclose(hf_logprobs(model_dir, sample), served, atol=SYNCED_ATOL)
@@ -289,6 +305,19 @@ def assert_readout_is_the_block_outputs(client: LivetrainClient, model_dir: Path
             want = blocks[layer][len(prompt) - 1 + k] @ readout.vectors[layer].double().T
             have = torch.tensor(row["scores"][str(layer)], dtype=torch.float64)
             torch.testing.assert_close(have, want, atol=5e-4, rtol=1e-4)
+
+
+def test_fused_and_per_expert_checkpoints_of_a_moe_train_alike(checks, family_models):
+    """The same Qwen3-MoE saved per expert (save_pretrained's default) and fused (as
+    transformers holds it): one plan, the same vLLM tensors written."""
+    reports = checks.result()
+    fused, per_expert = reports[FUSED], reports["qwen3_moe"]
+    assert fused["plan"] == per_expert["plan"] and fused["written"] == per_expert["written"]
+    names = file_tensors(family_models[FUSED])
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in file_tensors(
+        family_models["qwen3_moe"]
+    )
 
 
 @pytest.mark.parametrize("model", REFUSALS)

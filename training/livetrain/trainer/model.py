@@ -32,6 +32,7 @@ from livetrain.weight_map import (
     Placement,
     Provenance,
     assemble,
+    contiguous_strides,
     parameters_on_meta,
 )
 
@@ -118,8 +119,10 @@ def model_tensor(model: nn.Module, name: str) -> torch.Tensor:
 def skeleton_placements(skeleton: nn.Module) -> dict[str, Placement]:
     """Checkpoint name -> which elements of which skeleton parameter (or saved buffer)
     it holds, from transformers' own conversion back to the checkpoint format (what
-    save_pretrained runs: it splits fused experts, renames), run on the meta skeleton.
-    A checkpoint tensor transformers would compute from several is an AttachError."""
+    save_pretrained runs: it splits fused experts, renames), run on the meta skeleton;
+    and each parameter under its own name, as a checkpoint in transformers' own layout
+    holds it. A checkpoint tensor transformers would compute from several is an
+    AttachError."""
     from transformers.core_model_loading import revert_weight_conversion
 
     mode = Provenance()
@@ -139,6 +142,11 @@ def skeleton_placements(skeleton: nn.Module) -> dict[str, Placement]:
             raise AttachError(f"{name}: transformers builds it from several parameters")
         source, offset, strides = found
         placements[name] = Placement(source, offset, tuple(tensor.shape), strides)
+    # A checkpoint saved in transformers' own layout (save_original_format=False: fused
+    # experts under their parameter names) holds each parameter under its own name.
+    for name, tensor in {**dict(skeleton.named_parameters()), **buffers}.items():
+        shape = tuple(tensor.shape)
+        placements.setdefault(name, Placement(name, 0, shape, contiguous_strides(shape)))
     return placements
 
 
