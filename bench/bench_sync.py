@@ -177,12 +177,14 @@ def phased_sync(model_dir: Path, live: Tensors, dirty: set[str], block: int) -> 
     compared = dirty - staged_names
     writes, _ = plan(tensors, live.__getitem__, compared.__contains__, block)
     planned = time.perf_counter()
-    for name in replaced:
-        stage_file(model_dir, name, tensors, live.__getitem__, dirty.__contains__)
+    staged_files = {
+        name: stage_file(model_dir, name, tensors, live.__getitem__, dirty.__contains__)
+        for name in replaced
+    }
     staged = time.perf_counter()
-    size = write_journal(model_dir, writes, replaced).stat().st_size
+    size = write_journal(model_dir, writes, staged_files).stat().st_size
     journaled = time.perf_counter()
-    apply_journal(model_dir, writes, replaced)
+    apply_journal(model_dir, writes, staged_files)
     applied = time.perf_counter()
     _, after = plan(list_tensors(model_dir), live.__getitem__, dirty.__contains__, block)
     assert after.blocks_changed == 0, "sync's writes must reproduce the live weights"

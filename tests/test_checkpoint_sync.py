@@ -14,18 +14,22 @@ one child per kill point.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
+import logging
 import math
 import os
 import pathlib
 import random
+import select
 import shutil
 import signal
 import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections import Counter
@@ -41,23 +45,29 @@ from conftest import files_logprobs, start_server
 from safetensors.torch import load_file, save, save_file
 
 from livetrain.checkpoint.files import list_tensors
-from livetrain.checkpoint.lock import lock_model_dir
+from livetrain.checkpoint.lock import FOLDER_LOCK, SERVER_LOCK, claim_for_server
 from livetrain.checkpoint.sync import (
     JOURNAL,
     REPLACE_ABOVE,
     STAGE_PREFIX,
+    STAGE_SUFFIX,
     BlockWrite,
     JournalCorrupt,
+    StagedFileLost,
+    SyncResult,
     UnsafeModelDir,
     apply_journal,
     choose_replacements,
+    file_digest,
     plan,
     recover,
+    settled,
     stage_file,
     sync,
     write_journal,
 )
 from livetrain.tools.client import LivetrainClient
+from livetrain.tools.tiny_model import build_tiny_model
 
 TMP_JOURNAL = f"{JOURNAL}.tmp"
 FAULT_BLOCK = 256  # small blocks: many pwrite calls, so many kill points inside step 2
@@ -469,9 +479,13 @@ def test_recover_deletes_files_staged_for_an_uncommitted_sync(model: Model) -> N
 def test_recover_finishes_a_committed_replacement_idempotently(model: Model) -> None:
     """Killed after the commit with one file renamed and the other not yet: recovery
     renames what is left, and a file already in place stays as it is."""
-    for name in model.files:
-        stage_file(model.dir, name, list_tensors(model.dir), model.live, model.dirty.__contains__)
-    write_journal(model.dir, [], model.files)
+    staged = {
+        name: stage_file(
+            model.dir, name, list_tensors(model.dir), model.live, model.dirty.__contains__
+        )
+        for name in model.files
+    }
+    write_journal(model.dir, [], staged)
     first = model.files[0]
     os.replace(model.dir / f"{STAGE_PREFIX}{first}.tmp", model.dir / first)
 
@@ -484,8 +498,9 @@ def test_recover_refuses_a_journal_replacing_a_file_that_is_not_a_weight_file(
     model: Model,
 ) -> None:
     (model.dir / "config.json").write_text("{}")
-    (model.dir / f"{STAGE_PREFIX}config.json.tmp").write_text('{"planted": 1}')
-    write_journal(model.dir, [], ["config.json"])
+    planted = model.dir / f"{STAGE_PREFIX}config.json.tmp"
+    planted.write_text('{"planted": 1}')
+    write_journal(model.dir, [], {"config.json": file_digest(planted)})
     with pytest.raises(JournalCorrupt, match="not one of the model's weight files"):
         recover(model.dir)
     assert (model.dir / "config.json").read_text() == "{}"
@@ -726,12 +741,12 @@ def test_symlinked_weight_files_are_refused_with_the_reason(model: Model, tmp_pa
     assert {name: (blobs / name).read_bytes() for name in model.files} == before
 
 
-LOCK_CHILD = """
+SERVER_CHILD = """
 import sys
 from pathlib import Path
-from livetrain.checkpoint.lock import ModelInUse, lock_model_dir
+from livetrain.checkpoint.lock import ModelInUse, claim_for_server
 try:
-    lock_model_dir(Path(sys.argv[1]))
+    claim_for_server(Path(sys.argv[1]))
 except ModelInUse as e:
     print(e)
     sys.exit(3)
@@ -741,14 +756,16 @@ except ModelInUse as e:
 def test_a_second_server_on_one_model_folder_is_refused(model: Model) -> None:
     """The lock is the kernel's (flock): another process is refused, naming the holder,
     until the holder closes it or dies."""
-    fd = lock_model_dir(model.dir)
+    fd = claim_for_server(model.dir)
     assert fd is not None
     second = subprocess.run(
-        [sys.executable, "-c", LOCK_CHILD, str(model.dir)], capture_output=True, text=True
+        [sys.executable, "-c", SERVER_CHILD, str(model.dir)], capture_output=True, text=True
     )
     assert second.returncode == 3 and f"pid {os.getpid()}" in second.stdout
     os.close(fd)
-    again = subprocess.run([sys.executable, "-c", LOCK_CHILD, str(model.dir)], capture_output=True)
+    again = subprocess.run(
+        [sys.executable, "-c", SERVER_CHILD, str(model.dir)], capture_output=True
+    )
     assert again.returncode == 0
 
 
@@ -757,16 +774,161 @@ def test_a_read_only_model_folder_needs_no_lock(
     model: Model, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     """Nothing is ever synced into a folder this user cannot write (simulated: root
-    ignores permissions)."""
+    ignores permissions); loading it takes no lock either."""
     real_open = os.open
 
     def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if Path(path).name == ".livetrain.lock":
+        if Path(path).name in (SERVER_LOCK, FOLDER_LOCK):
             raise OSError(code, os.strerror(code), str(path))
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", os_open)
-    assert lock_model_dir(model.dir) is None
+    assert claim_for_server(model.dir) is None
+    with settled(model.dir):
+        assert not (model.dir / FOLDER_LOCK).exists()
+
+
+WRITER_CHILD = """
+import sys
+from pathlib import Path
+from livetrain.checkpoint.lock import writing
+with writing(Path(sys.argv[1]), "checkpoint sync"):
+    print("holding", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def writer_in(model_dir: Path) -> Any:
+    """Another process holding the folder lock as a sync does, until the block ends."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER_CHILD, str(model_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "holding\n"
+        yield child
+    finally:
+        child.stdin.close()  # type: ignore[union-attr]
+        child.wait(timeout=30)
+
+
+def waits_for(
+    caplog: pytest.LogCaptureFixture, work: Callable[[], object], holder: int
+) -> threading.Thread:
+    """Start `work` in a thread and return once it logged that it waits for `holder`."""
+    thread = threading.Thread(target=work)
+    with caplog.at_level(logging.WARNING, logger="livetrain.lock"):
+        thread.start()
+        deadline = time.monotonic() + 30
+        while f"waiting for pid {holder} (checkpoint sync)" not in caplog.text:
+            assert thread.is_alive() and time.monotonic() < deadline, caplog.text
+            time.sleep(0.01)
+    return thread
+
+
+def test_recovery_waits_for_a_sync_in_progress_instead_of_deleting_its_staging(
+    model: Model, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The restart race: a new server's worker recovers the folder while the old
+    trainer's exit sync has staged a file. It must wait (naming the writer), not
+    delete the staging; then the finished sync's weights are what it loads."""
+    staged = model.dir / f"{STAGE_PREFIX}{model.files[0]}{STAGE_SUFFIX}"
+    with writer_in(model.dir) as writer:
+        stage_file(
+            model.dir, model.files[0], list_tensors(model.dir), model.live, model.dirty.__contains__
+        )
+        loaded: list[dict[str, bytes]] = []
+
+        def load() -> None:
+            with settled(model.dir):
+                loaded.append(snapshot(model))
+
+        loader = waits_for(caplog, load, writer.pid)
+        assert staged.exists() and not loaded  # still waiting, staging intact
+    loader.join(timeout=30)
+    # The writer ended without committing (it stands in for a killed sync): the staging
+    # was discarded under the lock and the old files loaded, whole.
+    assert loaded == [snapshot(model)] and not staged.exists()
+
+
+def test_readers_share_the_folder_and_a_writer_waits_for_them(
+    model: Model, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tensor-parallel workers load at once; a sync waits until they have read."""
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER_CHILD, str(model.dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert reader.stdout is not None and reader.stdout.readline() == "reading\n"
+    with settled(model.dir):  # a second reader is not held up
+        pass
+    synced: list[SyncResult] = []
+    thread = threading.Thread(
+        target=lambda: synced.append(sync(model.dir, model.live, model.dirty.__contains__))
+    )
+    with caplog.at_level(logging.WARNING, logger="livetrain.lock"):
+        thread.start()
+        deadline = time.monotonic() + 30
+        while "waiting for a process reading the weights" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.01)
+    assert not synced
+    assert_holds(model, "old")
+    reader.stdin.close()  # type: ignore[union-attr]
+    reader.wait(timeout=30)
+    thread.join(timeout=30)
+    assert synced and synced[0].files
+    assert_holds(model, "new")
+
+
+READER_CHILD = """
+import sys
+from pathlib import Path
+from livetrain.checkpoint.sync import settled
+with settled(Path(sys.argv[1])):
+    print("reading", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_committed_journal_whose_staged_file_vanished_is_an_error(model: Model) -> None:
+    """Never "already renamed" unless the original proves it: the journal is kept and
+    no file changes."""
+    staged = {
+        name: stage_file(
+            model.dir, name, list_tensors(model.dir), model.live, model.dirty.__contains__
+        )
+        for name in model.files
+    }
+    write_journal(model.dir, [], staged)
+    os.unlink(model.dir / f"{STAGE_PREFIX}{model.files[-1]}{STAGE_SUFFIX}")
+    before = snapshot(model)
+    with pytest.raises(StagedFileLost, match=f"{model.files[-1]} does not hold"):
+        recover(model.dir)
+    assert snapshot(model) == before and (model.dir / JOURNAL).exists()
+
+
+def test_a_committed_journal_whose_staged_file_changed_is_an_error(model: Model) -> None:
+    name = model.files[0]
+    staged = {
+        name: stage_file(
+            model.dir, name, list_tensors(model.dir), model.live, model.dirty.__contains__
+        )
+    }
+    write_journal(model.dir, [], staged)
+    path = model.dir / f"{STAGE_PREFIX}{name}{STAGE_SUFFIX}"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+    before = snapshot(model)
+    with pytest.raises(StagedFileLost, match="is not what the sync staged"):
+        recover(model.dir)
+    assert snapshot(model) == before
 
 
 # ---- through real vLLM restarts ----------------------------------------------------
@@ -888,6 +1050,101 @@ def test_a_gracefully_stopped_server_syncs_what_it_has_not(models, tmp_path_fact
         latest = client.continuation_logprobs(context, continuation)
         kill_server(client, signal.SIGTERM)
     assert_files_hold(model, (context, continuation), latest, not_=synced)
+
+
+class CreationWatch:
+    """Linux inotify on one folder: wait for a file whose name passes a test to be
+    created (the moment it is opened, before its first byte is written)."""
+
+    IN_CREATE, IN_CLOEXEC = 0x100, 0o2000000
+
+    def __init__(self, folder: Path) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(self.IN_CLOEXEC)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        assert self.libc.inotify_add_watch(self.fd, bytes(folder), self.IN_CREATE) >= 0
+
+    def wait(self, wanted: Callable[[str], bool], timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([self.fd], [], [], left)[0]:
+                break
+            events, pos = os.read(self.fd, 65536), 0
+            while pos < len(events):
+                _, _, _, length = struct.unpack_from("iIII", events, pos)
+                name = events[pos + 16 : pos + 16 + length].rstrip(b"\0").decode()
+                pos += 16 + length
+                if wanted(name):
+                    return name
+        raise TimeoutError("no such file was created")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _sync_file(name: str) -> bool:
+    return name.startswith(STAGE_PREFIX) or name == TMP_JOURNAL
+
+
+@pytest.mark.server
+def test_a_server_restarted_at_once_serves_what_the_exit_sync_wrote(tmp_path_factory):
+    """`systemctl restart`: SIGTERM a server with unsynced steps and start a new one on
+    the same folder at once. The old trainer's exit sync is frozen (SIGSTOP) the moment
+    it creates its first file, and thawed only once the new server has reached the
+    folder (it says whom it waits for; on the old code it loaded and came up instead).
+    The new server then serves exactly what that sync wrote, nothing staged is lost,
+    and the files hold the new weights, whole."""
+    workdir = tmp_path_factory.mktemp("restart-race")
+    # A model whose sync takes long enough to be caught in the act (~60 MB of weights).
+    shape = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8)
+    model = build_tiny_model(workdir / "model", "llama", config_overrides=shape)
+    serve = contextlib.contextmanager(start_server)
+    with serve(model, workdir, None) as first:  # automatic syncs on: it syncs on exit
+        context = first.tokenize("The night porter locked the gate and")
+        continuation = first.tokenize(" counted the lanterns on the hill.")
+        before = first.continuation_logprobs(context, continuation)
+        for _ in range(2):
+            first.train(context, continuation, lr=3e-3, retrain=True).raise_for_status()
+        latest = first.continuation_logprobs(context, continuation)
+        trainer = first.status()["trainer_pid"]
+        watch = CreationWatch(model)
+        try:
+            os.killpg(first.server.process.pid, signal.SIGTERM)
+            created = watch.wait(_sync_file, timeout=60)
+            os.kill(trainer, signal.SIGSTOP)
+        finally:
+            watch.close()
+        first.server.process.wait(timeout=60)
+    assert (model / created).exists(), "the exit sync finished before it was frozen"
+    (workdir / "server.log").rename(workdir / "first.log")
+
+    started: list[Any] = []
+    starting = start_server(model, workdir, None)
+    thread = threading.Thread(target=lambda: started.append(next(starting)), daemon=True)
+    try:
+        thread.start()
+        log = workdir / "server.log"
+        deadline = time.monotonic() + 300
+        while f"waiting for pid {trainer} (exit sync)" not in (
+            log.read_text() if log.exists() else ""
+        ):
+            assert thread.is_alive() and time.monotonic() < deadline, "it did not wait"
+            time.sleep(0.2)
+        assert (model / created).exists()  # the waiting server left the staging alone
+    finally:
+        os.kill(trainer, signal.SIGCONT)
+    wait_gone(trainer)
+    thread.join(timeout=300)
+    (second,) = started
+    try:
+        served = second.continuation_logprobs(context, continuation)
+        np.testing.assert_allclose(served, latest, atol=RESTART_ATOL)
+        status = second.status()
+        assert status["state"] == "idle" and status["weight_version"] == 2, status
+    finally:
+        starting.close()
+    assert_files_hold(model, (context, continuation), latest, not_=before)
+    assert not list(model.glob(f"{STAGE_PREFIX}*"))
 
 
 @pytest.mark.server

@@ -5,8 +5,9 @@
   them once packed), with vLLM's packed kernels rebuilt after each write (or, for
   linear layers, F.linear on the plain ones).
 - Workers gain the `livetrain_*` methods of worker/rpc.py (collective_rpc).
-- Before vLLM's loader reads a model directory, an interrupted checkpoint sync in it
-  is finished or discarded (checkpoint/sync.recover), so vLLM never loads a torn file.
+- vLLM's loader reads a model directory holding its folder lock for reading, once a
+  sync in progress there has finished and an interrupted one has been finished or
+  discarded (checkpoint/sync.settled): vLLM never loads a torn or half-patched file.
 - The API server, when it builds vLLM's config, validates the launch readout and puts
   the blocks to capture into that config (api/readout_launch.py); the model runner then
   scores those blocks for requests that ask (worker/readout_tap.py).
@@ -17,16 +18,16 @@ vLLM may load general plugins more than once per process, so registering is idem
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 _registered = False
 
 
-def _recover(model: str) -> None:
-    from livetrain.checkpoint.sync import recover
+def _settled(model: str) -> contextlib.AbstractContextManager[None]:
+    from livetrain.checkpoint.sync import settled
 
-    if Path(model).is_dir():
-        recover(Path(model))
+    return settled(Path(model)) if Path(model).is_dir() else contextlib.nullcontext()
 
 
 def register() -> None:
@@ -46,7 +47,7 @@ def register() -> None:
         vllm_internals.install_cpu_linear(plugin_config().cpu_kernels)
         vllm_internals.install_cpu_moe_plain_copies()
     vllm_internals.install_worker_methods(rpc.METHODS)
-    vllm_internals.install_before_model_load(_recover)
+    vllm_internals.install_around_model_load(_settled)
     vllm_internals.install_engine_config_hook(readout_launch.engine_config_entry)
     vllm_internals.install_prefix_cache_skip(readout_tap.reads_prompt)
     vllm_internals.install_runner_tap(readout_tap.make_tap)

@@ -19,6 +19,7 @@ import importlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -483,19 +484,19 @@ def install_worker_methods(methods: dict[str, Callable[..., Any]]) -> None:
         setattr(WorkerBase, name, method)
 
 
-def install_before_model_load(hook: Callable[[str], None]) -> None:
-    """Call `hook(model_path)` before vLLM's loader reads a model's files."""
+def install_around_model_load(guard: Callable[[str], AbstractContextManager[None]]) -> None:
+    """Run vLLM's loader inside `guard(model_path)`, which holds while it reads the files."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-    if not _once(BaseModelLoader, "_livetrain_before_load"):
+    if not _once(BaseModelLoader, "_livetrain_around_load"):
         return
     load_model = BaseModelLoader.load_model
 
-    def load_model_after_hook(self, vllm_config, model_config, *args, **kwargs):
-        hook(model_config.model)
-        return load_model(self, vllm_config, model_config, *args, **kwargs)
+    def load_model_guarded(self, vllm_config, model_config, *args, **kwargs):
+        with guard(model_config.model):
+            return load_model(self, vllm_config, model_config, *args, **kwargs)
 
-    _patch(BaseModelLoader, "load_model", load_model_after_hook)
+    _patch(BaseModelLoader, "load_model", load_model_guarded)
 
 
 def install_engine_config_hook(extend: Callable[[], dict[str, Any] | None]) -> None:

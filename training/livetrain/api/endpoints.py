@@ -36,7 +36,7 @@ from livetrain.api.requests import (
     TrainRequest,
 )
 from livetrain.api.supervisor import StepRefused, TrainerSupervisor, TrainerUnavailable
-from livetrain.checkpoint.lock import lock_model_dir
+from livetrain.checkpoint.lock import claim_for_server
 from livetrain.config import PluginConfig, plugin_config
 from livetrain.formats import messages as msg
 
@@ -85,7 +85,7 @@ class LivetrainEndpoints:
         self.limits: dict[str, int] = {}
         self.key_ok: Callable[[Any], bool] | None = None  # None: the server has no API key
         self.readout = ReadoutRoutes(self.config)
-        self.lock: int | None = None  # the model folder's lock (checkpoint/lock.py)
+        self.lock: int | None = None  # the model folder's server lock (checkpoint/lock.py)
 
     def attach_router(self, app: FastAPI) -> None:
         router = APIRouter(dependencies=[Depends(self._authorize)])
@@ -112,7 +112,7 @@ class LivetrainEndpoints:
         model_config = engine_client.model_config
         model_dir = resolve_model_dir(model_config.model)
         # held for the server's lifetime; a single file (GGUF) is never synced into
-        self.lock = lock_model_dir(model_dir) if model_dir.is_dir() else None
+        self.lock = claim_for_server(model_dir) if model_dir.is_dir() else None
         self.limits = {
             "vocab_size": model_config.get_vocab_size(),
             "max_model_len": model_config.max_model_len,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,7 +30,9 @@ class TrainerExited(RuntimeError):
 
 class TrainerProcess:
     def __init__(self, runtime_dir: Path, incarnation: int) -> None:
-        self.endpoint = f"ipc://{runtime_dir}/trainer-{incarnation}.sock"
+        # The pid keeps a restarted server's socket apart from the old one, which a
+        # trainer still finishing its exit sync would otherwise reconnect to.
+        self.endpoint = f"ipc://{runtime_dir}/trainer-{os.getpid()}-{incarnation}.sock"
         self.process: asyncio.subprocess.Process | None = None
         self.saved_version: int | None = None  # as of the latest reply
         self.save_error: str | None = None

@@ -12,17 +12,24 @@ Crash safety, without copying whole files (ext4 has no reflinks): a redo journal
      a file chosen for replacement is staged whole as `<dir>/.livetrain-stage.<name>.tmp`
      and fsynced (writing it once costs less than journaling its blocks and then
      writing them again)
-  1. the changed blocks, where they go, the staged files' names, and a SHA-256 over all
-     of it go to `<dir>/.livetrain-sync.journal.tmp`, which is fsynced and renamed to
-     `.livetrain-sync.journal`  <- commit point
+  1. the changed blocks, where they go, each staged file's name, size and SHA-256, and a
+     SHA-256 over all of it go to `<dir>/.livetrain-sync.journal.tmp`, which is fsynced
+     and renamed to `.livetrain-sync.journal`  <- commit point
   2. staged files are renamed over their originals and the blocks are written in place;
      files and the folder are fsynced
   3. the journal is deleted
 `recover(dir)` (run before anything loads the directory and before every sync)
-replays a committed journal, which is idempotent (a staged file already renamed is
-gone), and deletes an uncommitted one with its staged files. A kill before the commit
-leaves the old weights; after it, the new ones once recovered. Headers (names, shapes,
-dtypes, offsets) are never rewritten, so every file stays a valid safetensors file.
+replays a committed journal, which is idempotent: a staged file already renamed is
+gone, and its original then holds exactly the size and digest the journal recorded.
+A staged file missing otherwise, or different, is an error (something else deleted or
+changed it), never taken for "already renamed". An uncommitted journal is deleted
+with its staged files. A kill before the commit leaves the old weights; after it, the
+new ones once recovered. Headers (names, shapes, dtypes, offsets) are never
+rewritten, so every file stays a valid safetensors file.
+
+All of it happens under the folder's write lock (lock.py), and `settled` is how
+anything that loads the files waits for a sync in progress: recovering while another
+process syncs would delete the files it has staged.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +55,7 @@ from livetrain.checkpoint.files import (
     list_tensors,
     safetensors_files,
 )
+from livetrain.checkpoint.lock import reading, writing
 
 JOURNAL = ".livetrain-sync.journal"
 STAGE_PREFIX, STAGE_SUFFIX = ".livetrain-stage.", ".tmp"  # never a *.safetensors name
@@ -54,12 +63,17 @@ STAGE_PREFIX, STAGE_SUFFIX = ".livetrain-stage.", ".tmp"  # never a *.safetensor
 # the journal writes each changed byte twice (journal, then in place), staging writes the
 # file once, and trained tensors change in nearly every block (DESIGN.md's figures).
 REPLACE_ABOVE = 0.5
-_MAGIC = b"LTJOURNAL1"
+_MAGIC = b"LTJOURNAL2"  # 1 had no sizes or digests of staged files
 
 
 class JournalCorrupt(RuntimeError):
     """A committed journal failed its checksum, or names a file or range that is not one
     of the model's weight files; the directory needs a person."""
+
+
+class StagedFileLost(JournalCorrupt):
+    """A committed journal's staged file is gone (or changed) and its original does not
+    hold what was staged: something other than the sync deleted or changed it."""
 
 
 class UnsafeModelDir(RuntimeError):
@@ -73,6 +87,14 @@ class BlockWrite:
     file: str  # name inside the model directory
     offset: int  # absolute byte offset in the file
     data: bytes
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """What a replacement file must be, as recorded in the journal."""
+
+    size: int
+    sha256: str
 
 
 @dataclass
@@ -167,10 +189,10 @@ def stage_file(
     tensors: dict[str, FileTensor],
     live: Callable[[str], torch.Tensor],
     dirty: Callable[[str], bool],
-) -> None:
+) -> StagedFile:
     """Step 0 for a replaced file: the file as it will be, written once in file order
     (trained tensors from the live ones, everything else copied from the original),
-    with its mode, and fsynced."""
+    with its mode, and fsynced; hashed as it is written."""
     source = model_dir / name
     staged = model_dir / staged_name(name)
     entries = sorted(
@@ -178,6 +200,12 @@ def stage_file(
         key=lambda e: e.begin,
     )
     mode = source.stat().st_mode & 0o7777
+    digest = hashlib.sha256()
+
+    def put(data: bytes | memoryview, offset: int) -> None:
+        digest.update(data)
+        _pwrite_all(fd, data, offset)
+
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with (
@@ -187,10 +215,11 @@ def stage_file(
         ):
             pos = 0
             for entry in entries:
-                _pwrite_all(fd, old[pos : entry.begin], pos)
-                _pwrite_all(fd, _live_bytes(live(entry.name), entry).data, entry.begin)
+                put(old[pos : entry.begin], pos)
+                put(_live_bytes(live(entry.name), entry).data, entry.begin)
                 pos = entry.end
-            _pwrite_all(fd, old[pos:], pos)
+            put(old[pos:], pos)
+            size = len(old)
         os.fchmod(fd, mode)  # the umask may have narrowed it
         os.fsync(fd)
     except BaseException:
@@ -198,6 +227,16 @@ def stage_file(
         raise
     finally:
         os.close(fd)
+    return StagedFile(size, digest.hexdigest())
+
+
+def file_digest(path: Path) -> StagedFile:
+    """Size and SHA-256 of a file, read in 16 MiB pieces."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+        return StagedFile(f.tell(), digest.hexdigest())
 
 
 def fsync_path(path: Path) -> None:
@@ -209,14 +248,14 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _digest(table: list[dict], replaced: list[str], payload: bytes) -> str:
-    """Covers where every block goes, and which files are replaced, as well as the
-    blocks' bytes: a flipped offset or name is corruption.
+def _digest(table: list[dict], staged: dict[str, dict], payload: bytes) -> str:
+    """Covers where every block goes, and which files are replaced by what, as well as
+    the blocks' bytes: a flipped offset or name is corruption.
 
     The table is hashed in a canonical form, so the digest is checked against what
     the reader actually parsed.
     """
-    listing = {"writes": table, "replaced": replaced}
+    listing = {"writes": table, "staged": staged}
     canonical = json.dumps(listing, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(struct.pack("<Q", len(canonical)) + canonical + payload).hexdigest()
 
@@ -252,15 +291,15 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 
 def write_journal(
-    model_dir: Path, writes: list[BlockWrite], replaced: list[str] | None = None
+    model_dir: Path, writes: list[BlockWrite], staged: dict[str, StagedFile] | None = None
 ) -> Path:
     """Step 1: the journal, durable and then committed by rename. `writes` are the
-    in-place blocks; `replaced` the files already staged whole."""
-    replaced = replaced or []
+    in-place blocks; `staged` the files already staged whole (by name)."""
+    listing = {name: {"size": f.size, "sha256": f.sha256} for name, f in (staged or {}).items()}
     payload = b"".join(w.data for w in writes)
     table = [{"file": w.file, "offset": w.offset, "length": len(w.data)} for w in writes]
-    digest = _digest(table, replaced, payload)
-    header = json.dumps({"writes": table, "replaced": replaced, "sha256": digest}).encode()
+    digest = _digest(table, listing, payload)
+    header = json.dumps({"writes": table, "staged": listing, "sha256": digest}).encode()
     tmp = model_dir / f"{JOURNAL}.tmp"
     try:
         with tmp.open("xb") as f:  # exclusive: never through a symlink planted there
@@ -277,25 +316,26 @@ def write_journal(
     return final
 
 
-def _read_journal(path: Path) -> tuple[list[BlockWrite], list[str]]:
+def _read_journal(path: Path) -> tuple[list[BlockWrite], dict[str, StagedFile]]:
     raw = path.read_bytes()
     if not raw.startswith(_MAGIC):
-        raise JournalCorrupt(f"{path}: not a livetrain journal")
+        raise JournalCorrupt(f"{path}: not a journal this livetrain version writes")
     try:
         (length,) = struct.unpack("<Q", raw[len(_MAGIC) : len(_MAGIC) + 8])
         start = len(_MAGIC) + 8
         header = json.loads(raw[start : start + length])
-        table, replaced, payload = header["writes"], header["replaced"], raw[start + length :]
-        if _digest(table, replaced, payload) != header["sha256"]:
+        table, listing, payload = header["writes"], header["staged"], raw[start + length :]
+        if _digest(table, listing, payload) != header["sha256"]:
             raise ValueError("checksum mismatch")
         writes, pos = [], 0
         for w in table:
             writes.append(BlockWrite(w["file"], w["offset"], payload[pos : pos + w["length"]]))
             pos += w["length"]
-        _check_targets(path.parent, table, replaced)
+        _check_targets(path.parent, table, list(listing))
+        staged = {name: StagedFile(f["size"], f["sha256"]) for name, f in listing.items()}
     except (ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
         raise JournalCorrupt(f"{path}: {exc}; refusing to apply it") from None
-    return writes, replaced
+    return writes, staged
 
 
 def _check_targets(model_dir: Path, table: list[dict], replaced: list[str]) -> None:
@@ -316,22 +356,49 @@ def _check_targets(model_dir: Path, table: list[dict], replaced: list[str]) -> N
             raise ValueError(f"range {offset}+{length} is outside {name} ({sizes[name]} bytes)")
 
 
+def _staged_in_place(model_dir: Path, staged: dict[str, StagedFile], recovering: bool) -> list[str]:
+    """The staged files still to rename, after checking every one before anything is
+    changed. A staged file must have its recorded size (and, when recovering from a
+    journal, digest); one that is gone must already be in place, which its original
+    then proves by holding that size and digest. Anything else raises StagedFileLost."""
+    pending = []
+    for name, expected in staged.items():
+        path = model_dir / staged_name(name)
+        if path.exists():
+            found = file_digest(path) if recovering else StagedFile(path.stat().st_size, "")
+            if found.size == expected.size and (not recovering or found == expected):
+                pending.append(name)
+                continue
+            problem = f"{path.name} is not what the sync staged ({found.size} bytes)"
+        elif file_digest(model_dir / name) == expected:
+            continue  # renamed by the run that was interrupted
+        else:
+            problem = f"{path.name} is gone and {name} does not hold what it staged"
+        raise StagedFileLost(
+            f"{model_dir}: {problem}; something else deleted or changed it (another "
+            f"server recovering this folder?). {name} keeps its old weights; the journal is "
+            "kept for a person to inspect"
+        )
+    return pending
+
+
 def apply_journal(
-    model_dir: Path, writes: list[BlockWrite] | None = None, replaced: list[str] | None = None
+    model_dir: Path,
+    writes: list[BlockWrite] | None = None,
+    staged: dict[str, StagedFile] | None = None,
 ) -> None:
     """Steps 2 and 3: put the staged files in place, write the committed blocks in place,
     make them durable, forget them.
 
-    `writes` and `replaced` are what was just journaled, when the caller still holds
+    `writes` and `staged` are what was just journaled, when the caller still holds
     them; recovery passes None and reads (and checks) them from the journal.
     """
     path = model_dir / JOURNAL
+    recovering = writes is None
     if writes is None:
-        writes, replaced = _read_journal(path)
-    for name in replaced or []:
-        staged = model_dir / staged_name(name)
-        if staged.exists():  # gone: renamed by the run that was interrupted
-            os.replace(staged, model_dir / name)
+        writes, staged = _read_journal(path)
+    for name in _staged_in_place(model_dir, staged or {}, recovering):
+        os.replace(model_dir / staged_name(name), model_dir / name)
     by_file: dict[str, list[BlockWrite]] = {}
     for w in writes:
         by_file.setdefault(w.file, []).append(w)
@@ -349,8 +416,36 @@ def apply_journal(
 
 
 def recover(model_dir: Path) -> str | None:
-    """Finish or discard an interrupted sync. Returns what was done, or None."""
+    """Finish or discard an interrupted sync (holding the write lock; after waiting for
+    a sync that is running). Returns what was done, or None."""
     model_dir = Path(model_dir)
+    with writing(model_dir, "recovering an interrupted sync"):
+        return _recover(model_dir)
+
+
+def _pending(model_dir: Path) -> bool:
+    """Is there an interrupted sync to finish or discard?"""
+    return (
+        (model_dir / JOURNAL).exists()
+        or (model_dir / f"{JOURNAL}.tmp").exists()
+        or any(model_dir.glob(f"{STAGE_PREFIX}*{STAGE_SUFFIX}"))
+    )
+
+
+@contextmanager
+def settled(model_dir: Path) -> Iterator[None]:
+    """Hold the folder for reading, with no sync running or interrupted: what vLLM's
+    loader wraps around reading the files. Readers share the lock (tensor-parallel
+    workers load at once); only a folder that needs recovery takes it exclusively."""
+    while True:
+        with reading(model_dir, "loading the weights"):
+            if not _pending(model_dir):
+                yield
+                return
+        recover(model_dir)
+
+
+def _recover(model_dir: Path) -> str | None:
     action = None
     if (model_dir / f"{JOURNAL}.tmp").exists():
         os.unlink(model_dir / f"{JOURNAL}.tmp")  # never committed: the files are untouched
@@ -383,7 +478,19 @@ def sync(
     `blocks_changed` counts the blocks of the files compared, not of those replaced."""
     started = time.perf_counter()
     check_in_place_safe(model_dir)
-    recover(model_dir)
+    with writing(model_dir, "checkpoint sync"):
+        return _sync(model_dir, live, dirty, block_size, replace_above, started)
+
+
+def _sync(
+    model_dir: Path,
+    live: Callable[[str], torch.Tensor],
+    dirty: Callable[[str], bool],
+    block_size: int,
+    replace_above: float,
+    started: float,
+) -> SyncResult:
+    _recover(model_dir)
     tensors = list_tensors(model_dir)
     replaced = choose_replacements(tensors, dirty, replace_above)
     staged = {n for n, e in tensors.items() if e.file.name in replaced}
@@ -396,14 +503,15 @@ def sync(
     if result.files:
         _check_writable(model_dir, result.files)
         try:
-            for name in replaced:
-                stage_file(model_dir, name, tensors, live, dirty)
-            write_journal(model_dir, writes, replaced)
+            staged_files = {
+                name: stage_file(model_dir, name, tensors, live, dirty) for name in replaced
+            }
+            write_journal(model_dir, writes, staged_files)
         except BaseException:
             if not (model_dir / JOURNAL).exists():  # not committed: the staging is moot
                 _discard_staged(model_dir)
             raise
-        apply_journal(model_dir, writes, replaced)
+        apply_journal(model_dir, writes, staged_files)
         result.files_replaced = replaced
         result.bytes_written += sum((model_dir / name).stat().st_size for name in replaced)
     result.elapsed_ms = (time.perf_counter() - started) * 1000

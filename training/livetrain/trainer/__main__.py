@@ -18,6 +18,7 @@ import msgspec
 import torch
 import zmq
 
+from livetrain.checkpoint.lock import writing
 from livetrain.formats import messages as msg
 from livetrain.trainer.model import AttachError
 from livetrain.trainer.trainer import Trainer, refused
@@ -103,11 +104,17 @@ def _decode(frame: bytes) -> msg.TrainerRequest | msg.Reply:
 def _finish(trainer: Trainer | None) -> None:
     """Before exiting: let the state save land, and sync the steps the files lack when
     automatic syncs are on (the views stay valid on CPU after vLLM's worker exits: the
-    mapping keeps the shared memory; on CUDA only while the worker still lives)."""
+    mapping keeps the shared memory; on CUDA only while the worker still lives).
+
+    The folder lock is taken first, before the state save: a server restarted on the
+    folder at once then waits for this sync instead of loading the files before it."""
     if trainer is None:
         return
-    trainer.finish_save()
-    if trainer.sync_on_exit and trainer.dirty:
+    if not (trainer.sync_on_exit and trainer.dirty):
+        trainer.finish_save()
+        return
+    with writing(trainer.model_dir, "exit sync"):
+        trainer.finish_save()
         log.info("syncing unsynced steps into %s before exiting", trainer.model_dir)
         result = trainer.checkpoint()
         log.info("exit sync: %s", result)

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from livetrain.checkpoint.files import list_tensors, load_tensor
+from livetrain.checkpoint.lock import reading
 from livetrain.config import TrainableFamilies
 from livetrain.formats.messages import TensorView, WeightExport
 from livetrain.formats.shared_tensors import TensorImporter
@@ -238,18 +239,19 @@ def verify_against_files(attached: AttachedModel, model_dir: Path, exempt: set[i
     served dtype. This is also the end-to-end check of the mapping: a view that put
     one element in the wrong place would differ from the file."""
     tensors = list_tensors(model_dir)
-    for name in attached.checkpoint:
-        if id(attached.owner(name)) in exempt:
-            continue
-        view = attached.checkpoint_tensor(name)
-        on_disk = load_tensor(tensors[name]).to(device=view.device, dtype=view.dtype)
-        if not torch.equal(view, on_disk):
-            raise AttachError(
-                f"{name}: the served weights differ from {tensors[name].file.name}; "
-                "refusing to train on weights that do not match the model files "
-                "(vLLM may transform this tensor at load: quantisation, a permutation, "
-                "a scale)"
-            )
+    with reading(model_dir, "checking the served weights"):
+        for name in attached.checkpoint:
+            if id(attached.owner(name)) in exempt:
+                continue
+            view = attached.checkpoint_tensor(name)
+            on_disk = load_tensor(tensors[name]).to(device=view.device, dtype=view.dtype)
+            if not torch.equal(view, on_disk):
+                raise AttachError(
+                    f"{name}: the served weights differ from {tensors[name].file.name}; "
+                    "refusing to train on weights that do not match the model files "
+                    "(vLLM may transform this tensor at load: quantisation, a permutation, "
+                    "a scale)"
+                )
 
 
 @torch.no_grad()
@@ -259,10 +261,11 @@ def restore_weights(attached: AttachedModel, model_dir: Path) -> None:
     to the files at attach and never change."""
     tensors = list_tensors(model_dir)
     trainable = {id(p) for p in attached.trainable.values()}
-    for name in attached.checkpoint:
-        if id(attached.owner(name)) in trainable:
-            view = attached.checkpoint_tensor(name)
-            view.copy_(load_tensor(tensors[name]).to(device=view.device, dtype=view.dtype))
+    with reading(model_dir, "restoring the served weights"):
+        for name in attached.checkpoint:
+            if id(attached.owner(name)) in trainable:
+                view = attached.checkpoint_tensor(name)
+                view.copy_(load_tensor(tensors[name]).to(device=view.device, dtype=view.dtype))
     writes_landed(attached)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from livetrain.checkpoint import sync as checkpoint_sync
 from livetrain.checkpoint.files import fingerprint
+from livetrain.checkpoint.lock import writing
 from livetrain.config import OptimizerSettings, PluginConfig
 from livetrain.formats import messages as msg
 from livetrain.trainer import state as trainer_state
@@ -378,21 +379,24 @@ class Trainer:
     def checkpoint(self) -> msg.Synced | msg.Failed:
         """Write the live weights into the model's safetensors (changed blocks only)."""
         attached = self.attached
-        try:
-            result = checkpoint_sync.sync(
-                self.model_dir,
-                live=attached.checkpoint_tensor,
-                dirty=lambda name: (
-                    name in attached.checkpoint and id(attached.owner(name)) in self.dirty
-                ),
-                block_size=self.block_bytes,
-            )
-        except (OSError, checkpoint_sync.JournalCorrupt, checkpoint_sync.UnsafeModelDir) as exc:
-            return refused(f"checkpoint failed: {exc}")
-        self.dirty.clear()
-        if self.state_dir is not None:
-            snapshot = {**self._snapshot(), "files": fingerprint(self.model_dir)}
-            trainer_state.save(self.state_dir, snapshot, trainer_state.CHECKPOINT_FILE)
+        # the state synced with the files is saved under the same lock: a server
+        # restarted on the folder resumes from the pair
+        with writing(self.model_dir, "checkpoint sync"):
+            try:
+                result = checkpoint_sync.sync(
+                    self.model_dir,
+                    live=attached.checkpoint_tensor,
+                    dirty=lambda name: (
+                        name in attached.checkpoint and id(attached.owner(name)) in self.dirty
+                    ),
+                    block_size=self.block_bytes,
+                )
+            except (OSError, checkpoint_sync.JournalCorrupt, checkpoint_sync.UnsafeModelDir) as e:
+                return refused(f"checkpoint failed: {e}")
+            self.dirty.clear()
+            if self.state_dir is not None:
+                snapshot = {**self._snapshot(), "files": fingerprint(self.model_dir)}
+                trainer_state.save(self.state_dir, snapshot, trainer_state.CHECKPOINT_FILE)
         return msg.Synced(
             weight_version=self.weight_version,
             files=result.files,
