@@ -256,7 +256,8 @@ def readout_server(
     """Llama compiled (as vLLM defaults to) with a 100-concept readout on both blocks,
     prefix caching, and chunked prefill forced by a small token budget per step; shared
     by the live readout's tests and its page's (test_live_readout*.py, run one after the
-    other). Tests that load another readout load the launch one back."""
+    other). Tests that load another readout load the launch one back. Its metrics are
+    vLLM's multiprocess kind (PROMETHEUS_MULTIPROC_DIR)."""
     workdir = tmp_path_factory.mktemp("readout")
     concepts = list(
         json.loads(
@@ -270,7 +271,10 @@ def readout_server(
         # the tests write readouts in their own temp dirs; 1 MiB holds every one of them
         "LIVETRAIN_READOUT_ROOTS": str(tmp_path_factory.getbasetemp()),
         "LIVETRAIN_READOUT_MAX_BYTES": str(1 << 20),
+        # vLLM's multiprocess metrics mode: livetrain's metrics must show there too
+        "PROMETHEUS_MULTIPROC_DIR": str(workdir / "prometheus"),
     }
+    (workdir / "prometheus").mkdir()
     template = workdir / "chat_template.jinja"  # the tiny tokenizer has none of its own
     template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     for client in start_server(

@@ -1170,6 +1170,13 @@ def test_a_failed_automatic_sync_shows_in_the_status_and_is_retried(models, tmp_
         assert status["sync_pending"] and status["state"] == "idle"
         manual = client.http.post("/checkpoint")
         assert manual.status_code == 500 and "symlink" in manual.json()["error"]["message"]
+        # every failure counted, automatic (retried each second) or asked for; no sync
+        label = frozenset({("model_name", client.model)})
+        low = client.status()["sync_error"]["failures"] + 1
+        scraped = client.metrics()
+        high = client.status()["sync_error"]["failures"] + 1
+        assert low <= scraped[("livetrain_sync_errors_total", label)] <= high
+        assert scraped[("livetrain_sync_seconds_count", label)] == 0
     assert blob.read_bytes() == before
 
 

@@ -255,6 +255,35 @@ def tokenize(http, text: str) -> list[int]:
     return http.post("/tokenize", json={"prompt": text}).raise_for_status().json()["tokens"]
 
 
+def test_readout_and_training_metrics_in_multiprocess_mode(readout_server, http):
+    """With PROMETHEUS_MULTIPROC_DIR (vLLM then reads every process's metric files),
+    livetrain's counters and gauges are in /metrics all the same: records collected
+    move with a readout completion, none dropped; a step moves the step counter and
+    the weight-version gauge."""
+    client = readout_server.client
+    label = ("model_name", client.model)
+
+    def value(scraped: dict, name: str, **labels: str) -> float:
+        return scraped.get((name, frozenset({label, *labels.items()})), 0.0)
+
+    before = client.metrics()
+    completion = complete(http, "The lighthouse keeper", max_tokens=6)
+    rows = http.get(f"/readout/{completion['id']}").raise_for_status().json()["tokens"]
+    sample = (client.tokenize("A gull"), client.tokenize(" cried."))
+    step = client.train(*sample, lr=1e-4, retrain=True).raise_for_status().json()
+    after = client.metrics()
+    collected = value(after, "livetrain_readout_records_total") - value(
+        before, "livetrain_readout_records_total"
+    )
+    assert collected >= len(rows) == 6  # a record per engine step, a row per token
+    for reason in ("ring_full", "malformed"):
+        assert value(after, "livetrain_readout_dropped_records_total", reason=reason) == 0
+    assert value(after, "livetrain_steps_total") - value(before, "livetrain_steps_total") == 1
+    assert value(after, "livetrain_weight_version") == step["weight_version"]
+    assert value(after, "livetrain_trainer_state", state="idle") == 1
+    assert list((readout_server.workdir / "prometheus").glob("gauge_mostrecent_*.db"))
+
+
 def test_scores_match_hugging_face(readout_server, http, hf):
     readout = readout_format.load(readout_server.readout_dir)
     prompt = "The lamp flickered twice and the room went quiet."

@@ -186,6 +186,51 @@ def test_a_destructive_step_is_refused_and_changes_nothing(llama_server, sample,
     assert llama_server.status()["state"] == "idle"
 
 
+def test_metrics_in_vllms_own_endpoint_follow_steps_refusals_and_syncs(llama_server):
+    """Scraped from /metrics, beside vLLM's own, labelled with the served model name;
+    every counter moves by exactly what was done between two scrapes, and the gauges
+    equal the replies."""
+    client = llama_server
+    label = ("model_name", client.model)
+
+    def value(scraped: dict, name: str, **labels: str) -> float:
+        return scraped[(name, frozenset({label, *labels.items()}))]
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    sample = (client.tokenize("The clockmaker oiled the gears and"), client.tokenize(" smiled."))
+    before = client.metrics()
+    step = client.train(*sample, lr=1e-4, retrain=True).raise_for_status().json()
+    assert client.train(*sample, lr=1e-4).status_code == 409  # already trained
+    assert client.train(*sample, lr=1.0, retrain=True).status_code == 422  # too large
+    assert client.train(sample[0], [10**9], lr=1e-4).status_code == 422  # invalid
+    synced = client.http.post("/checkpoint").raise_for_status().json()
+    after = client.metrics()
+    assert "vllm:num_requests_running" in client.http.get("/metrics").text
+
+    assert delta("livetrain_steps_total") == 1
+    assert delta("livetrain_trained_tokens_total") == step["tokens"] == len(sample[1])
+    assert value(after, "livetrain_loss") == pytest.approx(step["loss"])
+    assert delta("livetrain_step_seconds_count") == 1
+    assert delta("livetrain_step_seconds_sum") == pytest.approx(step["elapsed_ms"] / 1000)
+    assert delta("livetrain_pause_seconds_sum") == pytest.approx(step["pause_ms"] / 1000)
+    assert delta("livetrain_update_visible_seconds_sum") == pytest.approx(step["update_ms"] / 1000)
+    for reason, count in [("already_trained", 1), ("update_too_large", 1), ("invalid_request", 1)]:
+        assert delta("livetrain_refused_steps_total", reason=reason) == count, reason
+    assert delta("livetrain_refused_steps_total", reason="nonfinite_loss") == 0
+    status = client.status()
+    assert value(after, "livetrain_weight_version") == step["weight_version"]
+    assert value(after, "livetrain_weight_version") == status["weight_version"]
+    assert value(after, "livetrain_optimizer_steps") == status["steps"]
+    assert delta("livetrain_syncs_total", trigger="manual") == 1
+    assert delta("livetrain_sync_bytes_total") == synced["bytes_written"] > 0
+    assert delta("livetrain_sync_seconds_count") == 1
+    assert delta("livetrain_sync_errors_total") == 0
+    states = {s: value(after, "livetrain_trainer_state", state=s) for s in ("idle", "failed")}
+    assert states == {"idle": 1, "failed": 0}
+
+
 def test_trainer_restart_keeps_state(llama_server, sample):
     score(llama_server, *sample)  # any op but prepare waits for the background save
     before = llama_server.status()

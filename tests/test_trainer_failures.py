@@ -70,6 +70,12 @@ def test_a_stopped_trainer_is_killed_at_the_deadline_and_restarted(strict_server
     assert after["trainer_pid"] != before["trainer_pid"]
     assert after["restarts"] == before["restarts"] + 1
     assert after["weight_version"] == before["weight_version"]  # nothing was applied
+    restarts = {k: v for k, v in strict_server.metrics().items() if "trainer_restarts" in k[0]}
+    assert restarts == {
+        ("livetrain_trainer_restarts_total", frozenset({("model_name", strict_server.model)})): (
+            after["restarts"]
+        )
+    }
     trained = strict_server.train(*sample(strict_server), lr=1e-3, retrain=True)
     assert trained.status_code == 200, trained.text
 

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 
 from livetrain import vllm_internals
 from livetrain.api.http import RequestError, parse, validate
+from livetrain.api.metrics import Metrics
 from livetrain.api.readout_routes import ReadoutRoutes
 from livetrain.api.requests import (
     CheckpointRequest,
@@ -120,9 +121,10 @@ class LivetrainEndpoints:
             "max_batch_tokens": self.config.max_batch_tokens,
         }
         guard = load_guard(self.config, self.limits)
-        self.supervisor = TrainerSupervisor(engine_client, model_dir, self.config, guard)
+        metrics = Metrics(model_config.served_model_name)
+        self.supervisor = TrainerSupervisor(engine_client, model_dir, self.config, metrics, guard)
         self.supervisor.start()
-        await self.readout.start(engine_client)
+        await self.readout.start(engine_client, metrics)
 
     async def _authorize(self, request: Request) -> None:
         if self.key_ok is not None and not self.key_ok(request.headers):
@@ -162,7 +164,11 @@ class LivetrainEndpoints:
 
     async def _train(self, request: Request) -> Response:
         supervisor = self._ready_supervisor()
-        body = await parse(request, TrainRequest, self.config.max_body_bytes, self.limits)
+        try:
+            body = await parse(request, TrainRequest, self.config.max_body_bytes, self.limits)
+        except RequestError:
+            supervisor.metrics.refused("invalid_request")
+            raise
         step = supervisor.train(body.sample_list(), body.settings(), body.retrain)
         return await self._answer(
             request,

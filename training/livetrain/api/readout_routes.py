@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from livetrain import vllm_internals as vllm
 from livetrain.api.http import RequestError, parse, validate
+from livetrain.api.metrics import Metrics
 from livetrain.api.readout_collector import ScoreCollector
 from livetrain.api.readout_launch import create_ring, remove
 from livetrain.api.readout_store import ReadoutStore, ReadoutVersions, RequestScores, Scored
@@ -80,7 +81,7 @@ class ReadoutRoutes:
         router.add_api_route("/readout/{request_id}", self._get, methods=["GET"])
         app.include_router(router)
 
-    async def start(self, engine_client: Any) -> None:
+    async def start(self, engine_client: Any, metrics: Metrics) -> None:
         """When the launch captured blocks: create the score ring, have the workers open
         it and load the launch readout, and start draining it."""
         self.captured = list(
@@ -98,7 +99,7 @@ class ReadoutRoutes:
         if error := first_error(answers):
             raise readout_format.ReadoutError(f"live readout: {error}")
         self.engine = engine_client
-        self.collector = ScoreCollector(ring, self.store)
+        self.collector = ScoreCollector(ring, self.store, metrics)
         vllm.watch_added_requests(engine_client, self.collector.note_fanout)
         tokenizer = engine_client.get_tokenizer()
         self.tokenizer = await tokenizer if inspect.isawaitable(tokenizer) else tokenizer

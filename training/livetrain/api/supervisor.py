@@ -4,7 +4,8 @@ It serialises trainer operations (one at a time, in arrival order; one cancelled
 it waits, because its client hung up, never runs) and fences the weight write:
 inference is paused only between `Prepare` (done while serving) and the end of
 `Apply`, then the prefix cache is dropped so no KV computed with the old weights is
-reused. It restarts a trainer that exits, up to a limit, unless it died while writing.
+reused. It restarts a trainer that exits, up to a limit; after one died while writing,
+generation stays paused until the next one has restored the weights from the files.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from livetrain import vllm_internals as vllm
+from livetrain.api.metrics import Metrics, SyncTrigger, TrainerState
 from livetrain.api.sync_timer import SyncTimer
 from livetrain.api.trainer_process import TrainerExited, TrainerProcess
 from livetrain.checkpoint.files import checkpoint_tensors, quantized
@@ -41,9 +43,12 @@ class TrainerUnavailable(RuntimeError):
 class StepRefused(RuntimeError):
     """The trainer refused a request (e.g. non-finite loss); nothing was changed."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, reason: msg.RefusalReason = "error"
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.reason = reason
 
 
 def model_state_dir(config: PluginConfig, model_dir: Path) -> Path:
@@ -68,12 +73,18 @@ def parse_weight_version(value: str) -> int:
 
 class TrainerSupervisor:
     def __init__(
-        self, engine: Any, model_dir: Path, config: PluginConfig, guard: msg.Guard | None = None
+        self,
+        engine: Any,
+        model_dir: Path,
+        config: PluginConfig,
+        metrics: Metrics,
+        guard: msg.Guard | None = None,
     ) -> None:
         self.engine = engine
         self.model_dir = model_dir
         self.config = config
-        self.state = "starting"  # starting | idle | training | failed
+        self.metrics = metrics
+        self.state = "starting"
         self.reason: str | None = "trainer is starting"
         self.weight_version = 0
         self.attached: msg.Attached | None = None
@@ -102,6 +113,19 @@ class TrainerSupervisor:
         self._unfenced_writes = False  # inference reads them only through packed copies
         self._launching: asyncio.Task[None] | None = None
 
+    @property
+    def state(self) -> TrainerState:
+        return self._state
+
+    @state.setter
+    def state(self, state: TrainerState) -> None:
+        self._state = state
+        self.metrics.state(state)
+
+    def _publish(self) -> None:
+        """The served weights' gauges, after anything that may have changed them."""
+        self.metrics.weights(self.weight_version, self.optimizer.optimizer_steps, self.guard_loss)
+
     # ---- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
@@ -120,6 +144,7 @@ class TrainerSupervisor:
         else:
             self.state, self.reason = "idle", None
             log.info("livetrain trainer ready (pid %s): %s", self.trainer_pid, self.attached)
+        self._publish()
         await self._end_torn()
 
     async def _start_trainer(self) -> None:
@@ -185,6 +210,7 @@ class TrainerSupervisor:
             return
         self.restarts += 1
         self._restart_budget_used += 1
+        self.metrics.restarted()
         log.warning("livetrain trainer exited with code %s; restarting", code)
         await self._launch()
 
@@ -240,7 +266,7 @@ class TrainerSupervisor:
         if isinstance(body, msg.Failed):
             if body.kind == "fatal":
                 self._fail(body.error)
-            raise StepRefused(body.error, body.status)
+            raise StepRefused(body.error, body.status, body.reason)
         if not isinstance(body, expected):
             self._fail(f"trainer answered {type(body).__name__} to {request.__name__}")
             raise TrainerUnavailable(self.reason)
@@ -259,6 +285,7 @@ class TrainerSupervisor:
                 self._require_ready()
                 return await operation()
             finally:
+                self._publish()
                 self._lock.release()
 
         return await asyncio.shield(asyncio.ensure_future(run()))
@@ -267,7 +294,14 @@ class TrainerSupervisor:
         self, samples: Sequence[msg.Sample], settings: OptimizerSettings, retrain: bool = False
     ) -> dict[str, Any]:
         """One optimizer step."""
-        return await self._serialised(lambda: self._train(list(samples), settings, retrain))
+        try:
+            return await self._serialised(lambda: self._train(list(samples), settings, retrain))
+        except StepRefused as exc:
+            self.metrics.refused(exc.reason)
+            raise
+        except TrainerUnavailable:
+            self.metrics.refused("unavailable")
+            raise
 
     async def _train(
         self, samples: list[msg.Sample], settings: OptimizerSettings, retrain: bool
@@ -280,6 +314,13 @@ class TrainerSupervisor:
             if self.state == "training":
                 self.state = "idle"
         result["elapsed_ms"] = (time.perf_counter() - started) * 1000
+        self.metrics.step(
+            result["tokens"],
+            result["loss"],
+            result["elapsed_ms"] / 1000,
+            result["pause_ms"] / 1000,
+            result["update_ms"] / 1000,
+        )
         return result
 
     async def _step(
@@ -413,6 +454,7 @@ class TrainerSupervisor:
         rolled, trainer_ms, pause_ms, repack = await self._write(
             msg.Rollback, msg.RolledBack, version, steps=steps
         )
+        self.metrics.paused(pause_ms / 1000)
         if steps is None:
             self.sync_timer.disarm()  # the served weights equal the files
         else:
@@ -453,7 +495,7 @@ class TrainerSupervisor:
         """The timer's sync; a failure is kept for /train/status and retried, waiting
         twice as long each time (from SYNC_RETRY_S up to sync_delay_s)."""
         try:
-            await self.checkpoint()
+            await self.checkpoint("automatic")
         except (TrainerUnavailable, StepRefused) as exc:
             failures = (self.sync_error or {}).get("failures", 0) + 1
             retry = min(SYNC_RETRY_S * 2 ** (failures - 1), self.config.sync_delay_s)
@@ -461,9 +503,15 @@ class TrainerSupervisor:
             log.error("automatic checkpoint sync failed (retry in %.0f s): %s", retry, exc)
             self.sync_timer.arm(retry)
 
-    async def checkpoint(self) -> dict[str, Any]:
+    async def checkpoint(self, trigger: SyncTrigger = "manual") -> dict[str, Any]:
         """Write the live weights into the model files now (shielded like a step)."""
-        return await self._serialised(self._checkpoint)
+        try:
+            result = await self._serialised(self._checkpoint)
+        except (TrainerUnavailable, StepRefused):
+            self.metrics.sync_failed()
+            raise
+        self.metrics.synced(trigger, result["bytes_written"], result["elapsed_ms"] / 1000)
+        return result
 
     async def _checkpoint(self) -> dict[str, Any]:
         self.sync_timer.disarm()  # this sync covers every step so far

@@ -22,7 +22,7 @@ import msgspec
 
 from livetrain.config import OptimizerSettings, TrainableFamilies
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 T = TypeVar("T")
 _encoder = msgspec.msgpack.Encoder()
@@ -341,12 +341,28 @@ class Synced(msgspec.Struct, frozen=True, tag="synced"):
 # How the API server reacts to a failure. "refused": the request could not be honoured
 # and nothing changed. "fatal": the trainer can no longer vouch for its state.
 FailureKind = Literal["refused", "fatal"]
+# Why a step changed nothing, for metrics and clients: the sample was trained already;
+# the loss was not finite; the update was not (a non-finite gradient or moment); it
+# would move a tensor too far (max_update_ratio); the guard set's loss would rise too
+# much; the request was invalid (HTTP 4xx before the trainer saw it); no trainer was
+# ready (503); anything else.
+RefusalReason = Literal[
+    "already_trained",
+    "nonfinite_loss",
+    "nonfinite_update",
+    "update_too_large",
+    "guard",
+    "invalid_request",
+    "unavailable",
+    "error",
+]
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed"):
     kind: FailureKind
     error: str
     status: int | None = None  # the HTTP status the API server should answer with
+    reason: RefusalReason = "error"
 
 
 ReplyBody = Attached | Prepared | Applied | Scored | Synced | RolledBack | GuardSet | Failed

@@ -96,6 +96,18 @@ class LivetrainClient:
     def status(self) -> dict[str, Any]:
         return self.http.get("/train/status").raise_for_status().json()
 
+    def metrics(self, prefix: str = "livetrain_") -> dict[tuple[str, frozenset], float]:
+        """vLLM's /metrics, parsed: {(sample name, its labels): value} for `prefix`."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self.http.get("/metrics").raise_for_status().text
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name.startswith(prefix)
+        }
+
     def wait_trainer(self, timeout: float = 300, states: tuple[str, ...] = ("idle",)) -> dict:
         """Wait until the trainer reaches one of `states`; raise if it failed instead."""
         deadline = time.monotonic() + timeout

@@ -26,7 +26,7 @@ from livetrain.checkpoint.lock import writing
 from livetrain.config import OptimizerSettings, PluginConfig
 from livetrain.formats import messages as msg
 from livetrain.trainer import state as trainer_state
-from livetrain.trainer.apollo import Apollo, PendingStep, RefusedUpdate
+from livetrain.trainer.apollo import Apollo, DestructiveUpdate, PendingStep, RefusedUpdate
 from livetrain.trainer.loss import continuation_logprobs, mean_loss
 from livetrain.trainer.model import AttachedModel, attach, restore_weights, writes_landed
 from livetrain.trainer.plan import train_plan
@@ -292,19 +292,21 @@ class Trainer:
                 return refused(
                     "every sample was already trained; send retrain: true to train on it again",
                     status=409,
+                    reason="already_trained",
                 )
             samples, keys = [samples[i] for i in fresh], [keys[i] for i in fresh]
         model = self.attached.model
         with torch.enable_grad():
             loss = mean_loss(continuation_logprobs(model, samples))
             if not torch.isfinite(loss):
-                return refused(f"non-finite loss ({loss.item()})")
+                return refused(f"non-finite loss ({loss.item()})", reason="nonfinite_loss")
             loss.backward()
         try:
             update = self.optimizer.prepare(settings, self.max_update_ratio)
         except RefusedUpdate as exc:
             self.discard()
-            return refused(str(exc))
+            too_large = isinstance(exc, DestructiveUpdate)
+            return refused(str(exc), reason="update_too_large" if too_large else "nonfinite_update")
         guard = None
         if self.guard is not None:
             update = self.optimizer.preview(update)
@@ -315,6 +317,7 @@ class Trainer:
                     f"the guard set's loss would rise from {guard.before:.4f} to "
                     f"{guard.after:.4f}, more than max_rise {guard.max_rise:g}; nothing "
                     "was applied",
+                    reason="guard",
                 )
         undo = self._undo_record() if self.history.maxlen else None
         self.pending = PreparedStep(update, set(keys), guard, undo)
@@ -422,5 +425,7 @@ class Trainer:
         )
 
 
-def refused(error: str, status: int | None = None) -> msg.Failed:
-    return msg.Failed(kind="refused", error=error, status=status)
+def refused(
+    error: str, status: int | None = None, reason: msg.RefusalReason = "error"
+) -> msg.Failed:
+    return msg.Failed(kind="refused", error=error, status=status, reason=reason)
