@@ -123,7 +123,7 @@ except RingError as e:
 
 
 def test_launch_refuses_a_ring_too_small_to_hold_a_step(monkeypatch, tmp_path):
-    from livetrain.api.readout_launch import engine_config_entry
+    from livetrain.api.readout_launch import launch_blocks
     from livetrain.config import PluginConfig
     from livetrain.formats.readout_format import ReadoutError
     from tests.conftest import write_readout
@@ -132,8 +132,9 @@ def test_launch_refuses_a_ring_too_small_to_hold_a_step(monkeypatch, tmp_path):
     readout = write_readout(tmp_path / "r", ["a"], [0], 8, 0)
     config = PluginConfig(readout=readout, readout_layers=(0,), readout_ring_bytes=100)
     with pytest.raises(ReadoutError, match="LIVETRAIN_READOUT_RING_BYTES must be at least"):
-        engine_config_entry(config)
-    assert engine_config_entry(PluginConfig(readout=readout)) == {"readout_layers": [0]}
+        launch_blocks(config)
+    assert launch_blocks(PluginConfig(readout=readout)) == [0]
+    assert launch_blocks(PluginConfig()) == []
 
 
 ATOL = 1e-4  # fp32 end to end; measured differences are ~1e-6

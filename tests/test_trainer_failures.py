@@ -46,8 +46,27 @@ def strict_server(models: dict[str, Path], tmp_path_factory) -> Iterator[Livetra
         "LIVETRAIN_SYNC_DELAY_S": "0",
         "LIVETRAIN_GUARD": str(workdir / "guard.json"),
         "LIVETRAIN_CPU_KERNELS": "plain",  # F.linear on the trained weights: no repack
+        # a user's own worker extension beside livetrain's, called through vLLM's
+        # development route /collective_rpc
+        "VLLM_SERVER_DEV_MODE": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+        ),
     }
-    yield from start_server(models["llama"], workdir, None, env=env)
+    extension = ["--worker-extension-cls", "worker_probe.Probe"]
+    yield from start_server(models["llama"], workdir, None, env=env, extra_args=extension)
+
+
+@pytest.mark.server
+def test_a_users_worker_extension_and_the_launch_settings_reach_the_worker(strict_server):
+    """vLLM takes one worker extension: the user's own still answers, livetrain's
+    methods work (the trainer attached through them), and the CPU kernels chosen at
+    launch (plain: F.linear) reached the worker through vLLM's config."""
+    reply = strict_server.http.post("/collective_rpc", json={"method": "probe_linear_kernels"})
+    assert reply.raise_for_status().json() == {"results": [["linear"]]}
+    assert strict_server.status()["trainer"]["apollo_tensors"] > 0
+    step = strict_server.train(*sample(strict_server), lr=1e-4, retrain=True).raise_for_status()
+    assert step.json()["repack"]["tensors"] == 0  # nothing packed to rebuild
 
 
 def sample(client: LivetrainClient) -> tuple[list[int], list[int]]:

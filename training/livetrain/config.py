@@ -3,9 +3,10 @@
 `OptimizerSettings` is what a /train request may override per step; `PluginConfig`
 is fixed for the lifetime of a server and read from `LIVETRAIN_*` environment
 variables, because vLLM's own argument parser does not know about plugins. The
-environment is read once per process (`plugin_config()`), and never written: the
-training subprocess gets its settings in its `Attach` message, vLLM's worker gets the
-readout's captured layers inside vLLM's own config (vllm_internals.py).
+environment is read once per process (`plugin_config()`), by the API server only, and
+never written: the training subprocess gets its settings in its `Attach` message,
+vLLM's workers get theirs (`WorkerSettings`: the CPU kernels, the readout's captured
+blocks) inside vLLM's own config, so every process runs the API server's settings.
 """
 
 from __future__ import annotations

@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import torch
 from torch import nn
 
+from livetrain.config import PluginConfig
+from livetrain.formats.messages import WorkerSettings
 from livetrain.weight_map import (
     MappingError,
     Placement,
@@ -75,6 +78,8 @@ TOUCHED: tuple[tuple[str, str], ...] = (
     ("vllm.config", "set_current_vllm_config"),
     ("vllm.engine.arg_utils", "EngineArgs"),
     ("vllm.v1.engine.core_client", "AsyncMPClient.pause_scheduler_async"),
+    ("vllm.config", "get_current_vllm_config"),
+    ("vllm.model_executor.layers.utils", "cpu_unquantized_gemm"),
 )
 ATTRIBUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm._custom_ops", "CPUDNNLGEMMHandler", ("handler_tensor",)),
@@ -115,8 +120,17 @@ ATTRIBUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("vllm.v1.outputs", "ModelRunnerOutput", ("req_id_to_index", "sampled_token_ids")),
     ("vllm.v1.worker.worker_base", "WorkerBase", ("model_runner", "parallel_config")),
     ("vllm.model_executor.layers.fused_moe.experts.cpu_moe", "CPUUnquantizedExperts", ("isa",)),
-    ("vllm.config", "VllmConfig", ("additional_config", "compute_hash")),
-    ("vllm.config", "ModelConfig", ("quantization", "model", "dtype")),
+    (
+        "vllm.config",
+        "VllmConfig",
+        ("additional_config", "compute_hash", "parallel_config", "model_config"),
+    ),
+    ("vllm.config", "ModelConfig", ("quantization", "model", "dtype", "served_model_name")),
+    ("vllm.config", "ParallelConfig", ("worker_extension_cls",)),
+    ("vllm.sampling_params", "SamplingParams", ("extra_args", "n")),
+    ("vllm.v1.request", "Request", ("sampling_params",)),
+    ("vllm.v1.engine", "EngineCoreRequest", ("request_id", "sampling_params")),
+    ("vllm.v1.engine.parallel_sampling", "ParentRequest", ("n",)),
     ("vllm.v1.engine.output_processor", "OutputProcessor", ("add_request", "request_states")),
     (
         "vllm.v1.engine.async_llm",
@@ -135,6 +149,60 @@ ATTRIBUTES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "reset_prefix_cache",
         ),
     ),
+)
+
+
+# Keyword (and named positional) arguments livetrain passes to vLLM functions, or
+# takes from them in a wrapper: (module, path, parameter names its signature has).
+KEYWORDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm", ("remove_weight",)),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.reset_prefix_cache", ("reset_running_requests",)),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.pause_generation", ("mode", "clear_cache")),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.collective_rpc", ("method", "args")),
+    ("vllm.v1.engine.core_client", "AsyncMPClient.pause_scheduler_async", ("mode", "clear_cache")),
+    (
+        "vllm.model_executor.model_loader.base_loader",
+        "BaseModelLoader.load_model",
+        ("vllm_config", "model_config"),
+    ),
+    (
+        "vllm.v1.engine.output_processor",
+        "OutputProcessor.add_request",
+        ("request", "prompt", "parent_req"),
+    ),
+    (
+        "vllm.model_executor.layers.fused_moe.experts.cpu_moe",
+        "replace_parameter",
+        ("layer", "param_name", "new_tensor"),
+    ),
+)
+# What livetrain relies on inside vLLM functions it wraps or whose results it reads:
+# (module, path, text its source must contain).
+SOURCES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    # the CPU linear calls the layer's own `cpu_linear`, which _use_plain_weight replaces
+    ("vllm.model_executor.layers.utils", "cpu_unquantized_gemm", ("layer.cpu_linear(",)),
+    # the oneDNN kernel closes over its handler (`_onednn_handler` finds it there)
+    (
+        "vllm.model_executor.layers.utils",
+        "dispatch_cpu_unquantized_gemm",
+        ("ops.onednn_mm(handler",),
+    ),
+    (
+        "vllm.model_executor.layers.linear",
+        "UnquantizedLinearMethod.process_weights_after_loading",
+        ("_cpu_skip_gemm_dispatch",),
+    ),
+    # the packing goes through the module-level replace_parameter we swap
+    (
+        "vllm.model_executor.layers.fused_moe.experts.cpu_moe",
+        "CPUUnquantizedExperts.process_weights_after_loading",
+        ("replace_parameter(",),
+    ),
+)
+# vLLM's CPU ops called through torch.ops (registered when vllm._custom_ops loads).
+CPU_OPS: tuple[tuple[str, str], ...] = (
+    ("_C", "create_onednn_mm_handler"),
+    ("_C", "release_dnnl_matmul_handler"),
 )
 
 
@@ -233,30 +301,43 @@ def _dispatch_keeping_weight(self: Any, layer: nn.Module) -> None:
     _keep_repackable(layer, bias.data if bias is not None else None, reads_plain=False)
 
 
-def install_cpu_linear(kernels: str) -> None:
+def _plain_kernels() -> bool:
+    """Does this launch run F.linear on the plain weights (WorkerSettings.cpu_kernels)?
+    Read while vLLM loads the model, when its config is the current one."""
+    from vllm.config import get_current_vllm_config
+
+    return worker_settings(get_current_vllm_config()).cpu_kernels == "plain"
+
+
+def install_cpu_linear() -> None:
     """On CPU, vLLM prepacks each linear weight into a kernel-specific layout and frees
     the original, so writes to `layer.weight` would never reach inference.
 
-    "vllm": keep vLLM's kernel and also the plain weight (the trainer's view); the
-    packed copy is packed afresh from the plain weight after every write and swapped in
-    (worker/repack.py). Decode runs at vLLM's speed; memory holds a second copy of every
-    packed weight (a third while fresh copies are packed). "plain": F.linear on the
-    plain weight, no second copy, slower batched decode (bench/bench_decode.py measures
-    both against vLLM's default)."""
+    "vllm" kernels: keep vLLM's kernel and also the plain weight (the trainer's view);
+    the packed copy is packed afresh from the plain weight after every write and swapped
+    in (worker/repack.py). Decode runs at vLLM's speed; memory holds a second copy of
+    every packed weight (a third while fresh copies are packed). "plain": F.linear on
+    the plain weight, no second copy, slower batched decode (bench/bench_decode.py
+    measures both against vLLM's default)."""
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
-    if kernels == "plain":
-        _patch(UnquantizedLinearMethod, "process_weights_after_loading", _use_plain_weight)
-        _patch(UnquantizedEmbeddingMethod, "process_weights_after_loading", _use_plain_weight)
+    if not _once(UnquantizedLinearMethod, "_livetrain_cpu_linear"):
         return
     embedding_dispatch = UnquantizedEmbeddingMethod.process_weights_after_loading
 
+    def linear_keeping_weight(self: Any, layer: nn.Module) -> None:
+        if _plain_kernels():
+            return _use_plain_weight(self, layer)
+        _dispatch_keeping_weight(self, layer)
+
     def embedding_keeping_weight(self: Any, layer: nn.Module) -> None:
+        if _plain_kernels():
+            return _use_plain_weight(self, layer)
         embedding_dispatch(self, layer)  # vLLM keeps the embedding's plain weight itself
         _keep_repackable(layer, None, reads_plain=True)
 
-    _patch(UnquantizedLinearMethod, "process_weights_after_loading", _dispatch_keeping_weight)
+    _patch(UnquantizedLinearMethod, "process_weights_after_loading", linear_keeping_weight)
     _patch(UnquantizedEmbeddingMethod, "process_weights_after_loading", embedding_keeping_weight)
 
 
@@ -476,14 +557,6 @@ def build_meta_model(model_dir: str, dtype: str) -> nn.Module:
             return model_class(vllm_config=config, prefix="")
 
 
-def install_worker_methods(methods: dict[str, Callable[..., Any]]) -> None:
-    """Add methods to every worker, reachable through `engine_client.collective_rpc`."""
-    from vllm.v1.worker.worker_base import WorkerBase
-
-    for name, method in methods.items():
-        setattr(WorkerBase, name, method)
-
-
 def install_around_model_load(guard: Callable[[str], AbstractContextManager[None]]) -> None:
     """Run vLLM's loader inside `guard(model_path)`, which holds while it reads the files."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
@@ -499,13 +572,16 @@ def install_around_model_load(guard: Callable[[str], AbstractContextManager[None
     _patch(BaseModelLoader, "load_model", load_model_guarded)
 
 
-def install_engine_config_hook(extend: Callable[[], dict[str, Any] | None]) -> None:
-    """When this process builds vLLM's config (the API server does, once), run `extend`
-    first and put what it returns into `additional_config[ADDITIONAL_CONFIG_KEY]`.
+def install_engine_config_hook(
+    settings: Callable[[], WorkerSettings], worker_extension: Callable[[str | None], str]
+) -> None:
+    """When this process builds vLLM's config (the API server does, once): put
+    `settings()` into `additional_config[ADDITIONAL_CONFIG_KEY]`, and make vLLM mix
+    livetrain's worker methods into its workers (`parallel_config.worker_extension_cls`,
+    `worker_extension(the name already there)`: composed with a user's own).
 
     additional_config is how settings reach the engine and worker processes vLLM starts:
-    it travels with the config, and it is part of the compile cache key, which is right
-    for what goes there (the captured blocks are outputs of the compiled graph)."""
+    it travels with the config, and it is part of the compile cache key."""
     from vllm.engine.arg_utils import EngineArgs
 
     if not _once(EngineArgs, "_livetrain_config_hook"):
@@ -513,12 +589,13 @@ def install_engine_config_hook(extend: Callable[[], dict[str, Any] | None]) -> N
     create = EngineArgs.create_engine_config
 
     def create_engine_config(self, *args, **kwargs):
-        extra = extend()
+        entry = msgspec.to_builtins(settings())
         config = create(self, *args, **kwargs)
-        if extra:
-            if not isinstance(config.additional_config, dict):
-                raise ValueError("livetrain needs --additional-config to be a JSON object")
-            config.additional_config[ADDITIONAL_CONFIG_KEY] = extra
+        if not isinstance(config.additional_config, dict):
+            raise ValueError("livetrain needs --additional-config to be a JSON object")
+        config.additional_config[ADDITIONAL_CONFIG_KEY] = entry
+        parallel = config.parallel_config
+        parallel.worker_extension_cls = worker_extension(parallel.worker_extension_cls or None)
         return config
 
     _patch(EngineArgs, "create_engine_config", create_engine_config)
@@ -535,10 +612,14 @@ def pin_v1_model_runner() -> None:
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
 
-def additional_config(vllm_config: Any) -> dict[str, Any]:
-    """Our entry of a VllmConfig's additional_config ({} when there is none)."""
+def worker_settings(vllm_config: Any) -> WorkerSettings:
+    """Our entry of a VllmConfig's additional_config; the defaults for a config that was
+    not built through the hook above (nothing livetrain launched)."""
     extra = getattr(vllm_config, "additional_config", None)
-    return extra.get(ADDITIONAL_CONFIG_KEY, {}) if isinstance(extra, dict) else {}
+    entry = extra.get(ADDITIONAL_CONFIG_KEY) if isinstance(extra, dict) else None
+    if entry is None:
+        return WorkerSettings(cpu_kernels=PluginConfig.cpu_kernels)
+    return msgspec.convert(entry, WorkerSettings)
 
 
 def install_prefix_cache_skip(skip: Callable[[dict[str, Any]], bool]) -> None:
@@ -695,10 +776,10 @@ def _write_output_into(block: nn.Module, buffer: torch.Tensor) -> None:
     _patch(block, "forward", forward_and_capture)
 
 
-def runner_settings(runner: Any) -> tuple[dict[str, Any], int, torch.device]:
-    """(our additional_config entry, hidden size, device) of a model runner."""
+def runner_settings(runner: Any) -> tuple[WorkerSettings, int, torch.device]:
+    """(our settings, hidden size, device) of a model runner."""
     return (
-        additional_config(runner.vllm_config),
+        worker_settings(runner.vllm_config),
         int(runner.model_config.get_hidden_size()),
         runner.device,
     )

@@ -2,7 +2,7 @@
 
 Two moments. When vLLM builds its config (before any engine process starts), the
 launch readout is validated and the blocks to capture are fixed and put into that
-config (`engine_config_entry`): they shape the compiled graph, so they belong in its
+config (`launch_blocks`, into WorkerSettings): they shape the compiled graph, so they belong in its
 cache key, and the config is how vLLM hands settings to the processes it starts. Once
 the engine runs, the API server creates the score ring in a private directory and the
 workers open it by RPC (`create_ring`, `remove`).
@@ -14,10 +14,9 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from livetrain import vllm_internals
-from livetrain.config import PluginConfig, plugin_config
+from livetrain.config import PluginConfig
 from livetrain.formats import readout_format
 from livetrain.formats.score_ring import RingError, ScoreRing
 
@@ -39,20 +38,18 @@ def captured_blocks(config: PluginConfig) -> list[int]:
     return captured
 
 
-def engine_config_entry(config: PluginConfig | None = None) -> dict[str, Any] | None:
-    """What the readout adds to vLLM's config: {"readout_layers": [...]}, or None when it
-    is off (settings: this process's, unless given). Also keeps vLLM on the model runner
-    the readout patches."""
-    config = config or plugin_config()
+def launch_blocks(config: PluginConfig) -> list[int]:
+    """The blocks the workers capture (WorkerSettings.readout_layers), [] when the
+    readout is off. Also keeps vLLM on the model runner the readout patches."""
     if not config.readout_enabled:
-        return None
+        return []
     if config.readout_ring_bytes < MIN_RING_BYTES:
         raise readout_format.ReadoutError(
             f"LIVETRAIN_READOUT_RING_BYTES must be at least {MIN_RING_BYTES}"
         )
     blocks = captured_blocks(config)
     vllm_internals.pin_v1_model_runner()
-    return {"readout_layers": blocks}
+    return blocks
 
 
 def create_ring(config: PluginConfig) -> ScoreRing:

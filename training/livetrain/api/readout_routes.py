@@ -84,9 +84,7 @@ class ReadoutRoutes:
     async def start(self, engine_client: Any, metrics: Metrics) -> None:
         """When the launch captured blocks: create the score ring, have the workers open
         it and load the launch readout, and start draining it."""
-        self.captured = list(
-            vllm.additional_config(engine_client.vllm_config).get("readout_layers", [])
-        )
+        self.captured = vllm.worker_settings(engine_client.vllm_config).readout_layers
         if not self.captured:
             return
         ring = create_ring(self.config)

@@ -108,7 +108,8 @@ class TrainerSupervisor:
         self._lock = asyncio.Lock()
         self._writing = False  # True while the trainer writes into the served weights
         self._torn = False  # a write did not finish: generation paused until restored
-        self._packed_cpu = vllm.is_cpu() and config.cpu_kernels == "vllm"
+        kernels = vllm.worker_settings(engine.vllm_config).cpu_kernels  # what the workers use
+        self._packed_cpu = vllm.is_cpu() and kernels == "vllm"
         self._written: list[str] = []  # vLLM parameters the trainer writes (repacked after)
         self._unfenced_writes = False  # inference reads them only through packed copies
         self._launching: asyncio.Task[None] | None = None

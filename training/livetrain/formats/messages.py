@@ -12,6 +12,8 @@ Boundaries, and who writes what:
   `TapStats`, encoded to bytes by the worker, so vLLM's own serialiser carries opaque
   bytes and the typed decode happens here.
 - vLLM worker -> API server (the shared-memory score ring): one `ScoreRecord` per step.
+- API server -> engine and workers (vLLM's own config, `additional_config["livetrain"]`):
+  `WorkerSettings`, fixed at launch.
 """
 
 from __future__ import annotations
@@ -134,6 +136,16 @@ class Repacked(msgspec.Struct, frozen=True):
     tensors: int
     ms: float
     ready: bool = True
+
+
+class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What the workers need from the API server's settings, decided once at launch and
+    carried inside vLLM's config: it travels with it to every process vLLM starts, and
+    it is part of the compile cache key, which is right for both fields (each changes
+    the compiled graph: the kernels the linear layers call, the blocks captured)."""
+
+    cpu_kernels: str  # PluginConfig.cpu_kernels
+    readout_layers: list[int] = []  # decoder blocks whose outputs the readout captures
 
 
 class TapStats(msgspec.Struct, frozen=True):

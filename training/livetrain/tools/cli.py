@@ -22,7 +22,7 @@ from livetrain.tools.launch import plugin_env, serve_command
 
 def _serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     command = serve_command(args.model, vllm_args)
-    os.execvpe(command[0], command, plugin_env())
+    os.execvpe(command[0], command, plugin_env(say=True))
 
 
 def _build_model(args: argparse.Namespace, _: list[str]) -> None:

@@ -18,12 +18,23 @@ import httpx
 PLUGINS = ("livetrain", "livetrain_api")
 
 
-def plugin_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment with both livetrain plugins allowlisted, keeping any others."""
+KVCACHE_SPACE_GIB = "1"  # vLLM's CPU default is sized for large servers
+
+
+def plugin_env(base: dict[str, str] | None = None, say: bool = False) -> dict[str, str]:
+    """Environment with both livetrain plugins allowlisted, keeping any others, and
+    VLLM_CPU_KVCACHE_SPACE set unless it is (`say`: tell stderr when it sets it)."""
     env = dict(os.environ if base is None else base)
     listed = [p for p in env.get("VLLM_PLUGINS", "").split(",") if p]
     env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*listed, *PLUGINS]))
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is far larger
+    if "VLLM_CPU_KVCACHE_SPACE" not in env:
+        env["VLLM_CPU_KVCACHE_SPACE"] = KVCACHE_SPACE_GIB
+        if say:
+            print(
+                f"livetrain: VLLM_CPU_KVCACHE_SPACE={KVCACHE_SPACE_GIB} (GiB of KV cache on "
+                "a CPU build; set it yourself for another size)",
+                file=sys.stderr,
+            )
     return env
 
 

@@ -186,7 +186,7 @@ def make_tap(runner: Any) -> Tap | None:
     """A tap for a model runner that has just loaded its model, when the launch asked
     for block outputs (our entry in vLLM's config); None otherwise."""
     settings, hidden_size, device = vllm.runner_settings(runner)
-    blocks = list(settings.get("readout_layers", []))
+    blocks = settings.readout_layers
     if not blocks:
         return None
     vllm.capture_block_outputs(runner, blocks)

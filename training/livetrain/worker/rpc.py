@@ -1,5 +1,6 @@
 """vLLM worker: the methods livetrain adds to every worker, called by the API server
-through `engine_client.collective_rpc("livetrain_...")`.
+through `engine_client.collective_rpc("livetrain_...")`, and the class that carries
+them into vLLM's worker (`LivetrainWorkerExtension`).
 
 Each returns a message of formats/messages.py encoded to bytes: vLLM's own serialiser
 then carries opaque bytes, and the API server decodes them into the same typed class.
@@ -7,7 +8,6 @@ then carries opaque bytes, and the API server decodes them into the same typed c
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,16 +98,16 @@ def livetrain_readout_stats(worker: Any) -> bytes:
     return encode(tap.stats() if tap else TapStats(0, 0.0, 0, 0))
 
 
-METHODS: dict[str, Callable[..., bytes]] = {
-    f.__name__: f
-    for f in (
-        livetrain_export_weights,
-        livetrain_packed_copies,
-        livetrain_repack_start,
-        livetrain_repack_ready,
-        livetrain_repack,
-        livetrain_readout_start,
-        livetrain_readout_load,
-        livetrain_readout_stats,
-    )
-}
+class LivetrainWorkerExtension:
+    """What vLLM mixes into its worker class (`parallel_config.worker_extension_cls`,
+    named by worker/extension.py, composed with a user's own extension): the functions
+    above become worker methods, reached through `collective_rpc("livetrain_...")`."""
+
+    livetrain_export_weights = livetrain_export_weights
+    livetrain_packed_copies = livetrain_packed_copies
+    livetrain_repack_start = livetrain_repack_start
+    livetrain_repack_ready = livetrain_repack_ready
+    livetrain_repack = livetrain_repack
+    livetrain_readout_start = livetrain_readout_start
+    livetrain_readout_load = livetrain_readout_load
+    livetrain_readout_stats = livetrain_readout_stats
