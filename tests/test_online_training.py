@@ -232,6 +232,7 @@ def test_metrics_in_vllms_own_endpoint_follow_steps_refusals_and_syncs(llama_ser
 
 
 def test_trainer_restart_keeps_state(llama_server, sample):
+    llama_server.train(*sample, lr=1e-3, retrain=True).raise_for_status()  # trained once
     score(llama_server, *sample)  # any op but prepare waits for the background save
     before = llama_server.status()
     assert before["saved_version"] == before["weight_version"] > 0
@@ -266,6 +267,7 @@ def test_rollback_serves_the_last_checkpoint_again_exactly(llama_server, sample,
     """Train past a sync, roll back: the served weights are the files' bit for bit (the
     served log-probs are the synced ones, and equal Hugging Face's on the files), the
     optimizer state is the synced one, and the version moves on (a new write)."""
+    llama_server.train(*sample, lr=1e-3, retrain=True).raise_for_status()  # a state to sync
     llama_server.http.post("/checkpoint").raise_for_status()
     synced = llama_server.continuation_logprobs(*sample)
     at_sync = llama_server.status()

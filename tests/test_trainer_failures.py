@@ -69,6 +69,17 @@ def test_a_users_worker_extension_and_the_launch_settings_reach_the_worker(stric
     assert step.json()["repack"]["tensors"] == 0  # nothing packed to rebuild
 
 
+def wait_queue(client: LivetrainClient, **expected: object) -> dict:
+    """Poll /train/status until its `queue` has `expected`; the status then."""
+    deadline = time.monotonic() + 60
+    while True:
+        status = client.status()
+        if status["queue"] == expected:
+            return status
+        assert time.monotonic() < deadline, status["queue"]
+        time.sleep(0.02)
+
+
 def sample(client: LivetrainClient) -> tuple[list[int], list[int]]:
     return client.tokenize("The harbour lights came on"), client.tokenize(" one by one.")
 
@@ -89,12 +100,8 @@ def test_a_stopped_trainer_is_killed_at_the_deadline_and_restarted(strict_server
     assert after["trainer_pid"] != before["trainer_pid"]
     assert after["restarts"] == before["restarts"] + 1
     assert after["weight_version"] == before["weight_version"]  # nothing was applied
-    restarts = {k: v for k, v in strict_server.metrics().items() if "trainer_restarts" in k[0]}
-    assert restarts == {
-        ("livetrain_trainer_restarts_total", frozenset({("model_name", strict_server.model)})): (
-            after["restarts"]
-        )
-    }
+    label = frozenset({("model_name", strict_server.model)})
+    assert strict_server.metrics()[("livetrain_trainer_restarts_total", label)] == after["restarts"]
     trained = strict_server.train(*sample(strict_server), lr=1e-3, retrain=True)
     assert trained.status_code == 200, trained.text
 
@@ -219,7 +226,7 @@ def test_clients_that_hang_up_drop_their_queued_steps(strict_server):
     try:
         with ThreadPoolExecutor(51) as pool:
             first = pool.submit(strict_server.http.post, "/train", json=body)
-            time.sleep(0.5)  # the first step holds the turn now
+            wait_queue(strict_server, operation="train", trainer_call="prepare", waiting=0)
 
             def hang_up(_: int) -> str:
                 url = str(strict_server.http.base_url.join("/train"))
@@ -230,13 +237,13 @@ def test_clients_that_hang_up_drop_their_queued_steps(strict_server):
                 return "answered"
 
             assert set(pool.map(hang_up, range(50))) == {"hung up"}
-            time.sleep(0.5)
+            wait_queue(strict_server, operation="train", trainer_call="prepare", waiting=0)
             os.kill(before["trainer_pid"], signal.SIGCONT)
             assert first.result().status_code == 200, first.result().text
     finally:
         os.kill(before["trainer_pid"], signal.SIGCONT)
-    time.sleep(2)  # a queued step that was not dropped would have run by now
-    after = strict_server.status()
+    # nothing runs and nothing waits: a queued step that was not dropped would show
+    after = wait_queue(strict_server, operation=None, trainer_call=None, waiting=0)
     assert after["weight_version"] == before["weight_version"] + 1
     assert after["steps"] == before["steps"] + 1 and after["state"] == "idle"
     assert strict_server.complete("Once upon a time", max_tokens=4)["choices"][0]["text"]
@@ -251,7 +258,7 @@ def test_a_trainer_killed_during_a_step_before_its_write_changes_nothing(strict_
     os.kill(before["trainer_pid"], signal.SIGSTOP)  # so that it dies inside prepare
     with ThreadPoolExecutor(1) as pool:
         step = pool.submit(strict_server.train, context, continuation, lr=1e-3, retrain=True)
-        time.sleep(1.0)
+        wait_queue(strict_server, operation="train", trainer_call="prepare", waiting=0)
         os.kill(before["trainer_pid"], signal.SIGKILL)
         reply = step.result()
     assert reply.status_code == 503 and "exited" in reply.json()["error"]["message"], reply.text

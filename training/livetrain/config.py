@@ -92,7 +92,7 @@ class PluginConfig:
     max_samples: int = 256
     max_batch_tokens: int = 2048
     # A step that would move any tensor by more than this fraction of its norm
-    # (||delta W|| / ||W||) is refused: see DESIGN.md for the figures it was chosen from.
+    # (||delta W|| / ||W||) is refused: see bench/RESULTS.md for the figures it was chosen from.
     max_update_ratio: float = 0.1
     # The guard set loaded at launch (LIVETRAIN_GUARD: a JSON file with the body of
     # POST /train/guard); a step that would raise its loss by more than its max_rise is
@@ -122,7 +122,7 @@ class PluginConfig:
     # packed kernels and packs the trained ones afresh with each step (decode at vLLM's
     # speed; a second copy of each packed weight); "plain" runs F.linear on the weights
     # the trainer writes (no copy; slower batched decode). GPUs always read the plain
-    # weight. Figures: DESIGN.md, "Measured figures".
+    # weight. Figures: bench/RESULTS.md.
     cpu_kernels: str = "vllm"
     # Live readout: scores of a request are kept this long after its last token, and at
     # most this many requests are kept (oldest dropped first). The worker hands scores

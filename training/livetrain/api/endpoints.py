@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -29,6 +30,7 @@ from livetrain import vllm_internals
 from livetrain.api.http import RequestError, parse, validate
 from livetrain.api.metrics import Metrics
 from livetrain.api.readout_routes import ReadoutRoutes
+from livetrain.api.replies import to_json
 from livetrain.api.requests import (
     CheckpointRequest,
     GuardRequest,
@@ -139,7 +141,7 @@ class LivetrainEndpoints:
     async def _answer(
         request: Request,
         supervisor: TrainerSupervisor,
-        operation: Awaitable[dict[str, Any]],
+        operation: Awaitable[msgspec.Struct],
         refused: Callable[[StepRefused], RequestError],
     ) -> Response:
         """The operation's result, or the HTTP error for how it failed: 503 while the
@@ -156,7 +158,7 @@ class LivetrainEndpoints:
             log.info("client of %s hung up; its request was cancelled", request.url.path)
             return Response(status_code=499)
         try:
-            return JSONResponse(work.result())
+            return JSONResponse(to_json(work.result()))
         except TrainerUnavailable as exc:
             raise RequestError(503, str(exc), state=supervisor.state) from None
         except StepRefused as exc:
@@ -223,4 +225,4 @@ class LivetrainEndpoints:
         )
 
     async def _status(self) -> JSONResponse:
-        return JSONResponse(self._ready_supervisor().status())
+        return JSONResponse(to_json(self._ready_supervisor().status()))

@@ -26,7 +26,7 @@ from livetrain.config import OptimizerSettings
 from livetrain.formats.messages import Guard
 
 _DEFAULTS = OptimizerSettings()
-# Measured on the built-in model (DESIGN.md): a first step at lr 1e-3 moves an unrelated
+# Measured on the built-in model (bench/RESULTS.md): a first step at lr 1e-3 moves an unrelated
 # guard set's loss by -0.32 to +0.19 nats, one at lr 5e-3 (which the update-size limit
 # admits) by +4.8 to +8.9: this default lets the first kind through and stops the second.
 DEFAULT_MAX_RISE = 0.5

@@ -11,17 +11,18 @@ generation stays paused until the next one has restored the weights from the fil
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 
 from livetrain import vllm_internals as vllm
+from livetrain.api import replies
 from livetrain.api.metrics import Metrics, SyncTrigger, TrainerState
 from livetrain.api.sync_timer import SyncTimer
 from livetrain.api.trainer_process import TrainerExited, TrainerProcess
@@ -98,8 +99,8 @@ class TrainerSupervisor:
         self._restart_budget_used = 0  # since the last trainer that ran healthy_s
         self.trainer: TrainerProcess | None = None
         self._started_at = 0.0
-        self.last_sync: dict[str, Any] | None = None
-        self.sync_error: dict[str, Any] | None = None  # the last failed automatic sync
+        self.last_sync: replies.LastSync | None = None
+        self.sync_error: replies.SyncError | None = None  # the last failed automatic sync
         self.bytes_synced = 0
         self.syncs = 0
         self.sync_timer = SyncTimer(config.sync_delay_s, self._automatic_sync)
@@ -113,6 +114,9 @@ class TrainerSupervisor:
         self._written: list[str] = []  # vLLM parameters the trainer writes (repacked after)
         self._unfenced_writes = False  # inference reads them only through packed copies
         self._launching: asyncio.Task[None] | None = None
+        self._waiting = 0  # operations waiting for their turn
+        self._operation: str | None = None  # the one running
+        self._trainer_call: str | None = None  # the trainer request it awaits
 
     @property
     def state(self) -> TrainerState:
@@ -251,6 +255,7 @@ class TrainerSupervisor:
         if timeout is None:
             timeout = self.config.trainer_call_timeout_s
         try:
+            self._trainer_call = request.__name__.lower()
             reply = await trainer.call(request(id=trainer.next_id(), **fields), timeout)
         except TrainerExited as exc:
             raise TrainerUnavailable(str(exc)) from None
@@ -263,6 +268,8 @@ class TrainerSupervisor:
                 f"trainer did not answer {op} within {timeout:g} s; it was killed and restarts"
             )
             raise TrainerUnavailable(self.reason) from None
+        finally:
+            self._trainer_call = None
         body = reply.body
         if isinstance(body, msg.Failed):
             if body.kind == "fatal":
@@ -275,17 +282,23 @@ class TrainerSupervisor:
 
     # ---- operations ----------------------------------------------------------------
 
-    async def _serialised(self, operation: Callable[[], Awaitable[Result]]) -> Result:
+    async def _serialised(self, name: str, operation: Callable[[], Awaitable[Result]]) -> Result:
         """Run `operation` once every earlier one is done. Cancelled while it waits for
         its turn (its client hung up), it never runs; once started it is shielded, so a
-        hang-up cannot split a step or a write."""
-        await self._lock.acquire()
+        hang-up cannot split a step or a write. `name` is what /train/status shows."""
+        self._waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._waiting -= 1
 
         async def run() -> Result:
+            self._operation = name
             try:
                 self._require_ready()
                 return await operation()
             finally:
+                self._operation = None
                 self._publish()
                 self._lock.release()
 
@@ -293,10 +306,11 @@ class TrainerSupervisor:
 
     async def train(
         self, samples: Sequence[msg.Sample], settings: OptimizerSettings, retrain: bool = False
-    ) -> dict[str, Any]:
+    ) -> replies.TrainReply:
         """One optimizer step."""
         try:
-            return await self._serialised(lambda: self._train(list(samples), settings, retrain))
+            step = partial(self._train, list(samples), settings, retrain)
+            return await self._serialised("train", step)
         except StepRefused as exc:
             self.metrics.refused(exc.reason)
             raise
@@ -306,27 +320,30 @@ class TrainerSupervisor:
 
     async def _train(
         self, samples: list[msg.Sample], settings: OptimizerSettings, retrain: bool
-    ) -> dict[str, Any]:
+    ) -> replies.TrainReply:
         started = time.perf_counter()
         self.state = "training"
         try:
-            result = await self._step(samples, settings, retrain)
+            result = await self._step(samples, settings, retrain, started)
         finally:
             if self.state == "training":
                 self.state = "idle"
-        result["elapsed_ms"] = (time.perf_counter() - started) * 1000
         self.metrics.step(
-            result["tokens"],
-            result["loss"],
-            result["elapsed_ms"] / 1000,
-            result["pause_ms"] / 1000,
-            result["update_ms"] / 1000,
+            result.tokens,
+            result.loss,
+            result.elapsed_ms / 1000,
+            result.pause_ms / 1000,
+            result.update_ms / 1000,
         )
         return result
 
     async def _step(
-        self, samples: list[msg.Sample], settings: OptimizerSettings, retrain: bool
-    ) -> dict[str, Any]:
+        self,
+        samples: list[msg.Sample],
+        settings: OptimizerSettings,
+        retrain: bool,
+        started: float,
+    ) -> replies.TrainReply:
         prepared, prepare_ms = await self._call(
             msg.Prepare, msg.Prepared, samples=samples, settings=settings, retrain=retrain
         )
@@ -336,25 +353,24 @@ class TrainerSupervisor:
         update_ms = (time.perf_counter() - computed) * 1000
         self.last_loss, self.last_settings = prepared.loss, settings
         self.optimizer, self.undo_available = applied.optimizer, applied.undo_available
-        guard = None
         if prepared.guard is not None:
             self.guard_loss = prepared.guard.after
-            guard = {f: getattr(prepared.guard, f) for f in prepared.guard.__struct_fields__}
         self.sync_timer.arm()
-        return {
-            "loss": prepared.loss,
-            "tokens": prepared.tokens,
-            "skipped_samples": prepared.skipped_samples,
-            "weight_version": version,
-            "optimizer_steps": applied.optimizer.optimizer_steps,
-            "moments_reset": prepared.moments_reset,
-            "guard": guard,
-            "undo_available": self.undo_available,
-            "pause_ms": pause_ms,
-            "update_ms": update_ms,
-            "repack": repack,
-            "trainer_ms": {"prepare": prepare_ms, "apply": apply_ms},
-        }
+        return replies.TrainReply(
+            loss=prepared.loss,
+            tokens=prepared.tokens,
+            skipped_samples=prepared.skipped_samples,
+            weight_version=version,
+            optimizer_steps=applied.optimizer.optimizer_steps,
+            moments_reset=prepared.moments_reset,
+            guard=prepared.guard,
+            undo_available=self.undo_available,
+            pause_ms=pause_ms,
+            update_ms=update_ms,
+            repack=repack,
+            trainer_ms=replies.StepTimes(prepare=prepare_ms, apply=apply_ms),
+            elapsed_ms=(time.perf_counter() - started) * 1000,
+        )
 
     async def _write(
         self,
@@ -362,7 +378,7 @@ class TrainerSupervisor:
         expected: type[Body],
         version: int,
         **fields: Any,
-    ) -> tuple[Body, float, float, dict[str, Any]]:
+    ) -> tuple[Body, float, float, replies.Repack]:
         """A write into the served weights, fenced: generation paused, the write (with
         its short deadline), the prefix cache dropped (running requests are recomputed:
         their KV came from the old weights), the new version announced, generation
@@ -427,30 +443,30 @@ class TrainerSupervisor:
             self._fail(f"packing vLLM's CPU weights for version {version} failed: {exc}")
             raise TrainerUnavailable(self.reason) from None
 
-    async def _repack(self, version: int) -> dict[str, Any]:
+    async def _repack(self, version: int) -> replies.Repack:
         """Rebuild the worker's packed CPU kernels from the weights just written (vLLM
         keeps a packed copy of each; `LIVETRAIN_CPU_KERNELS`). Nothing to do on GPU or
         with plain kernels. A copy left stale would serve the old weights under the new
         version, so a failure here fails the server. Returns {tensors, ms, ahead}: the
         worker's packing time, and whether it ran ahead of the pause."""
         if not self._packed_cpu:
-            return {"tensors": 0, "ms": 0.0, "ahead": False}
+            return replies.Repack(tensors=0, ms=0.0, ahead=False)
         try:
             (frame, *_) = await self.engine.collective_rpc(
                 "livetrain_repack", args=(self._written,)
             )
             repacked = msg.decode(frame, msg.Repacked)
-            return {"tensors": repacked.tensors, "ms": repacked.ms, "ahead": self._unfenced_writes}
+            return replies.Repack(repacked.tensors, repacked.ms, ahead=self._unfenced_writes)
         except Exception as exc:
             self._fail(f"rebuilding vLLM's packed CPU weights for version {version} failed: {exc}")
             raise TrainerUnavailable(self.reason) from None
 
-    async def rollback(self, steps: int | None = None) -> dict[str, Any]:
+    async def rollback(self, steps: int | None = None) -> replies.RollbackReply:
         """Serve the weights in the model files again, or (`steps`) those from before
         the last `steps` steps."""
-        return await self._serialised(lambda: self._rollback(steps))
+        return await self._serialised("rollback", lambda: self._rollback(steps))
 
-    async def _rollback(self, steps: int | None) -> dict[str, Any]:
+    async def _rollback(self, steps: int | None) -> replies.RollbackReply:
         version = self.weight_version + 1
         rolled, trainer_ms, pause_ms, repack = await self._write(
             msg.Rollback, msg.RolledBack, version, steps=steps
@@ -462,35 +478,35 @@ class TrainerSupervisor:
             self.sync_timer.arm()  # they are earlier steps' weights, which the files may lack
         self.optimizer, self.last_loss = rolled.optimizer, None
         self.undo_available, self.guard_loss = rolled.undo_available, None
-        return {
-            "weight_version": version,
-            "checkpoint_version": rolled.checkpoint_version,
-            "undone_steps": rolled.undone_steps,
-            "undo_available": rolled.undo_available,
-            "optimizer_steps": rolled.optimizer.optimizer_steps,
-            "pause_ms": pause_ms,
-            "repack": repack,
-            "trainer_ms": trainer_ms,
-        }
+        return replies.RollbackReply(
+            weight_version=version,
+            checkpoint_version=rolled.checkpoint_version,
+            undone_steps=rolled.undone_steps,
+            undo_available=rolled.undo_available,
+            optimizer_steps=rolled.optimizer.optimizer_steps,
+            pause_ms=pause_ms,
+            repack=repack,
+            trainer_ms=trainer_ms,
+        )
 
-    async def set_guard(self, guard: msg.Guard | None) -> dict[str, Any]:
+    async def set_guard(self, guard: msg.Guard | None) -> replies.GuardReply:
         """Replace the guard set (None removes it); answers its loss on the served weights."""
-        return await self._serialised(lambda: self._set_guard(guard))
+        return await self._serialised("guard", lambda: self._set_guard(guard))
 
-    async def _set_guard(self, guard: msg.Guard | None) -> dict[str, Any]:
+    async def _set_guard(self, guard: msg.Guard | None) -> replies.GuardReply:
         answer, _ = await self._call(msg.SetGuard, msg.GuardSet, guard=guard)
         self.guard, self.guard_loss = guard, answer.loss
-        return {"guard": self.guard_status()}
+        return replies.GuardReply(guard=self.guard_status())
 
-    def guard_status(self) -> dict[str, Any] | None:
+    def guard_status(self) -> replies.GuardStatus | None:
         if self.guard is None:
             return None
-        return {
-            "samples": len(self.guard.samples),
-            "tokens": sum(len(cont) for _, cont in self.guard.samples),
-            "max_rise": self.guard.max_rise,
-            "loss": self.guard_loss,
-        }
+        return replies.GuardStatus(
+            samples=len(self.guard.samples),
+            tokens=sum(len(cont) for _, cont in self.guard.samples),
+            max_rise=self.guard.max_rise,
+            loss=self.guard_loss,
+        )
 
     async def _automatic_sync(self) -> None:
         """The timer's sync; a failure is kept for /train/status and retried, waiting
@@ -498,44 +514,42 @@ class TrainerSupervisor:
         try:
             await self.checkpoint("automatic")
         except (TrainerUnavailable, StepRefused) as exc:
-            failures = (self.sync_error or {}).get("failures", 0) + 1
+            failures = (self.sync_error.failures if self.sync_error else 0) + 1
             retry = min(SYNC_RETRY_S * 2 ** (failures - 1), self.config.sync_delay_s)
-            self.sync_error = {"at": time.time(), "reason": str(exc), "failures": failures}
+            self.sync_error = replies.SyncError(time.time(), str(exc), failures)
             log.error("automatic checkpoint sync failed (retry in %.0f s): %s", retry, exc)
             self.sync_timer.arm(retry)
 
-    async def checkpoint(self, trigger: SyncTrigger = "manual") -> dict[str, Any]:
+    async def checkpoint(self, trigger: SyncTrigger = "manual") -> replies.CheckpointReply:
         """Write the live weights into the model files now (shielded like a step)."""
         try:
-            result = await self._serialised(self._checkpoint)
+            result = await self._serialised("checkpoint", self._checkpoint)
         except (TrainerUnavailable, StepRefused):
             self.metrics.sync_failed()
             raise
-        self.metrics.synced(trigger, result["bytes_written"], result["elapsed_ms"] / 1000)
+        self.metrics.synced(trigger, result.bytes_written, result.elapsed_ms / 1000)
         return result
 
-    async def _checkpoint(self) -> dict[str, Any]:
+    async def _checkpoint(self) -> replies.CheckpointReply:
         self.sync_timer.disarm()  # this sync covers every step so far
         started = time.perf_counter()
         synced, _ = await self._call(msg.Checkpoint, msg.Synced)
-        result: dict[str, Any] = {f: getattr(synced, f) for f in synced.__struct_fields__}
-        result["elapsed_ms"] = (time.perf_counter() - started) * 1000
+        fields = msgspec.structs.asdict(synced)
+        result = replies.CheckpointReply(
+            **fields, elapsed_ms=(time.perf_counter() - started) * 1000
+        )
         self.bytes_synced += synced.bytes_written
         self.syncs += 1
-        self.last_sync = {**result, "at": time.time()}
+        self.last_sync = replies.LastSync(**msgspec.structs.asdict(result), at=time.time())
         self.sync_error = None
         return result
 
-    async def score(self, samples: Sequence[msg.Sample]) -> dict[str, Any]:
-        return await self._serialised(lambda: self._score(list(samples)))
+    async def score(self, samples: Sequence[msg.Sample]) -> replies.ScoreReply:
+        return await self._serialised("score", lambda: self._score(list(samples)))
 
-    async def _score(self, samples: list[msg.Sample]) -> dict[str, Any]:
+    async def _score(self, samples: list[msg.Sample]) -> replies.ScoreReply:
         scored, _ = await self._call(msg.Score, msg.Scored, samples=samples)
-        return {
-            "token_logprobs": scored.token_logprobs,
-            "loss": scored.loss,
-            "weight_version": self.weight_version,
-        }
+        return replies.ScoreReply(scored.token_logprobs, scored.loss, self.weight_version)
 
     # ---- status --------------------------------------------------------------------
 
@@ -543,36 +557,39 @@ class TrainerSupervisor:
     def trainer_pid(self) -> int | None:
         return self.trainer.pid if self.trainer else None
 
-    def status(self) -> dict[str, Any]:
-        info: dict[str, Any] = {}
-        if self.attached is not None:
-            info = msgspec.to_builtins(self.attached)
-            for shown_elsewhere in ("weight_version", "optimizer", "guard_loss"):
-                info.pop(shown_elsewhere)
-            info.update(
-                optimizer_steps=self.optimizer.optimizer_steps,
-                state_bytes=self.optimizer.state_bytes,
-            )
-        return {
-            "state": self.state,
-            "reason": self.reason,
-            "weight_version": self.weight_version,
-            "steps": self.optimizer.optimizer_steps,
-            "last_loss": self.last_loss,
-            "settings": dataclasses.asdict(self.last_settings),
-            "trainer_pid": self.trainer_pid,
-            "optimizer_state_bytes": self.optimizer.state_bytes,
-            "saved_version": self.trainer.saved_version if self.trainer else None,
-            "save_error": self.trainer.save_error if self.trainer else None,
-            "restarts": self.restarts,
-            "guard": self.guard_status(),
-            "undo_available": self.undo_available,
-            "last_sync": self.last_sync,
-            "sync_error": self.sync_error,
-            "sync_pending": self.sync_timer.pending,
-            "sync_due_in_s": self.sync_timer.due_in_s(),
-            "bytes_synced": self.bytes_synced,
-            "syncs": self.syncs,
-            "model_dir": str(self.model_dir),
-            "trainer": info,
-        }
+    def _trainer_info(self) -> replies.TrainerInfo | None:
+        if self.attached is None:
+            return None
+        shown_elsewhere = {"weight_version", "optimizer", "guard_loss"}
+        attached = msgspec.structs.asdict(self.attached)
+        return replies.TrainerInfo(
+            **{k: v for k, v in attached.items() if k not in shown_elsewhere},
+            optimizer_steps=self.optimizer.optimizer_steps,
+            state_bytes=self.optimizer.state_bytes,
+        )
+
+    def status(self) -> replies.StatusReply:
+        return replies.StatusReply(
+            state=self.state,
+            reason=self.reason,
+            weight_version=self.weight_version,
+            steps=self.optimizer.optimizer_steps,
+            last_loss=self.last_loss,
+            settings=self.last_settings,
+            trainer_pid=self.trainer_pid,
+            optimizer_state_bytes=self.optimizer.state_bytes,
+            saved_version=self.trainer.saved_version if self.trainer else None,
+            save_error=self.trainer.save_error if self.trainer else None,
+            restarts=self.restarts,
+            guard=self.guard_status(),
+            undo_available=self.undo_available,
+            last_sync=self.last_sync,
+            sync_error=self.sync_error,
+            sync_pending=self.sync_timer.pending,
+            sync_due_in_s=self.sync_timer.due_in_s(),
+            bytes_synced=self.bytes_synced,
+            syncs=self.syncs,
+            model_dir=str(self.model_dir),
+            trainer=self._trainer_info(),
+            queue=replies.Queue(self._operation, self._trainer_call, self._waiting),
+        )

@@ -61,7 +61,7 @@ JOURNAL = ".livetrain-sync.journal"
 STAGE_PREFIX, STAGE_SUFFIX = ".livetrain-stage.", ".tmp"  # never a *.safetensors name
 # A file is staged whole when trained tensors hold more than this fraction of its bytes:
 # the journal writes each changed byte twice (journal, then in place), staging writes the
-# file once, and trained tensors change in nearly every block (DESIGN.md's figures).
+# file once, and trained tensors change in nearly every block (bench/RESULTS.md).
 REPLACE_ABOVE = 0.5
 _MAGIC = b"LTJOURNAL2"  # 1 had no sizes or digests of staged files
 
