@@ -67,6 +67,9 @@ def test_a_users_worker_extension_and_the_launch_settings_reach_the_worker(stric
     assert strict_server.status()["trainer"]["apollo_tensors"] > 0
     step = strict_server.train(*sample(strict_server), lr=1e-4, retrain=True).raise_for_status()
     assert step.json()["repack"]["tensors"] == 0  # nothing packed to rebuild
+    # the weight version is vLLM's own too (its development route shows it)
+    version = strict_server.http.get("/weight_info").raise_for_status().json()
+    assert version == {"weight_version": str(strict_server.status()["weight_version"])}
 
 
 def wait_queue(client: LivetrainClient, **expected: object) -> dict:
