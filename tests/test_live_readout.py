@@ -259,8 +259,9 @@ def tokenize(http, text: str) -> list[int]:
 def test_readout_and_training_metrics_in_multiprocess_mode(readout_server, http):
     """With PROMETHEUS_MULTIPROC_DIR (vLLM then reads every process's metric files),
     livetrain's counters and gauges are in /metrics all the same: records collected
-    move with a readout completion, none dropped; a step moves the step counter and
-    the weight-version gauge."""
+    move with a readout completion, none dropped; a refused step is counted; the
+    gauges are the status's. (No step is applied: the other tests here compare the
+    served model with the files.)"""
     client = readout_server.client
     label = ("model_name", client.model)
 
@@ -270,17 +271,20 @@ def test_readout_and_training_metrics_in_multiprocess_mode(readout_server, http)
     before = client.metrics()
     completion = complete(http, "The lighthouse keeper", max_tokens=6)
     rows = http.get(f"/readout/{completion['id']}").raise_for_status().json()["tokens"]
-    sample = (client.tokenize("A gull"), client.tokenize(" cried."))
-    step = client.train(*sample, lr=1e-4, retrain=True).raise_for_status().json()
+    assert client.train(client.tokenize("A gull"), [10**9]).status_code == 422
     after = client.metrics()
+    status = client.status()
     collected = value(after, "livetrain_readout_records_total") - value(
         before, "livetrain_readout_records_total"
     )
     assert collected >= len(rows) == 6  # a record per engine step, a row per token
     for reason in ("ring_full", "malformed"):
         assert value(after, "livetrain_readout_dropped_records_total", reason=reason) == 0
-    assert value(after, "livetrain_steps_total") - value(before, "livetrain_steps_total") == 1
-    assert value(after, "livetrain_weight_version") == step["weight_version"]
+    refused = "livetrain_refused_steps_total"
+    invalid = {"reason": "invalid_request"}
+    assert value(after, refused, **invalid) - value(before, refused, **invalid) == 1
+    assert value(after, "livetrain_weight_version") == status["weight_version"]
+    assert value(after, "livetrain_optimizer_steps") == status["steps"]
     assert value(after, "livetrain_trainer_state", state="idle") == 1
     assert list((readout_server.workdir / "prometheus").glob("gauge_mostrecent_*.db"))
 
