@@ -155,12 +155,13 @@ def make_trainer(
     state_dir: Path | None = None,
     weight_version: int = 0,
     dtype: torch.dtype = torch.float32,
+    families: TrainableFamilies | None = None,
     **settings,
 ) -> Trainer:
     """A Trainer on a Hugging Face model of its own (no vLLM), as the bench builds one."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     model.requires_grad_(False)
-    attached = own_model(model, model_dir, TrainableFamilies())
+    attached = own_model(model, model_dir, families or TrainableFamilies())
     return Trainer(attached, model_dir, state_dir, weight_version=weight_version, **settings)
 
 

@@ -23,10 +23,11 @@ import pytest
 import torch
 from conftest import LOGPROB_ATOL, make_trainer, served_state, snapshot
 
-from livetrain.config import OptimizerSettings
+from livetrain.config import OptimizerSettings, TrainableFamilies
 from livetrain.formats import messages as msg
 from livetrain.trainer import state as trainer_state
 from livetrain.trainer.apollo import Apollo
+from livetrain.trainer.model import AttachError
 from livetrain.trainer.trainer import Trainer
 
 
@@ -305,6 +306,41 @@ def test_classify_makes_only_linear_weights_trainable(models):
     assert "model.embed_tokens.weight" in attached.frozen and "lm_head.weight" in attached.frozen
 
 
+def test_train_layers_leaves_every_other_block_as_it_was(models):
+    """LIVETRAIN_TRAIN_LAYERS=1: only block 1's matrices train; a block the model does
+    not have is refused with the count."""
+    trainer = make_trainer(models["llama"], families=TrainableFamilies(layers=(1,)))
+    assert {name.split(".")[2] for name in trainer.attached.trainable} == {"1"}
+    assert len(trainer.attached.apollo_params) == 7
+    before = snapshot(trainer)
+    assert isinstance(trainer.prepare(SAMPLES, OptimizerSettings(lr=1e-3)), msg.Prepared)
+    assert isinstance(trainer.apply(1), msg.Applied)
+    after = trainer.attached.model.state_dict()
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    assert changed == set(trainer.attached.trainable)
+    with pytest.raises(AttachError, match=r"blocks \[2\]; the model has 2 \(0 to 1\)"):
+        make_trainer(models["llama"], families=TrainableFamilies(layers=(1, 2)))
+
+
+def test_recomputing_block_activations_gives_the_same_step(models):
+    """A batch longer than recompute_above_tokens keeps only block inputs and runs each
+    block again in the backward pass; the step is the same, bit for bit."""
+    samples = [([5, 6, 7, 11, 12], [8, 9, 10]), ([3, 4], [13, 14, 15, 16])]
+    runs = {}
+    for threshold in (10**6, 0):  # never, always
+        trainer = make_trainer(models["llama"], recompute_above_tokens=threshold)
+        mlp = trainer.attached.model.model.layers[0].mlp  # inside the recomputed block
+        calls: list[int] = []
+        mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        prepared = trainer.prepare(samples, OptimizerSettings(lr=1e-3))
+        assert isinstance(trainer.apply(1), msg.Applied)
+        runs[threshold] = (prepared.loss, snapshot(trainer), len(calls))
+    (loss, weights, once), (loss_again, weights_again, twice) = runs.values()
+    assert (once, twice) == (1, 2)  # the block ran again in the backward pass
+    assert loss == loss_again
+    assert all(torch.equal(weights[name], weights_again[name]) for name in weights)
+
+
 def test_a_finite_step_changes_weights(models, tmp_path):
     trainer = make_trainer(models["llama"], tmp_path)
     before = snapshot(trainer)
@@ -322,7 +358,9 @@ def test_non_finite_loss_is_refused_and_nothing_changes(models):
         trainer.attached.model.model.norm.weight[3] = float("nan")
     before = snapshot(trainer)
     reply = trainer.prepare(SAMPLES, OptimizerSettings())
-    assert reply == msg.Failed(kind="refused", error="non-finite loss (nan)")
+    assert reply == msg.Failed(
+        kind="refused", error="non-finite loss (nan)", reason="nonfinite_loss"
+    )
     assert trainer.pending is None and trainer.optimizer.steps == 0
     assert trainer.optimizer.state_bytes() == Apollo({}, {}).state_bytes()
     after = trainer.attached.model.state_dict()

@@ -183,6 +183,7 @@ def test_a_trainer_attaching_after_a_torn_write_restores_rather_than_refuses(mod
             restore_from_files=restore,
             guard=None,
             undo_steps=0,
+            recompute_above_tokens=1024,
         )
         trainer, attached = Trainer.from_attach(request)
         trainer.finish_save()

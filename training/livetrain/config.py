@@ -46,6 +46,10 @@ class TrainableFamilies:
     embeddings: bool = False
     norms: bool = False
     lm_head: bool = False
+    # Decoder blocks whose tensors may train (LIVETRAIN_TRAIN_LAYERS="10-19,23"); empty:
+    # all. Tensors outside the blocks (embeddings, final norm, lm_head) follow their
+    # families. Fewer blocks: proportionally less gradient and optimizer memory.
+    layers: tuple[int, ...] = ()
 
 
 def _parse(name: str, text: str, kind: object) -> object:
@@ -60,12 +64,22 @@ def _parse(name: str, text: str, kind: object) -> object:
         if kind in (int, float):
             return kind(text)
         if kind == tuple[int, ...]:
-            return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+            return tuple(
+                sorted({i for part in text.split(",") if part.strip() for i in _span(part)})
+            )
         if kind == tuple[Path, ...]:
             return tuple(Path(p).expanduser() for p in text.split(os.pathsep) if p)
         return Path(text).expanduser()  # Path and Path | None
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
+
+
+def _span(part: str) -> range:
+    """ "7" or an inclusive range "10-19"."""
+    first, _, last = part.strip().partition("-")
+    if int(last or first) < int(first):
+        raise ValueError(f"empty range {part.strip()!r}")
+    return range(int(first), int(last or first) + 1)
 
 
 def _private_dir(path: Path) -> Path:
@@ -103,6 +117,11 @@ class PluginConfig:
     # of the trained tensors in the trainer's memory (the built-in model's linear
     # weights: 212 MB in bf16, 425 MB in fp32), so the default keeps none.
     undo_steps: int = 0
+    # A step whose batch is longer than this many tokens (once padded) keeps only each
+    # decoder block's input for the backward pass and recomputes the rest: activation
+    # memory of about one block instead of all of them, for one more forward pass. The
+    # built-in model's figures: bench/RESULTS.md (bench_trainer_memory.py).
+    recompute_above_tokens: int = 1024
     trainer_start_timeout_s: float = 600.0
     # Deadlines of trainer calls: a trainer that misses one is killed (and restarted).
     # Writing the weights (apply) holds generation paused, so its deadline is short; a
@@ -163,8 +182,8 @@ class PluginConfig:
             key = f"LIVETRAIN_{name.upper()}"
             if name == "train":
                 families = {
-                    family: _parse(f"{key}_{family.upper()}", env[f"{key}_{family.upper()}"], bool)
-                    for family in get_type_hints(TrainableFamilies)
+                    family: _parse(f"{key}_{family.upper()}", env[f"{key}_{family.upper()}"], hint)
+                    for family, hint in get_type_hints(TrainableFamilies).items()
                     if f"{key}_{family.upper()}" in env
                 }
                 values[name] = TrainableFamilies(**families)  # type: ignore[arg-type]

@@ -183,6 +183,7 @@ class TrainerSupervisor:
             restore_from_files=self._torn,
             guard=self.guard,
             undo_steps=self.config.undo_steps,
+            recompute_above_tokens=self.config.recompute_above_tokens,
         )
         self._written = attached.written_params
         self._unfenced_writes = False

@@ -208,6 +208,7 @@ class Attach(_Request, frozen=True, tag="attach"):
     restore_from_files: bool  # the last trainer died writing: the served weights are torn
     guard: Guard | None  # the guard set in force (it outlives trainer restarts)
     undo_steps: int  # steps whose previous weights are kept in memory for an undo
+    recompute_above_tokens: int  # longer (padded) batches recompute block activations
 
 
 class Prepare(_Request, frozen=True, tag="prepare"):

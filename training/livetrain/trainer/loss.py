@@ -32,7 +32,9 @@ def continuation_logprobs(
     for row, (ctx, cont) in enumerate(samples):
         ids[row, : lengths[row]] = torch.tensor([*ctx, *cont], device=device)
         mask[row, : lengths[row]] = 1
-    inputs = {"input_ids": ids, "attention_mask": mask}
+    # no KV cache: nothing reuses it, and a block recomputed in the backward pass
+    # (model.recomputed_blocks) would append to it a second time
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
     if weights is None:
         logits = model(**inputs).logits
     else:

@@ -15,11 +15,15 @@ views (`AttachedModel.checkpoint`), for the attach check, restores and sync.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from livetrain.checkpoint.files import list_tensors, load_tensor
@@ -280,6 +284,44 @@ def is_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Norm")
 
 
+def decoder_blocks(model: nn.Module) -> list[str]:
+    """Module names of the model's decoder blocks, in order: the longest ModuleList
+    (Hugging Face's `model.layers`, whatever the family calls its stack)."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return []
+    name, blocks = max(lists, key=lambda item: len(item[1]))
+    return [f"{name}.{i}" for i in range(len(blocks))]
+
+
+@contextmanager
+def recomputed_blocks(model: nn.Module) -> Iterator[None]:
+    """While inside: each decoder block keeps only its input for the backward pass and
+    recomputes its activations there (torch.utils.checkpoint, non-reentrant, so any
+    keyword arguments the family passes its blocks go through)."""
+    blocks = [model.get_submodule(name) for name in decoder_blocks(model)]
+    for block in blocks:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's own forward again
+
+
+def _outside_blocks(model: nn.Module, layers: tuple[int, ...]) -> set[str]:
+    """Module names inside decoder blocks not in `layers` (none when `layers` is empty)."""
+    if not layers:
+        return set()
+    blocks = decoder_blocks(model)
+    if missing := sorted(set(layers) - set(range(len(blocks)))):
+        raise AttachError(
+            f"LIVETRAIN_TRAIN_LAYERS names blocks {missing}; the model has {len(blocks)} "
+            f"(0 to {len(blocks) - 1})"
+        )
+    return {name for i, name in enumerate(blocks) if i not in layers}
+
+
 def classify(model: nn.Module, families: TrainableFamilies) -> AttachedModel:
     """Split parameters into APOLLO, AdamW and frozen.
 
@@ -287,10 +329,12 @@ def classify(model: nn.Module, families: TrainableFamilies) -> AttachedModel:
     linear layers, MoE routers, and fused experts (3-D: a matrix per expert, which
     APOLLO treats one by one); their biases train with AdamW. Other parameters (norms,
     embeddings, lm_head) follow their own families; anything else (gpt-oss's attention
-    sinks, say) stays frozen."""
+    sinks, say) stays frozen. With `families.layers`, tensors of other decoder blocks
+    stay frozen too."""
     out_embed = model.get_output_embeddings().weight  # type: ignore[operator]
     in_embed = model.get_input_embeddings().weight  # type: ignore[operator]
     attached = AttachedModel(model)
+    frozen_blocks = _outside_blocks(model, families.layers)
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for attr, param in module.named_parameters(recurse=False):
@@ -299,7 +343,9 @@ def classify(model: nn.Module, families: TrainableFamilies) -> AttachedModel:
             seen.add(id(param))
             name = f"{module_name}.{attr}" if module_name else attr
             target = attached.adamw_params
-            if param is out_embed or param is in_embed:
+            if any(module_name == b or module_name.startswith(f"{b}.") for b in frozen_blocks):
+                allowed = False
+            elif param is out_embed or param is in_embed:
                 allowed = (families.lm_head and param is out_embed) or (
                     families.embeddings and param is in_embed
                 )

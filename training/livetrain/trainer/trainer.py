@@ -14,6 +14,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,13 @@ from livetrain.formats import messages as msg
 from livetrain.trainer import state as trainer_state
 from livetrain.trainer.apollo import Apollo, DestructiveUpdate, PendingStep, RefusedUpdate
 from livetrain.trainer.loss import continuation_logprobs, mean_loss
-from livetrain.trainer.model import AttachedModel, attach, restore_weights, writes_landed
+from livetrain.trainer.model import (
+    AttachedModel,
+    attach,
+    recomputed_blocks,
+    restore_weights,
+    writes_landed,
+)
 from livetrain.trainer.plan import train_plan
 
 log = logging.getLogger("livetrain.trainer")
@@ -82,6 +89,7 @@ class Trainer:
         *,
         guard: msg.Guard | None = None,
         undo_steps: int = PluginConfig().undo_steps,
+        recompute_above_tokens: int = PluginConfig().recompute_above_tokens,
     ) -> None:
         self.attached, self.model_dir, self.state_dir = attached, model_dir, state_dir
         self.optimizer = Apollo(attached.apollo_params, attached.adamw_params)
@@ -93,6 +101,7 @@ class Trainer:
         self.block_bytes = block_bytes
         self.max_update_ratio = max_update_ratio
         self.sync_on_exit = sync_on_exit
+        self.recompute_above_tokens = recompute_above_tokens
         self.saved_version: int | None = None
         self.save_error: str | None = None
         self._saver: threading.Thread | None = None
@@ -120,6 +129,7 @@ class Trainer:
             request.sync_on_exit,
             guard=request.guard,
             undo_steps=request.undo_steps,
+            recompute_above_tokens=request.recompute_above_tokens,
         )
         if request.restore_from_files:
             restored = trainer.rollback(request.weight_version + 1)
@@ -296,7 +306,9 @@ class Trainer:
                 )
             samples, keys = [samples[i] for i in fresh], [keys[i] for i in fresh]
         model = self.attached.model
-        with torch.enable_grad():
+        padded = len(samples) * max(len(ctx) + len(cont) for ctx, cont in samples)
+        recompute = padded > self.recompute_above_tokens
+        with torch.enable_grad(), recomputed_blocks(model) if recompute else nullcontext():
             loss = mean_loss(continuation_logprobs(model, samples))
             if not torch.isfinite(loss):
                 return refused(f"non-finite loss ({loss.item()})", reason="nonfinite_loss")
