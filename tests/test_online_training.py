@@ -22,11 +22,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import LOGPROB_ATOL, make_trainer, served_state, snapshot
+from transformers import AutoModelForCausalLM
 
 from livetrain.config import OptimizerSettings, TrainableFamilies
 from livetrain.formats import messages as msg
+from livetrain.tools.tiny_model import build_tiny_model
 from livetrain.trainer import state as trainer_state
 from livetrain.trainer.apollo import Apollo
+from livetrain.trainer.loss import continuation_logprobs
 from livetrain.trainer.model import AttachError
 from livetrain.trainer.trainer import Trainer
 
@@ -339,6 +342,23 @@ def test_recomputing_block_activations_gives_the_same_step(models):
     assert (once, twice) == (1, 2)  # the block ran again in the backward pass
     assert loss == loss_again
     assert all(torch.equal(weights[name], weights_again[name]) for name in weights)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: the head soft-caps
+def test_batched_logprobs_equal_each_sample_alone_from_full_logits(arch, tmp_path):
+    """The head runs only where continuation tokens are predicted (logits_to_keep):
+    each sample of a batch with other context lengths gets what its own full forward
+    gives it."""
+    model_dir = build_tiny_model(tmp_path / arch, arch)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    samples = [([5, 6, 7, 11, 12], [8, 9, 10]), ([3, 4], [13, 14, 15, 16]), ([20], [23])]
+    batched = continuation_logprobs(model, samples)
+    for (context, continuation), got in zip(samples, batched, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([context + continuation])).logits[0]
+        predicting = logits[len(context) - 1 : -1].float().log_softmax(-1)
+        alone = predicting.gather(1, torch.tensor(continuation)[:, None])[:, 0]
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
 
 
 def test_a_finite_step_changes_weights(models, tmp_path):

@@ -32,17 +32,22 @@ def continuation_logprobs(
     for row, (ctx, cont) in enumerate(samples):
         ids[row, : lengths[row]] = torch.tensor([*ctx, *cont], device=device)
         mask[row, : lengths[row]] = 1
-    # no KV cache: nothing reuses it, and a block recomputed in the backward pass
-    # (model.recomputed_blocks) would append to it a second time
+    # Logits only where a continuation token is predicted (the head's output is the
+    # largest activation: positions x vocabulary, and its gradient again); the model
+    # applies its own head, soft-capping and scaling included. No KV cache: nothing
+    # reuses it, and a block recomputed in the backward pass would append to it twice.
+    first = min(len(ctx) for ctx, _ in samples) - 1
+    kept = torch.arange(first, max(lengths) - 1, device=device)
     inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    inputs["logits_to_keep"] = kept
     if weights is None:
         logits = model(**inputs).logits
     else:
         logits = functional_call(model, dict(weights), (), inputs).logits
     out = []
     for row, (ctx, _) in enumerate(samples):
-        # logits at position p predict token p + 1
-        rows = logits[row, len(ctx) - 1 : lengths[row] - 1].float()
+        # logits at position p predict token p + 1; kept position p is at p - first
+        rows = logits[row, len(ctx) - 1 - first : lengths[row] - 1 - first].float()
         targets = ids[row, len(ctx) : lengths[row]]
         out.append(-F.cross_entropy(rows, targets, reduction="none"))
     return out
