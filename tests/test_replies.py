@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from livetrain.api import replies
-from livetrain.formats.messages import GuardCheck
+from livetrain.formats.messages import GuardCheck, TapStats
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -22,6 +22,11 @@ ROUTES = [
     ("POST /train/guard`", "reply field", replies.GuardReply),
     ("GET /train/status`", "reply field", replies.StatusReply),
     ("GET /train/status`", "`trainer` field", replies.TrainerInfo),
+    ("GET /readout/{id}`", "reply field", replies.ReadoutReply),
+    ("GET /readout/{id}`", "row field", replies.TokenRow),
+    ("GET /readout/{id}`", "`summary` field", replies.ReadoutSummary),
+    ("GET /readout`", "reply field", replies.ReadoutStatus),
+    ("POST /readout/load`", "reply field", replies.ReadoutInfo),
 ]
 
 
@@ -47,6 +52,20 @@ def test_a_sync_error_and_the_last_sync_are_documented_by_field():
         *replies.CheckpointReply.__struct_fields__,
         "at",
     }
+
+
+def test_the_readout_workers_fields_and_stream_events_are_documented():
+    section = README.split("### `GET /readout`\n", 1)[1].split("\n### ", 1)[0]
+    assert "`{" + ", ".join(TapStats.__struct_fields__) + "}`" in section
+    stream = README.split("### `GET /readout/{id}/stream`", 1)[1].split("\n### ", 1)[0]
+    header = ", ".join(f"`{f}`" for f in replies.ReadoutHeader.__struct_fields__)
+    assert header in stream
+
+
+def test_fields_that_do_not_apply_are_left_out():
+    """A readout row without a calibration has no `z` at all (not a null)."""
+    row = replies.TokenRow(index=0, token_id=5, text=None, scores={"1": [0.5]})
+    assert replies.to_json(row) == {"index": 0, "token_id": 5, "text": None, "scores": {"1": [0.5]}}
 
 
 def test_replies_encode_to_plain_json():

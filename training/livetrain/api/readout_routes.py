@@ -32,6 +32,13 @@ from livetrain.api.metrics import Metrics
 from livetrain.api.readout_collector import ScoreCollector
 from livetrain.api.readout_launch import create_ring, remove
 from livetrain.api.readout_store import ReadoutStore, ReadoutVersions, RequestScores, Scored
+from livetrain.api.replies import (
+    ReadoutHeader,
+    ReadoutInfo,
+    ReadoutReply,
+    TokenRow,
+    to_json,
+)
 from livetrain.api.requests import ReadoutLoadRequest, ReadoutQuery
 from livetrain.config import PluginConfig
 from livetrain.formats import readout_format
@@ -124,9 +131,8 @@ class ReadoutRoutes:
     async def _describe(self) -> JSONResponse:
         self._require_enabled()
         (answer, *_) = await self.engine.collective_rpc("livetrain_readout_stats")
-        worker = msgspec.structs.asdict(decode(answer, TapStats))
-        body = self.versions.describe()
-        return JSONResponse({**body, "captured_layers": self.captured, "worker": worker})
+        worker = decode(answer, TapStats)
+        return JSONResponse(to_json(self.versions.describe(self.captured, worker)))
 
     async def _load(self, request: Request) -> JSONResponse:
         self._require_enabled()
@@ -141,9 +147,9 @@ class ReadoutRoutes:
                 field="path",
             )
         async with self._loading:
-            return JSONResponse(await self._swap(str(resolved)))
+            return JSONResponse(to_json(await self._swap(str(resolved))))
 
-    async def _swap(self, path: str) -> dict[str, Any]:
+    async def _swap(self, path: str) -> ReadoutInfo:
         try:
             readout = await asyncio.to_thread(
                 readout_format.load, Path(path), self.config.readout_max_bytes
@@ -175,16 +181,16 @@ class ReadoutRoutes:
             raise RequestError(404, f"no readout for id {request_id!r} (choice {choice})")
         version = entry.version(choice)
         prompt, generated = entry.rows(choice, version)
-        body = self._header(request_id, choice, version)
-        body["finished"] = self._finished(entry)
-        if prompt and query.rows:
-            body["prompt_tokens"] = [self._token(i, row) for i, row in prompt]
-        if query.rows:
-            body["tokens"] = [self._token(i, row) for i, row in generated]
-        summary = self.versions[version].summary(prompt, generated)
-        if summary is not None:
-            body["summary"] = summary
-        return JSONResponse(body)
+        reply = ReadoutReply(
+            **msgspec.structs.asdict(self._header(request_id, choice, version)),
+            finished=self._finished(entry),
+            prompt_tokens=[self._token(i, row) for i, row in prompt]
+            if prompt and query.rows
+            else None,
+            tokens=[self._token(i, row) for i, row in generated] if query.rows else None,
+            summary=self.versions[version].summary(prompt, generated),
+        )
+        return JSONResponse(to_json(reply))
 
     async def _stream(self, request_id: str, request: Request) -> StreamingResponse:
         self._require_enabled()
@@ -205,7 +211,7 @@ class ReadoutRoutes:
                 return
             await asyncio.sleep(0.02)
         version = entry.version(choice)
-        yield _sse(self._header(request_id, choice, version), "meta")
+        yield _sse(to_json(self._header(request_id, choice, version)), "meta")
         sent = {"prompt": 0, None: 0}  # next index to send, per kind of row
         while True:
             for kind, by_choice in (("prompt", entry.prompts), (None, entry.choices)):
@@ -213,7 +219,7 @@ class ReadoutRoutes:
                 while sent[kind] in rows:
                     row = rows[sent[kind]]
                     if row.version == version:
-                        yield _sse(self._token(sent[kind], row), kind)
+                        yield _sse(to_json(self._token(sent[kind], row)), kind)
                     sent[kind] += 1
             if self._finished(entry):
                 self._drain()
@@ -226,7 +232,7 @@ class ReadoutRoutes:
         prompt, generated = entry.rows(choice, version)
         summary = self.versions[version].summary(prompt, generated)
         if summary is not None:
-            yield _sse(summary, "summary")
+            yield _sse(to_json(summary), "summary")
         yield _sse({}, "done")
 
     def _finished(self, entry: RequestScores) -> bool:
@@ -236,29 +242,21 @@ class ReadoutRoutes:
             return time.monotonic() - entry.updated > 2.0
         return not any(internal in states for internal in entry.internal_ids)
 
-    def _header(self, request_id: str, choice: int, version: int) -> dict[str, Any]:
+    def _header(self, request_id: str, choice: int, version: int) -> ReadoutHeader:
         loaded = self.versions[version]
-        return {
-            "id": request_id,
-            "choice": choice,
-            "concepts": loaded.concepts,
-            "layers": loaded.layers,
-        }
+        return ReadoutHeader(request_id, choice, loaded.concepts, loaded.layers)
 
-    def _token(self, index: int, row: Scored) -> dict[str, Any]:
+    def _token(self, index: int, row: Scored) -> TokenRow:
         loaded = self.versions[row.version]
-        entry: dict[str, Any] = {
-            "index": index,
-            "token_id": row.token_id,
-            "text": self.tokenizer.decode([row.token_id]) if self.tokenizer else None,
-            "scores": {str(layer): row.scores[j].tolist() for j, layer in enumerate(loaded.layers)},
-        }
-        # One row is one token: z against single neutral tokens where the readout has
-        # that calibration (readouts read at the last token have only one kind).
-        z = loaded.z(row.scores, loaded.token_calibration or loaded.calibration)
-        if z is not None:
-            entry["z"] = z
-        return entry
+        return TokenRow(
+            index=index,
+            token_id=row.token_id,
+            text=self.tokenizer.decode([row.token_id]) if self.tokenizer else None,
+            scores={str(layer): row.scores[j].tolist() for j, layer in enumerate(loaded.layers)},
+            # One row is one token: z against single neutral tokens where the readout
+            # has that calibration (readouts read at the last token have only one kind).
+            z=loaded.z(row.scores, loaded.token_calibration or loaded.calibration),
+        )
 
 
 def _sse(data: dict[str, Any], event: str | None = None) -> str:

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 
+from livetrain.api.replies import ReadoutInfo, ReadoutStatus, ReadoutSummary, Scores
 from livetrain.formats import readout_format
-from livetrain.formats.messages import ScoreRecord
+from livetrain.formats.messages import ScoreRecord, TapStats
 
 INTERNAL_ID = re.compile(r"(?:(\d+)_)?(.+)-[0-9a-f]{8}")
 
@@ -137,17 +139,17 @@ class LoadedReadout:
             readout.token_calibration,
         )
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "loaded": True,
-            "path": self.path,
-            "concepts": self.concepts,
-            "layers": self.layers,
-            "read_position": self.read_position,
-            "calibrated": self.calibration is not None,
-        }
+    def describe(self) -> ReadoutInfo:
+        return ReadoutInfo(
+            loaded=True,
+            path=self.path,
+            concepts=self.concepts,
+            layers=self.layers,
+            read_position=self.read_position,
+            calibrated=self.calibration is not None,
+        )
 
-    def z(self, scores: np.ndarray, cal: readout_format.Calibration | None) -> dict | None:
+    def z(self, scores: np.ndarray, cal: readout_format.Calibration | None) -> Scores | None:
         """{layer: [z per concept]} of raw scores [layers, concepts], or None."""
         if cal is None:
             return None
@@ -160,7 +162,7 @@ class LoadedReadout:
 
     def summary(
         self, prompt: list[tuple[int, Scored]], generated: list[tuple[int, Scored]]
-    ) -> dict[str, Any] | None:
+    ) -> ReadoutSummary | None:
         """The whole text scored the way the directions were trained: the mean of its
         rows from `start` on (prompt rows by position; every generated token's row), or
         its latest row for last-token readouts. Rows are (index, row) in order; `prompt`
@@ -175,13 +177,11 @@ class LoadedReadout:
         if not rows:
             return None
         mean = np.mean([row.scores for row in rows], axis=0)
-        body: dict[str, Any] = {
-            "rows": len(rows),
-            "scores": {str(layer): mean[j].tolist() for j, layer in enumerate(self.layers)},
-        }
-        if (z := self.z(mean, self.calibration)) is not None:
-            body["z"] = z
-        return body
+        return ReadoutSummary(
+            rows=len(rows),
+            scores={str(layer): mean[j].tolist() for j, layer in enumerate(self.layers)},
+            z=self.z(mean, self.calibration),
+        )
 
 
 @dataclass
@@ -208,7 +208,13 @@ class ReadoutVersions:
     def __getitem__(self, version: int) -> LoadedReadout:
         return self.loaded[version]
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, captured: list[int], worker: TapStats) -> ReadoutStatus:
         loaded = self.loaded.get(self.current)
-        body = loaded.describe() if loaded else {"loaded": False}
-        return {**body, "version": self.current, "versions_kept": sorted(self.loaded)}
+        info = loaded.describe() if loaded else ReadoutInfo(loaded=False)
+        return ReadoutStatus(
+            **msgspec.structs.asdict(info),
+            version=self.current,
+            versions_kept=sorted(self.loaded),
+            captured_layers=captured,
+            worker=worker,
+        )

@@ -1,9 +1,11 @@
-"""API server: every JSON reply of the training routes, as one typed class each.
+"""API server: every JSON reply of livetrain's routes, as one typed class each.
 
-The supervisor builds these and the routes encode them (`to_json`), so a reply's
-fields are written down once, here; README.md lists the same fields, and
-tests/test_replies.py holds the two to each other. Errors have their own shape
-(api/http.py: `{"error": {"message", "field", ...}}`).
+The supervisor and the readout routes build these and the routes encode them
+(`to_json`), so a reply's fields are written down once, here; README.md lists the same
+fields, and tests/test_replies.py holds the two to each other. Fields that a reply
+leaves out when they do not apply (a readout's `z` without a calibration, say) default
+to None and are omitted (`omit_defaults`). Errors have their own shape (api/http.py:
+`{"error": {"message", "field", ...}}`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import msgspec
 
 from livetrain.config import OptimizerSettings
-from livetrain.formats.messages import GuardCheck, TrainPlan
+from livetrain.formats.messages import GuardCheck, TapStats, TrainPlan
 
 
 class Repack(msgspec.Struct, frozen=True):
@@ -159,6 +161,67 @@ class StatusReply(msgspec.Struct, frozen=True):
     model_dir: str
     trainer: TrainerInfo | None  # None until a trainer has attached
     queue: Queue
+
+
+# ---- the live readout ---------------------------------------------------------------
+
+Scores = dict[str, list[float]]  # block (as a string, a JSON key) -> one per concept
+
+
+class ReadoutInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A loaded readout (POST /readout/load); only `loaded` when none is."""
+
+    loaded: bool
+    path: str | None = None
+    concepts: list[str] | None = None
+    layers: list[int] | None = None
+    read_position: dict[str, Any] | None = None
+    calibrated: bool | None = None
+
+
+class ReadoutStatus(ReadoutInfo, frozen=True, kw_only=True):
+    """GET /readout: the readout new rows are scored with, and the worker's cost."""
+
+    version: int
+    versions_kept: list[int]
+    captured_layers: list[int]
+    worker: TapStats
+
+
+class TokenRow(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One token's scores (the activation that produced it, or that it is)."""
+
+    index: int
+    token_id: int
+    text: str | None
+    scores: Scores
+    z: Scores | None = None  # against single neutral tokens, when calibrated
+
+
+class ReadoutSummary(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The whole text scored the way the readout was trained."""
+
+    rows: int
+    scores: Scores
+    z: Scores | None = None  # against whole neutral texts, when calibrated
+
+
+class ReadoutHeader(msgspec.Struct, frozen=True):
+    """Which completion, and what its scores are of (the stream's `meta` event)."""
+
+    id: str
+    choice: int
+    concepts: list[str]
+    layers: list[int]
+
+
+class ReadoutReply(ReadoutHeader, frozen=True, kw_only=True, omit_defaults=True):
+    """GET /readout/{id}."""
+
+    finished: bool
+    prompt_tokens: list[TokenRow] | None = None  # with `readout_prompt`
+    tokens: list[TokenRow] | None = None  # absent with rows=false
+    summary: ReadoutSummary | None = None
 
 
 def to_json(reply: msgspec.Struct) -> Any:
