@@ -108,14 +108,14 @@ def _folder_lock(model_dir: Path, exclusive: bool, purpose: str) -> Iterator[Non
     path = (Path(model_dir) / FOLDER_LOCK).absolute()
     held = _held.get(path)
     if held is not None:
-        fd, held_exclusive, depth = held
+        held_fd, held_exclusive, depth = held
         if exclusive and not held_exclusive:
             raise RuntimeError(f"{path}: cannot write while this process holds it for reading")
-        _held[path] = (fd, held_exclusive, depth + 1)
+        _held[path] = (held_fd, held_exclusive, depth + 1)
         try:
             yield
         finally:
-            _held[path] = (fd, held_exclusive, depth)
+            _held[path] = (held_fd, held_exclusive, depth)
         return
     fd = _open(path)
     if fd is None:
