@@ -26,7 +26,8 @@ from transformers import AutoModelForCausalLM
 
 from livetrain.config import OptimizerSettings, TrainableFamilies
 from livetrain.formats import messages as msg
-from livetrain.tools.tiny_model import build_tiny_model
+from livetrain.tools.tiny_model import FAMILIES, build_tiny_model
+from livetrain.trainer import loss
 from livetrain.trainer import state as trainer_state
 from livetrain.trainer.apollo import Apollo
 from livetrain.trainer.loss import continuation_logprobs
@@ -332,33 +333,52 @@ def test_recomputing_block_activations_gives_the_same_step(models):
     runs = {}
     for threshold in (10**6, 0):  # never, always
         trainer = make_trainer(models["llama"], recompute_above_tokens=threshold)
+        loss._head_in_chunks(trainer.attached.model)  # its one-off probe runs the model
         mlp = trainer.attached.model.model.layers[0].mlp  # inside the recomputed block
         calls: list[int] = []
         mlp.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         prepared = trainer.prepare(samples, OptimizerSettings(lr=1e-3))
         assert isinstance(trainer.apply(1), msg.Applied)
         runs[threshold] = (prepared.loss, snapshot(trainer), len(calls))
-    (loss, weights, once), (loss_again, weights_again, twice) = runs.values()
+    (first_loss, weights, once), (loss_again, weights_again, twice) = runs.values()
     assert (once, twice) == (1, 2)  # the block ran again in the backward pass
-    assert loss == loss_again
+    assert first_loss == loss_again
     assert all(torch.equal(weights[name], weights_again[name]) for name in weights)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: the head soft-caps
-def test_batched_logprobs_equal_each_sample_alone_from_full_logits(arch, tmp_path):
-    """The head runs only where continuation tokens are predicted (logits_to_keep):
-    each sample of a batch with other context lengths gets what its own full forward
-    gives it."""
+@pytest.mark.parametrize("arch", sorted(FAMILIES))  # gemma: soft-capping; granite: scaling
+def test_batched_logprobs_equal_each_sample_alone_from_full_logits(arch, tmp_path, monkeypatch):
+    """The head runs on continuation positions only, in chunks (2 tokens here, so a
+    sample spans several): each sample of a batch with other context lengths gets what
+    its own full forward gives it, in every family."""
+    monkeypatch.setattr(loss, "HEAD_CHUNK", 2)
     model_dir = build_tiny_model(tmp_path / arch, arch)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     samples = [([5, 6, 7, 11, 12], [8, 9, 10]), ([3, 4], [13, 14, 15, 16]), ([20], [23])]
     batched = continuation_logprobs(model, samples)
+    assert loss._head_in_chunks(model)  # the chunked path is the one measured
     for (context, continuation), got in zip(samples, batched, strict=True):
         with torch.no_grad():
             logits = model(torch.tensor([context + continuation])).logits[0]
         predicting = logits[len(context) - 1 : -1].float().log_softmax(-1)
         alone = predicting.gather(1, torch.tensor(continuation)[:, None])[:, 0]
         torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+
+
+def test_a_step_through_the_chunked_head_equals_one_through_the_models_own(models, monkeypatch):
+    """The gradient through the chunked, recomputed head is the one through the whole
+    logits (up to the order of float sums)."""
+    samples = [([5, 6, 7, 11, 12], [8, 9, 10]), ([3, 4], [13, 14, 15, 16])]
+    monkeypatch.setattr(loss, "HEAD_CHUNK", 3)
+    weights = []
+    for chunked in (True, False):
+        trainer = make_trainer(models["llama"])
+        loss._HEAD_IN_CHUNKS[trainer.attached.model] = chunked
+        assert isinstance(trainer.prepare(samples, OptimizerSettings(lr=1e-3)), msg.Prepared)
+        assert isinstance(trainer.apply(1), msg.Applied)
+        weights.append(snapshot(trainer))
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], atol=1e-6, rtol=1e-5)
 
 
 def test_a_finite_step_changes_weights(models, tmp_path):
