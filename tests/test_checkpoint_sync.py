@@ -799,10 +799,11 @@ with writing(Path(sys.argv[1]), "checkpoint sync"):
 
 
 @contextlib.contextmanager
-def writer_in(model_dir: Path) -> Any:
-    """Another process holding the folder lock as a sync does, until the block ends."""
+def held_in(model_dir: Path, script: str) -> Any:
+    """Another process holding the folder lock (`script`: WRITER_CHILD as a sync does,
+    READER_CHILD as a loader does) until the block ends."""
     child = subprocess.Popen(
-        [sys.executable, "-c", WRITER_CHILD, str(model_dir)],
+        [sys.executable, "-c", script, str(model_dir)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -816,14 +817,14 @@ def writer_in(model_dir: Path) -> Any:
 
 
 def waits_for(
-    caplog: pytest.LogCaptureFixture, work: Callable[[], object], holder: int
+    caplog: pytest.LogCaptureFixture, work: Callable[[], object], holder: str
 ) -> threading.Thread:
     """Start `work` in a thread and return once it logged that it waits for `holder`."""
     thread = threading.Thread(target=work)
     with caplog.at_level(logging.WARNING, logger="livetrain.lock"):
         thread.start()
         deadline = time.monotonic() + 30
-        while f"waiting for pid {holder} (checkpoint sync)" not in caplog.text:
+        while f"waiting for {holder}" not in caplog.text:
             assert thread.is_alive() and time.monotonic() < deadline, caplog.text
             time.sleep(0.01)
     return thread
@@ -836,7 +837,7 @@ def test_recovery_waits_for_a_sync_in_progress_instead_of_deleting_its_staging(
     trainer's exit sync has staged a file. It must wait (naming the writer), not
     delete the staging; then the finished sync's weights are what it loads."""
     staged = model.dir / f"{STAGE_PREFIX}{model.files[0]}{STAGE_SUFFIX}"
-    with writer_in(model.dir) as writer:
+    with held_in(model.dir, WRITER_CHILD) as writer:
         stage_file(
             model.dir, model.files[0], list_tensors(model.dir), model.live, model.dirty.__contains__
         )
@@ -846,7 +847,7 @@ def test_recovery_waits_for_a_sync_in_progress_instead_of_deleting_its_staging(
             with settled(model.dir):
                 loaded.append(snapshot(model))
 
-        loader = waits_for(caplog, load, writer.pid)
+        loader = waits_for(caplog, load, f"pid {writer.pid} (checkpoint sync)")
         assert staged.exists() and not loaded  # still waiting, staging intact
     loader.join(timeout=30)
     # The writer ended without committing (it stands in for a killed sync): the staging
@@ -858,30 +859,18 @@ def test_readers_share_the_folder_and_a_writer_waits_for_them(
     model: Model, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Tensor-parallel workers load at once; a sync waits until they have read."""
-    reader = subprocess.Popen(
-        [sys.executable, "-c", READER_CHILD, str(model.dir)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert reader.stdout is not None and reader.stdout.readline() == "reading\n"
-    with settled(model.dir):  # a second reader is not held up
-        pass
     synced: list[SyncResult] = []
-    thread = threading.Thread(
-        target=lambda: synced.append(sync(model.dir, model.live, model.dirty.__contains__))
-    )
-    with caplog.at_level(logging.WARNING, logger="livetrain.lock"):
-        thread.start()
-        deadline = time.monotonic() + 30
-        while "waiting for a process reading the weights" not in caplog.text:
-            assert time.monotonic() < deadline, caplog.text
-            time.sleep(0.01)
-    assert not synced
-    assert_holds(model, "old")
-    reader.stdin.close()  # type: ignore[union-attr]
-    reader.wait(timeout=30)
-    thread.join(timeout=30)
+    with held_in(model.dir, READER_CHILD):
+        with settled(model.dir):  # a second reader is not held up
+            pass
+        syncing = waits_for(
+            caplog,
+            lambda: synced.append(sync(model.dir, model.live, model.dirty.__contains__)),
+            "a process reading the weights",
+        )
+        assert not synced
+        assert_holds(model, "old")
+    syncing.join(timeout=30)
     assert synced and synced[0].files
     assert_holds(model, "new")
 
@@ -891,7 +880,7 @@ import sys
 from pathlib import Path
 from livetrain.checkpoint.sync import settled
 with settled(Path(sys.argv[1])):
-    print("reading", flush=True)
+    print("holding", flush=True)
     sys.stdin.read()
 """
 

@@ -365,11 +365,11 @@ def _staged_in_place(model_dir: Path, staged: dict[str, StagedFile], recovering:
     for name, expected in staged.items():
         path = model_dir / staged_name(name)
         if path.exists():
-            found = file_digest(path) if recovering else StagedFile(path.stat().st_size, "")
-            if found.size == expected.size and (not recovering or found == expected):
+            size = path.stat().st_size
+            if size == expected.size and (not recovering or file_digest(path) == expected):
                 pending.append(name)
                 continue
-            problem = f"{path.name} is not what the sync staged ({found.size} bytes)"
+            problem = f"{path.name} is not what the sync staged ({size} bytes)"
         elif file_digest(model_dir / name) == expected:
             continue  # renamed by the run that was interrupted
         else:

@@ -12,9 +12,9 @@ so nothing else has to travel with it.
 from __future__ import annotations
 
 import base64
-import importlib
 from functools import cache
 
+from livetrain.vllm_internals import resolve
 from livetrain.worker.rpc import LivetrainWorkerExtension
 
 ALONE = f"{__name__}.LivetrainWorkerExtension"
@@ -32,16 +32,12 @@ def qualname_with(user: str | None) -> str:
     return f"{__name__}.{_COMPOSED}{encoded}"
 
 
-def _resolve(qualname: str) -> type:
-    module, _, name = qualname.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 @cache
 def _composed(name: str) -> type:
     encoded = name.removeprefix(_COMPOSED)
     user_name = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
-    user = _resolve(user_name)
+    module, _, name = user_name.rpartition(".")
+    user = resolve(module, name)
     clash = sorted(
         a for a in vars(LivetrainWorkerExtension) if not a.startswith("__") and hasattr(user, a)
     )
