@@ -37,7 +37,8 @@ def _l1_logistic(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     dividing by the activations' scale makes one C mean the same sparsity anywhere.
     """
     scale = ((pos - neg).float() / 2).std().item() or 1.0  # what the library fits on
-    kwargs = {"l1_ratio": 1.0, "solver": "liblinear", "C": L1_C / scale}
+    # liblinear visits coordinates in a random order: seeded, so a readout is reproducible
+    kwargs = {"l1_ratio": 1.0, "solver": "liblinear", "C": L1_C / scale, "random_state": 0}
     return logistic_aggregator(kwargs)(pos, neg)
 
 
