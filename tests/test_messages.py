@@ -22,7 +22,7 @@ EXPORT = msg.WeightExport(
             pid=1, fd=3, nbytes=64, dtype="float32", shape=[4, 4], stride=[4, 1], offset=0
         )
     },
-    map={"model.w": msg.TensorView("w", 4, [3, 4], [4, 1])},
+    map={"model.w": msg.TensorView("w", 4, [3, 4], [4, 1], [1, 0])},
     dropped=["lm_head.weight"],
 )
 PLAN = msg.TrainPlan(
@@ -40,7 +40,7 @@ REQUESTS = [
         protocol_version=msg.PROTOCOL_VERSION,
         model_dir="/m",
         state_dir="/s",
-        export=EXPORT,
+        exports=[EXPORT],
         families=TrainableFamilies(norms=True, layers=(0, 3)),
         weight_version=3,
         sync_block_bytes=4096,

@@ -174,7 +174,7 @@ def test_a_trainer_attaching_after_a_torn_write_restores_rather_than_refuses(mod
             protocol_version=msg.PROTOCOL_VERSION,
             model_dir=str(models["llama"]),
             state_dir=str(tmp_path / state),
-            export=export,
+            exports=[export],
             families=TrainableFamilies(),
             weight_version=0,
             sync_block_bytes=4096,

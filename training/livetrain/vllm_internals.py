@@ -35,6 +35,7 @@ from livetrain.weight_map import (
     Placement,
     Provenance,
     assemble,
+    assemble_part,
     meta_twin,
     parameters_on_meta,
     parameters_replaced,
@@ -391,11 +392,14 @@ def shared_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_placements(
-    model: nn.Module, tensors: dict[str, tuple[list[int], torch.dtype]]
-) -> tuple[dict[str, Placement], list[str]]:
+    model: nn.Module, tensors: dict[str, tuple[list[int], torch.dtype]], sharded: bool = False
+) -> tuple[dict[str, tuple[tuple[int, ...], Placement]], list[str]]:
     """Where each checkpoint tensor (name -> shape, dtype) lives in the model's
     parameters, decided by the model class's own `load_weights` run on meta tensors
-    (weight_map.Provenance), and the names it skips (a tied lm_head, say).
+    (weight_map.Provenance), and the names it skips (a tied lm_head, say). Each is the
+    origin of the box of the tensor this model holds and the box's placement: the whole
+    tensor at the zero origin, or, on a tensor-parallel rank (`sharded`), the part
+    vLLM's loader gave this rank.
 
     Every parameter is swapped for a meta twin while the loader runs (nothing is read or
     written; the parameters are back before this returns); a parameter whose plain
@@ -423,7 +427,7 @@ def checkpoint_placements(
         with mode:
             model.load_weights(iter(probes))  # type: ignore[operator]
     grouped = pieces_by_source(mode.pieces)
-    placements: dict[str, Placement] = {}
+    placements: dict[str, tuple[tuple[int, ...], Placement]] = {}
     problems: list[str] = []
     for name, (shape, _) in tensors.items():
         if name in mode.computed:
@@ -433,7 +437,11 @@ def checkpoint_placements(
             )
         elif name in grouped:
             try:
-                placements[name] = assemble(name, shape, grouped[name])
+                placements[name] = (
+                    assemble_part(name, shape, grouped[name])
+                    if sharded
+                    else ((0,) * len(shape), assemble(name, shape, grouped[name]))
+                )
             except MappingError as exc:
                 problems.append(str(exc))
     if problems:
@@ -696,8 +704,10 @@ def worker_model(worker: Any) -> nn.Module:
     return worker.model_runner.get_model()
 
 
-def worker_world_size(worker: Any) -> int:
-    return int(worker.parallel_config.world_size)
+def worker_parallel(worker: Any) -> tuple[int, int]:
+    """(tensor-parallel size, pipeline-parallel size) of the worker's engine."""
+    config = worker.parallel_config
+    return int(config.tensor_parallel_size), int(config.pipeline_parallel_size)
 
 
 def capture_block_outputs(runner: Any, blocks: Sequence[int]) -> None:

@@ -20,6 +20,7 @@ Hugging Face skeleton's side, trainer/model.py) and the `livetrain check` prefli
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -296,6 +297,41 @@ def assemble(source: str, shape: Sequence[int], pieces: Sequence[Piece]) -> Plac
     _check_cover(source, shape, pieces, dims)
     solved, offset = _solve_offsets(source, shape, strides, equations)
     return Placement(pieces[0].dest, offset, shape, solved)
+
+
+def assemble_part(
+    source: str, shape: Sequence[int], pieces: Sequence[Piece]
+) -> tuple[tuple[int, ...], Placement]:
+    """Where one tensor-parallel rank holds part of a source tensor of `shape`: the box
+    of the source its pieces cover (its origin) and that box's placement, as `assemble`
+    gives for a whole tensor. A rank that holds all of it (a replicated norm, say)
+    gives the zero origin and `assemble`'s placement."""
+    dims = list(zip(shape, contiguous_strides(shape), strict=True))
+    located = []
+    for piece in pieces:
+        found = _locate(piece.source_offset, piece.shape, piece.source_strides, dims)
+        if found is None:
+            raise MappingError(f"{source}: a piece is not a box of the tensor")
+        located.append(found)
+    if not located:
+        raise MappingError(f"{source}: the loader put none of it anywhere")
+    low = [min(origin[d] for origin, _ in located) for d in range(len(dims))]
+    high = [0] * len(dims)
+    for (origin, along), piece in zip(located, pieces, strict=True):
+        extent = dict(zip(along, piece.shape, strict=True))
+        for d in range(len(dims)):
+            high[d] = max(high[d], origin[d] + extent.get(d, 1))
+    box = tuple(h - lo for h, lo in zip(high, low, strict=True))
+    rows = contiguous_strides(box)
+    relative = [
+        dataclasses.replace(
+            piece,
+            source_offset=sum((o - lo) * r for o, lo, r in zip(origin, low, rows, strict=True)),
+            source_strides=tuple(0 if d is None else rows[d] for d in along),
+        )
+        for (origin, along), piece in zip(located, pieces, strict=True)
+    ]
+    return tuple(low), assemble(source, box, relative)
 
 
 def _check_cover(

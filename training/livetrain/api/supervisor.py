@@ -158,10 +158,10 @@ class TrainerSupervisor:
         if reason is not None:
             raise TrainerUnavailable(reason)
         tensors = checkpoint_tensors(self.model_dir)
-        (frame, *_) = await self.engine.collective_rpc(
+        frames = await self.engine.collective_rpc(
             "livetrain_export_weights", args=(msg.encode(tensors),)
         )
-        export = msg.decode(frame, msg.WeightExport)
+        exports = [msg.decode(frame, msg.WeightExport) for frame in frames]
         self.weight_version = parse_weight_version(await self.engine.get_weight_version())
         trainer = TrainerProcess(self._runtime_dir, self.restarts)
         await trainer.start(self._on_exit)
@@ -174,7 +174,7 @@ class TrainerSupervisor:
             protocol_version=msg.PROTOCOL_VERSION,
             model_dir=str(self.model_dir),
             state_dir=str(self._state_dir),
-            export=export,
+            exports=exports,
             families=self.config.train,
             weight_version=self.weight_version,
             sync_block_bytes=self.config.sync_block_bytes,

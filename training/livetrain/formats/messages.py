@@ -24,7 +24,7 @@ import msgspec
 
 from livetrain.config import OptimizerSettings, TrainableFamilies
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 T = TypeVar("T")
 _encoder = msgspec.msgpack.Encoder()
@@ -99,12 +99,15 @@ class CheckpointTensor(msgspec.Struct, frozen=True):
 
 class TensorView(msgspec.Struct, frozen=True):
     """Where one checkpoint tensor's elements live: a strided view (its shape,
-    row-major) of vLLM parameter `param`, `offset` elements from that tensor's start."""
+    row-major) of vLLM parameter `param`, `offset` elements from that tensor's start.
+    Under tensor parallelism a rank may hold only a box of the tensor: `shape` is the
+    box's, `origin` where it starts in the tensor (empty: the whole tensor)."""
 
     param: str
     offset: int
     shape: list[int]
     stride: list[int]
+    origin: list[int] = []
 
 
 class WeightExport(msgspec.Struct, frozen=True):
@@ -199,7 +202,7 @@ class Attach(_Request, frozen=True, tag="attach"):
     protocol_version: int
     model_dir: str
     state_dir: str
-    export: WeightExport
+    exports: list[WeightExport]  # one per tensor-parallel rank, in rank order
     families: TrainableFamilies
     weight_version: int
     sync_block_bytes: int

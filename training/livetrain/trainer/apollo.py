@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from livetrain.config import OptimizerSettings
+from livetrain.trainer.shards import Shards, Weight, copy_of
 
 # Added to APOLLO's norm denominators so an all-zero channel gives a zero scale, not NaN.
 _NORM_EPS = 1e-8
@@ -270,6 +271,23 @@ def _write(weight: torch.Tensor, direction: torch.Tensor, coef: torch.Tensor, de
         part.copy_(part32)
 
 
+def _write_weight(
+    weight: Weight, direction: torch.Tensor, coef: torch.Tensor, decay: float
+) -> None:
+    """`_write` into a weight, part by part (and then every rank's copy) when it is split
+    across tensor-parallel ranks."""
+    if not isinstance(weight, Shards):
+        _write(weight, direction, coef, decay)
+        return
+    for part, d, c in zip(weight.parts, weight.split(direction), weight.split(coef), strict=True):
+        _write(part.detach(), d, c, decay)
+    weight.spread()
+
+
+def _weight_absmax(param: Weight) -> torch.Tensor:
+    return param.absmax() if isinstance(param, Shards) else _absmax(param)
+
+
 def _decay_and_subtract(
     target: torch.Tensor, direction: torch.Tensor, coef: torch.Tensor, decay: float
 ) -> None:
@@ -279,15 +297,16 @@ def _decay_and_subtract(
 
 
 def _movement(
-    param: torch.Tensor, step_norm: torch.Tensor, decay: float
+    param: Weight, step_norm: torch.Tensor, decay: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a bound on ||delta W||, ||W||) for W <- W * decay - step, in fp32 on W's device;
     per matrix for APOLLO's batches of matrices (`step_norm` has their shape)."""
-    weight_norm = (
-        _matrix_norm(param, torch.float32)
-        if step_norm.dim() > 0
-        else torch.linalg.vector_norm(param, dtype=torch.float32)
-    )
+    if isinstance(param, Shards):
+        weight_norm = param.norm()  # tensor_parallel.gather refuses batches of matrices
+    elif step_norm.dim() > 0:
+        weight_norm = _matrix_norm(param, torch.float32)
+    else:
+        weight_norm = torch.linalg.vector_norm(param, dtype=torch.float32)
     return step_norm + (1.0 - decay) * weight_norm, weight_norm
 
 
@@ -334,14 +353,14 @@ class Apollo:
 
     def __init__(
         self,
-        apollo_params: Mapping[str, torch.nn.Parameter],
-        adamw_params: Mapping[str, torch.nn.Parameter],
+        apollo_params: Mapping[str, Weight],
+        adamw_params: Mapping[str, Weight],
     ) -> None:
         both = sorted(set(apollo_params) & set(adamw_params))
         if both:
             raise ValueError(f"parameters given to both APOLLO and AdamW: {both}")
         for name, param in apollo_params.items():
-            if param.dim() < 2:
+            if param.ndim < 2:
                 raise ValueError(f"{name}: APOLLO needs a matrix, got {tuple(param.shape)}")
         self._apollo_params = dict(apollo_params)
         self._adamw_params = dict(adamw_params)
@@ -425,7 +444,7 @@ class Apollo:
                 self._param(name).copy_(value)
         else:
             for name, step in self._directions(pending):
-                _write(self._param(name), *step, pending.decay)
+                _write_weight(self._param(name), *step, pending.decay)
         self._apollo_state.update({name: r.state for name, r in pending.apollo.items()})
         self._adamw_state.update({name: r.state for name, r in pending.adamw.items()})
         self._steps = pending.step
@@ -438,7 +457,7 @@ class Apollo:
         copy of the trained tensors while it is held."""
         values = {}
         for name, step in self._directions(pending):
-            values[name] = self._param(name).detach().clone()
+            values[name] = copy_of(self._param(name))
             _write(values[name], *step, pending.decay)
         return dataclasses.replace(pending, values=values)
 
@@ -450,7 +469,7 @@ class Apollo:
         out = [(name, (r.grad, r.coef)) for name, r in pending.apollo.items()]
         return out + [(name, (r.update, r.coef)) for name, r in pending.adamw.items()]
 
-    def _param(self, name: str) -> torch.nn.Parameter:
+    def _param(self, name: str) -> Weight:
         params = self._apollo_params if name in self._apollo_params else self._adamw_params
         return params[name]
 
@@ -462,7 +481,7 @@ class Apollo:
     def _prepare_apollo(
         self,
         name: str,
-        param: torch.nn.Parameter,
+        param: Weight,
         settings: OptimizerSettings,
         lr: float,
         decay: float,
@@ -484,7 +503,7 @@ class Apollo:
         # max_j(max|G_j| * coef_j) is never looser than max|G| * max(coef) and still bounds
         # the step, so it rejects fewer safe updates when the scales vary a lot by channel.
         g_low, g_high = torch.aminmax(g, dim=dim, keepdim=True)
-        bound = _absmax(param) * abs(decay) + (torch.maximum(-g_low, g_high) * coef).amax()
+        bound = _weight_absmax(param) * abs(decay) + (torch.maximum(-g_low, g_high) * coef).amax()
         checks = [
             ("non-finite gradient", _all_finite(g_low, g_high)),
             ("non-finite moments", _all_finite(new_avg, new_sq)),
@@ -513,7 +532,7 @@ class Apollo:
     def _prepare_adamw(
         self,
         name: str,
-        param: torch.nn.Parameter,
+        param: Weight,
         settings: OptimizerSettings,
         lr: float,
         decay: float,
@@ -528,7 +547,7 @@ class Apollo:
         new_avg, new_sq, update = _adam(base.exp_avg, base.exp_avg_sq, g, settings, t)
         coef = torch.full((), lr, dtype=torch.float32, device=g.device)
         update_max = _absmax(update)
-        bound = _absmax(param) * abs(decay) + update_max * coef
+        bound = _weight_absmax(param) * abs(decay) + update_max * coef
         checks = [
             ("non-finite gradient", _all_finite(_absmax(g))),
             ("non-finite moments", _all_finite(new_avg, new_sq)),
@@ -608,11 +627,11 @@ class Apollo:
     @staticmethod
     def _group_param(
         prefix: str,
-        params: Mapping[str, torch.nn.Parameter],
+        params: Mapping[str, Weight],
         name: str,
         fields: Mapping[str, torch.Tensor],
         expected: tuple[str, ...],
-    ) -> torch.nn.Parameter:
+    ) -> Weight:
         """The parameter a key group belongs to, once the group is known to be complete."""
         if name not in params:
             raise ValueError(f"{prefix}: no such parameter in this optimizer")
@@ -670,6 +689,6 @@ def _read_int(
     return value
 
 
-def _to_fp32(tensor: torch.Tensor, param: torch.nn.Parameter) -> torch.Tensor:
+def _to_fp32(tensor: torch.Tensor, param: Weight) -> torch.Tensor:
     """A private fp32 copy on the parameter's device, so the caller's dict is not aliased."""
     return tensor.to(device=param.device, dtype=torch.float32, copy=True)

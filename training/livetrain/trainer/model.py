@@ -29,8 +29,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from livetrain.checkpoint.files import list_tensors, load_tensor
 from livetrain.checkpoint.lock import reading
 from livetrain.config import TrainableFamilies
-from livetrain.formats.messages import TensorView, WeightExport
+from livetrain.formats.messages import TensorView, TrainPlan, WeightExport
 from livetrain.formats.shared_tensors import TensorImporter
+from livetrain.trainer.shards import Shards, Weight
 from livetrain.weight_map import (
     MappingError,
     Piece,
@@ -52,25 +53,61 @@ class AttachError(RuntimeError):
 @dataclass
 class AttachedModel:
     model: nn.Module
-    apollo_params: dict[str, nn.Parameter] = field(default_factory=dict)
-    adamw_params: dict[str, nn.Parameter] = field(default_factory=dict)
+    apollo_params: dict[str, Weight] = field(default_factory=dict)
+    adamw_params: dict[str, Weight] = field(default_factory=dict)
     frozen: list[str] = field(default_factory=list)
     # checkpoint tensor name -> its elements inside a model parameter (by the
     # parameter's first name); what the attach check, restores and sync read and write
     checkpoint: dict[str, Placement] = field(default_factory=dict)
     written: list[str] = field(default_factory=list)  # vLLM tensors the trainable ones live in
+    # Under tensor parallelism (trainer/tensor_parallel.py): every parameter by its first
+    # name as the ranks hold it, and the plan worked out before the model was split.
+    shards: dict[str, Shards] = field(default_factory=dict)
+    plan: TrainPlan | None = None
 
     @property
-    def trainable(self) -> dict[str, nn.Parameter]:
+    def trainable(self) -> dict[str, Weight]:
         return {**self.apollo_params, **self.adamw_params}
 
     def checkpoint_tensor(self, name: str) -> torch.Tensor:
-        """The live elements of checkpoint tensor `name`, a view into the model."""
+        """The live elements of checkpoint tensor `name`: a view into the model, or under
+        tensor parallelism the ranks' parts put together (a copy, to read)."""
         placement = self.checkpoint[name]
+        if self.shards:  # one-to-one parameters only (tensor_parallel.gather)
+            return self.shards[placement.tensor].read()
         return placement.view(model_tensor(self.model, placement.tensor).detach())
 
-    def owner(self, name: str) -> torch.Tensor:
+    @torch.no_grad()
+    def write_checkpoint_tensor(self, name: str, value: torch.Tensor) -> None:
+        """Write `value` (cast to the served dtype) as checkpoint tensor `name`, on every
+        rank that holds it."""
+        if self.shards:
+            owner = self.shards[self.checkpoint[name].tensor]
+            owner.copy_(value.to(device=owner.device, dtype=owner.dtype))
+            return
+        view = self.checkpoint_tensor(name)
+        view.copy_(value.to(device=view.device, dtype=view.dtype))
+
+    def model_weights(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole values of trainable tensors, by the model's own parameter names (each
+        part's, under tensor parallelism), for `functional_call`."""
+        if not self.shards:
+            return values
+        names: dict[int, list[str]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        out = {}
+        for name, value in values.items():
+            weight = self.trainable[name]
+            assert isinstance(weight, Shards)
+            for part, piece in zip(weight.parts, weight.split(value), strict=True):
+                out.update(dict.fromkeys(names[id(part)], piece))
+        return out
+
+    def owner(self, name: str) -> torch.Tensor | Shards:
         """The model parameter (or saved buffer) that holds checkpoint tensor `name`."""
+        if self.shards:
+            return self.shards[self.checkpoint[name].tensor]
         return model_tensor(self.model, self.checkpoint[name].tensor)
 
 
@@ -268,8 +305,7 @@ def restore_weights(attached: AttachedModel, model_dir: Path) -> None:
     with reading(model_dir, "restoring the served weights"):
         for name in attached.checkpoint:
             if id(attached.owner(name)) in trainable:
-                view = attached.checkpoint_tensor(name)
-                view.copy_(load_tensor(tensors[name]).to(device=view.device, dtype=view.dtype))
+                attached.write_checkpoint_tensor(name, load_tensor(tensors[name]))
     writes_landed(attached)
 
 
@@ -389,13 +425,18 @@ def own_model(model: nn.Module, model_dir: Path, families: TrainableFamilies) ->
 
 
 def attach(
-    model_dir: Path, export: WeightExport, families: TrainableFamilies, weights_trained: bool
+    model_dir: Path,
+    exports: list[WeightExport],
+    families: TrainableFamilies,
+    weights_trained: bool,
 ) -> AttachedModel:
-    """Build the model on vLLM's memory, classify it, verify it against the files.
+    """Build the model on vLLM's memory (one rank's, `exports[0]`), classify it, verify
+    it against the files.
 
     Once vLLM serves trained weights (`weights_trained`), the trainable tensors
     legitimately differ from the files; the frozen ones must still match.
     """
+    (export,) = exports
     importer = TensorImporter()
     first = next(iter(export.params.values()))
     dtype = getattr(torch, first.dtype)

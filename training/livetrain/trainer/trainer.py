@@ -37,6 +37,8 @@ from livetrain.trainer.model import (
     writes_landed,
 )
 from livetrain.trainer.plan import train_plan
+from livetrain.trainer.shards import copy_of
+from livetrain.trainer.tensor_parallel import attach_sharded
 
 log = logging.getLogger("livetrain.trainer")
 
@@ -118,7 +120,8 @@ class Trainer:
         # A torn write leaves the trainable tensors anywhere between two versions, even
         # at version 0; they are restored below, so only the frozen ones must match.
         trained = request.weight_version > 0 or request.restore_from_files
-        attached = attach(model_dir, request.export, request.families, weights_trained=trained)
+        attach_to = attach if len(request.exports) == 1 else attach_sharded
+        attached = attach_to(model_dir, request.exports, request.families, weights_trained=trained)
         trainer = cls(
             attached,
             model_dir,
@@ -144,7 +147,7 @@ class Trainer:
             trainable_names=sorted(attached.trainable),
             written_params=attached.written,
             frozen_tensors=len(attached.frozen),
-            plan=train_plan(attached),
+            plan=attached.plan or train_plan(attached),
             resumed_from_version=resumed_from,
             guard_loss=trainer.guard_loss(),
             torch_threads=torch.get_num_threads(),
@@ -344,7 +347,8 @@ class Trainer:
     def _judge(self, update: PendingStep, guard: msg.Guard) -> msg.GuardCheck:
         """The guard set's mean loss on the served weights and on the step's result."""
         with torch.no_grad():
-            after = continuation_logprobs(self.attached.model, guard.samples, update.values)
+            values = self.attached.model_weights(update.values or {})
+            after = continuation_logprobs(self.attached.model, guard.samples, values)
         before = self.guard_loss()
         assert before is not None  # a guard is set
         return msg.GuardCheck(before, mean_loss(after).item(), guard.max_rise)
@@ -358,7 +362,7 @@ class Trainer:
         return self._guard_loss
 
     def _undo_record(self) -> UndoRecord:
-        weights = {name: p.detach().clone() for name, p in self.attached.trainable.items()}
+        weights = {name: copy_of(p) for name, p in self.attached.trainable.items()}
         return UndoRecord(weights, self.optimizer.state_dict(), frozenset(self.trained))
 
     def set_guard(self, guard: msg.Guard | None) -> msg.GuardSet | msg.Failed:

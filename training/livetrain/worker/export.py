@@ -6,6 +6,10 @@ rows of a fused q/k/v, one expert's rows of a fused `w13_weight`, or a transpose
 expert tensor. Nothing is guessed: a name the loader skips (a tied lm_head, say) is
 listed as dropped; a tensor the loader computes with rather than moves is an error
 naming it; so is a vLLM parameter that no checkpoint tensor feeds.
+
+Under tensor parallelism every rank answers for its own shard: which box of each
+checkpoint tensor its loader kept (`TensorView.origin`) and where; the trainer puts
+the ranks' answers together (trainer/shards.py).
 """
 
 from __future__ import annotations
@@ -17,16 +21,25 @@ from livetrain.formats.messages import CheckpointTensor, TensorView, WeightExpor
 from livetrain.formats.shared_tensors import export_tensor
 from livetrain.vllm_internals import checkpoint_placements, shared_tensors
 
+# Tensor-parallel sizes trained and tested end to end (tests/test_tensor_parallel.py).
+TESTED_TENSOR_PARALLEL = (1, 2)
+
 
 def export_weights(
-    model: nn.Module, tensors: list[CheckpointTensor], world_size: int
+    model: nn.Module, tensors: list[CheckpointTensor], tensor_parallel: int, pipeline: int
 ) -> WeightExport:
-    """Handles to every weight plus the checkpoint-name -> view map."""
-    if world_size != 1:
+    """Handles to every weight of this rank plus the checkpoint-name -> view map."""
+    if pipeline != 1:
         raise RuntimeError(
-            f"livetrain supports one worker (tensor/pipeline parallel size 1); got {world_size}"
+            f"livetrain does not train under pipeline parallelism (size {pipeline}): each "
+            "stage holds other layers, and a step would have to run across them"
         )
-    views, dropped = served_views(model, tensors)
+    if tensor_parallel not in TESTED_TENSOR_PARALLEL:
+        raise RuntimeError(
+            f"livetrain trains at tensor parallel sizes {list(TESTED_TENSOR_PARALLEL)}; "
+            f"{tensor_parallel} is refused until it is tested"
+        )
+    views, dropped = served_views(model, tensors, sharded=tensor_parallel > 1)
     shared = shared_tensors(model)
     used = {view.param for view in views.values()}
     _check_every_param_fed(model, used)
@@ -38,15 +51,16 @@ def export_weights(
 
 
 def served_views(
-    model: nn.Module, tensors: list[CheckpointTensor]
+    model: nn.Module, tensors: list[CheckpointTensor], sharded: bool = False
 ) -> tuple[dict[str, TensorView], list[str]]:
-    """Where vLLM keeps each checkpoint tensor, and the ones its loader skips (also what
-    `livetrain check` asks of a model built on meta parameters)."""
+    """Where vLLM keeps each checkpoint tensor (the part this rank holds, if `sharded`),
+    and the ones its loader skips (also what `livetrain check` asks of a model built on
+    meta parameters)."""
     wanted = {t.name: (t.shape, getattr(torch, t.dtype)) for t in tensors}
-    placements, dropped = checkpoint_placements(model, wanted)
+    placements, dropped = checkpoint_placements(model, wanted, sharded)
     views = {
-        name: TensorView(p.tensor, p.offset, list(p.shape), list(p.stride))
-        for name, p in placements.items()
+        name: TensorView(p.tensor, p.offset, list(p.shape), list(p.stride), list(origin))
+        for name, (origin, p) in placements.items()
     }
     return views, dropped
 

@@ -31,7 +31,7 @@ def livetrain_export_weights(worker: Any, tensors: bytes) -> bytes:
     list of `CheckpointTensor`)."""
     model = vllm.worker_model(worker)
     wanted = decode(tensors, list[CheckpointTensor])
-    return encode(export_weights(model, wanted, vllm.worker_world_size(worker)))
+    return encode(export_weights(model, wanted, *vllm.worker_parallel(worker)))
 
 
 def _repacker(worker: Any) -> Repacker:
