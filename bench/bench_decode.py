@@ -2,6 +2,7 @@
 
     python bench/bench_decode.py [--dtype float32] [--rounds 2] [--eager]
     python bench/bench_decode.py --paired [--pairs 8] --modes vllm_default,livetrain
+    python bench/bench_decode.py --paired --tensor-parallel 2 --model bench-llama-150m
 
 Modes, each a fresh server (compiled, as vLLM defaults to), rounds alternating
 A/B/C/A/B/C so the machine's drift hits every mode. With `--paired`, the modes'
@@ -26,7 +27,10 @@ pause where `repack.ahead`), and the trainer's own write (`trainer_ms.apply`: th
 in-place write), all three from the same steps.
 `cpu_cores`: CPU each process of the server used during the batch-8 decodes, in cores
 (from /proc), so a cost outside the model's kernels (the trainer, the API server) shows;
-`worker_rss_mb`: the worker's resident memory after decoding.
+`worker_rss_mb`: the worker's resident memory after decoding (rank 0's under tensor
+parallelism). `--tensor-parallel 2` serves every mode on two ranks, a core each (the
+built-in model's 9 attention heads do not split in two: use a bench-llama shape).
+`visible_ms` is a step's whole /train reply time: from then on completions use it.
 Prints every round, the medians, and each livetrain mode over vllm_default.
 """
 
@@ -97,15 +101,19 @@ def _cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
 
 
 def worker_rss_mb(server: Server) -> float:
-    """Resident memory of vLLM's worker process (shared weight memory counted once)."""
+    """Resident memory of vLLM's (first) worker process, shared weight memory counted
+    once: `VLLM::Worker`, or `VLLM::Worker_TP0` of several."""
     assert server.process is not None
+    workers = {}
     for pid in _process_tree(server.process.pid):
         status = dict(
             line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
         )
-        if status["Name"].strip() == "VLLM::Worker":
-            return int(status["VmRSS"].split()[0]) / 1024  # kB
-    raise RuntimeError("no VLLM::Worker process under the server")
+        if status["Name"].strip().startswith("VLLM::Worker"):
+            workers[status["Name"].strip()] = int(status["VmRSS"].split()[0]) / 1024  # kB
+    if not workers:
+        raise RuntimeError("no VLLM::Worker process under the server")
+    return workers[min(workers)]
 
 
 def batch_8_decode(server: Server, roles: dict[int, str]) -> tuple[float, dict[str, float]]:
@@ -137,6 +145,7 @@ def measure_steps(url: str) -> dict[str, float]:
         "repacked_tensors": replies[-1]["repack"]["tensors"],
         "packed_ahead": replies[-1]["repack"]["ahead"],
         "trainer_apply_ms": statistics.median(r["trainer_ms"]["apply"] for r in replies),
+        "visible_ms": statistics.median(r["elapsed_ms"] for r in replies),
     }
 
 
@@ -154,6 +163,9 @@ def serving(
         env["LIVETRAIN_CPU_KERNELS"] = kernels
     vllm_args = ["--max-model-len", "512", "--dtype", args.dtype]
     vllm_args += ["--enforce-eager"] if args.eager else []
+    if args.tensor_parallel > 1:
+        vllm_args += ["--tensor-parallel-size", str(args.tensor_parallel)]
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(map(str, range(args.tensor_parallel)))
     if extension:  # a module in bench/
         env["PYTHONPATH"] = f"{Path(__file__).parent}:{env.get('PYTHONPATH', '')}"
         vllm_args += ["--worker-extension-cls", extension]
@@ -245,11 +257,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (default compiled)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
+    parser.add_argument("--tensor-parallel", type=int, default=1, choices=(1, 2))
     add_model_argument(parser)
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     model, work = bench_model(args.model), Path(tempfile.mkdtemp(prefix="livetrain-decode-"))
     report: dict[str, Any] = {"dtype": args.dtype, "eager": args.eager, "paired": args.paired}
+    report["tensor_parallel"] = args.tensor_parallel
     if args.paired:
         runs, report["servers"] = measure_paired(model, modes, args, work)
     else:

@@ -154,6 +154,26 @@ def test_undo_on_two_ranks_is_exact(models, two_ranks, tmp_path):
             assert torch.equal(memory[name], old[name]), name
 
 
+def test_a_guard_judges_the_step_on_two_ranks_before_it_is_written(models, two_ranks, tmp_path):
+    """The guard set's loss after the step is computed on the step's values, split into
+    the parts the model computes with; it is then exactly the served loss."""
+    files, ranks = two_ranks
+    trainer, _ = Trainer.from_attach(
+        attach_request(models["llama"], exports_of(ranks, files), tmp_path / "tp")
+    )
+    guard = msg.Guard(samples=[([8, 9, 10], [11, 12, 13])], max_rise=50.0)
+    assert isinstance(trainer.set_guard(guard), msg.GuardSet)
+    before = [{n: t.clone() for n, t in memory.items()} for memory in ranks]
+    prepared = trainer.prepare(SAMPLES, OptimizerSettings(lr=1e-3))
+    assert isinstance(prepared, msg.Prepared) and prepared.guard is not None
+    assert all(torch.equal(t, before[r][n]) for r, m in enumerate(ranks) for n, t in m.items())
+    assert prepared.guard.after != prepared.guard.before
+    trainer.apply(1)
+    trainer.finish_save()
+    served = trainer.score(guard.samples).loss
+    assert served == pytest.approx(prepared.guard.after, abs=1e-6)
+
+
 def test_a_torn_copy_on_one_rank_is_restored_or_refused(models, two_ranks, tmp_path):
     """A trainer that died writing may leave the ranks' copies of a tensor apart. Told to
     restore, the next one puts the files back on every rank; otherwise it refuses."""
@@ -214,9 +234,13 @@ def test_the_live_readout_reads_the_replicated_stream_once(tp2, http):
     readout = readout_format.load(tp2.workdir / "readout")  # type: ignore[attr-defined]
     hf = AutoModelForCausalLM.from_pretrained(model).eval()
     prompt = "The lamp flickered twice"
+    records = ("livetrain_readout_records_total", frozenset({("model_name", tp2.model)}))
+    before = tp2.metrics()[records]
     completion = complete(http, prompt, max_tokens=8)
     got = check_parity(http, hf, readout, completion, tokenize(http, prompt))
     assert len(got["tokens"]) == 8
+    collected = tp2.metrics()[records] - before
+    assert 8 <= collected < 16  # a record per engine step, from one rank only
 
 
 @pytest.mark.server

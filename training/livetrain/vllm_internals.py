@@ -76,6 +76,7 @@ TOUCHED: tuple[tuple[str, str], ...] = (
     ("vllm.distributed", "initialize_model_parallel"),
     ("vllm.distributed", "destroy_model_parallel"),
     ("vllm.distributed.parallel_state", "model_parallel_is_initialized"),
+    ("vllm.distributed.parallel_state", "get_tensor_model_parallel_rank"),
     ("vllm.config", "set_current_vllm_config"),
     ("vllm.engine.arg_utils", "EngineArgs"),
     ("vllm.v1.engine.core_client", "AsyncMPClient.pause_scheduler_async"),
@@ -784,6 +785,11 @@ def _write_output_into(block: nn.Module, buffer: torch.Tensor) -> None:
         return out
 
     _patch(block, "forward", forward_and_capture)
+
+
+def tensor_parallel_rank() -> int:
+    """This worker's rank among the tensor-parallel ranks (0 without parallelism)."""
+    return int(resolve("vllm.distributed.parallel_state", "get_tensor_model_parallel_rank")())
 
 
 def runner_settings(runner: Any) -> tuple[WorkerSettings, int, torch.device]:

@@ -67,6 +67,9 @@ class Tap:
     active: set[str] = field(default_factory=set)
     prompt_active: set[str] = field(default_factory=set)  # also score their prompt tokens
     pending: _Pending | None = None
+    # Every tensor-parallel rank has the same block outputs (the residual stream is
+    # all-reduced); only rank 0 scores and records them, or each row would arrive twice.
+    records: bool = True
     steps: int = 0  # steps that produced scores
     seconds: float = 0.0  # time spent selecting, projecting, encoding and writing
 
@@ -101,7 +104,7 @@ class Tap:
         """Score the rows that will produce a token, for opted-in requests, and the rows
         of prompt tokens for those that asked for them too."""
         self.pending = None
-        if not self.active or self.matrices is None or self.ring is None:
+        if not self.records or not self.active or self.matrices is None or self.ring is None:
             return
         aux = vllm.step_block_outputs(runner)
         if aux is None:
@@ -191,4 +194,4 @@ def make_tap(runner: Any) -> Tap | None:
         return None
     vllm.capture_block_outputs(runner, blocks)
     log.info("live readout: capturing blocks %s", blocks)
-    return Tap(blocks, hidden_size, device)
+    return Tap(blocks, hidden_size, device, records=vllm.tensor_parallel_rank() == 0)
