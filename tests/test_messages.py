@@ -50,6 +50,7 @@ REQUESTS = [
         guard=msg.Guard(samples=[([1], [2])], max_rise=0.5),
         undo_steps=2,
         recompute_above_tokens=512,
+        step_mode="per_layer",
     ),
     msg.Prepare(id=1, samples=[([1, 2], [3])], settings=OptimizerSettings(lr=0.5), retrain=True),
     msg.Apply(id=2, weight_version=4),
@@ -64,6 +65,7 @@ BODIES = [
         3, 14, 0, 1000, ["a.weight"], ["a.w"], 5, PLAN, None, None, 2, msg.OptimizerStatus(0, 0)
     ),
     msg.Prepared(loss=1.5, tokens=3, skipped_samples=0, moments_reset=["a"], guard=None),
+    msg.Prepared(1.5, 3, 0, [], None, refused_tensors={"w": "non-finite gradient"}),
     msg.Prepared(1.5, 3, 0, [], msg.GuardCheck(before=2.0, after=1.9, max_rise=0.05)),
     msg.Applied(msg.OptimizerStatus(1, 123), undo_available=1),
     msg.Scored(token_logprobs=[[-0.5, -1.0]], loss=0.75),

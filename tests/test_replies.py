@@ -76,6 +76,7 @@ def test_replies_encode_to_plain_json():
         weight_version=2,
         optimizer_steps=2,
         moments_reset=[],
+        refused_tensors={"w": "non-finite gradient"},
         guard=GuardCheck(1.0, 1.1, 0.5),
         undo_available=0,
         pause_ms=1.0,

@@ -9,7 +9,6 @@ them tear one rank's copy on purpose."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -89,6 +88,7 @@ def attach_request(model: Path, exports: list, state: Path, restore: bool = Fals
         guard=None,
         undo_steps=1,
         recompute_above_tokens=1024,
+        step_mode="fenced",
     )
 
 
@@ -189,7 +189,8 @@ def test_a_torn_copy_on_one_rank_is_restored_or_refused(models, two_ranks, tmp_p
     assert attached.weight_version == 1
     for rank, memory in enumerate(ranks):
         for name, tensor in memory.items():
-            assert torch.equal(tensor, files[name][rank_slices(name, files[name].shape)[rank]]), name
+            box = rank_slices(name, files[name].shape)[rank]
+            assert torch.equal(tensor, files[name][box]), name
 
 
 def test_untested_parallel_layouts_are_refused_with_the_reason():
@@ -253,7 +254,7 @@ def test_steps_at_tp2_serve_what_one_rank_computes_and_sync_whole_tensors(tp2, m
     original = load_file(model / "model.safetensors")
     reference = make_trainer(models["llama"], families=EVERYTHING, max_update_ratio=2.0)
     status = tp2.status()
-    for step, lr in enumerate((1e-3, 2e-3), start=1):
+    for lr in (1e-3, 2e-3):
         for context, continuation in SAMPLES:
             reply = tp2.train(context, continuation, lr=lr, retrain=True)
             assert reply.status_code == 200, reply.text

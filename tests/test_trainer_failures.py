@@ -184,6 +184,7 @@ def test_a_trainer_attaching_after_a_torn_write_restores_rather_than_refuses(mod
             guard=None,
             undo_steps=0,
             recompute_above_tokens=1024,
+            step_mode="fenced",
         )
         trainer, attached = Trainer.from_attach(request)
         trainer.finish_save()

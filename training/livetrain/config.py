@@ -90,6 +90,7 @@ def _private_dir(path: Path) -> Path:
 
 
 CPU_KERNELS = ("vllm", "plain")
+STEP_MODES = ("fenced", "per_layer")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,13 @@ class PluginConfig:
     # memory of about one block instead of all of them, for one more forward pass. The
     # built-in model's figures: bench/RESULTS.md (bench_trainer_memory.py).
     recompute_above_tokens: int = 1024
+    # "fenced": a step's update is computed whole, checked whole, and written in one
+    # pause (inference sees all of it or none). "per_layer": each tensor's update is
+    # written as soon as its gradient exists and the gradient freed, so no whole
+    # gradient is ever held; inference may see a step half-applied while the backward
+    # pass runs, a tensor whose update fails a check is left as it was while the others
+    # are written, and a guard set or undo (which need the whole step first) is refused.
+    step_mode: str = "fenced"
     trainer_start_timeout_s: float = 600.0
     # Deadlines of trainer calls: a trainer that misses one is killed (and restarted).
     # Writing the weights (apply) holds generation paused, so its deadline is short; a
@@ -167,6 +175,17 @@ class PluginConfig:
             raise ValueError(
                 f"LIVETRAIN_CPU_KERNELS: expected one of {', '.join(CPU_KERNELS)}, "
                 f"got {self.cpu_kernels!r}"
+            )
+        if self.step_mode not in STEP_MODES:
+            raise ValueError(
+                f"LIVETRAIN_STEP_MODE: expected one of {', '.join(STEP_MODES)}, "
+                f"got {self.step_mode!r}"
+            )
+        if self.step_mode == "per_layer" and (self.guard is not None or self.undo_steps):
+            raise ValueError(
+                "LIVETRAIN_STEP_MODE=per_layer writes each tensor during the backward pass, "
+                "so a step cannot be judged or kept for an undo first: unset LIVETRAIN_GUARD "
+                "and LIVETRAIN_UNDO_STEPS, or use LIVETRAIN_STEP_MODE=fenced"
             )
 
     @property

@@ -215,7 +215,8 @@ class LivetrainEndpoints:
             request,
             supervisor,
             supervisor.set_guard(body.guard()),
-            lambda e: RequestError(422, str(e), field="samples"),
+            # 409: this server steps per layer, no guard can judge it; 422: the set's loss
+            lambda e: RequestError(e.status or 422, str(e), field=None if e.status else "samples"),
         )
 
     async def _clear_guard(self, request: Request) -> Response:

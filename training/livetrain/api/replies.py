@@ -42,6 +42,7 @@ class TrainReply(msgspec.Struct, frozen=True):
     weight_version: int
     optimizer_steps: int
     moments_reset: list[str]
+    refused_tensors: dict[str, str]  # per-layer steps: tensors left as they were, and why
     guard: GuardCheck | None
     undo_available: int
     pause_ms: float

@@ -11,10 +11,11 @@ generation stays paused until the next one has restored the weights from the fil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -184,6 +185,7 @@ class TrainerSupervisor:
             guard=self.guard,
             undo_steps=self.config.undo_steps,
             recompute_above_tokens=self.config.recompute_above_tokens,
+            step_mode=self.config.step_mode,
         )
         self._written = attached.written_params
         self._unfenced_writes = False
@@ -345,9 +347,11 @@ class TrainerSupervisor:
         retrain: bool,
         started: float,
     ) -> replies.TrainReply:
-        prepared, prepare_ms = await self._call(
-            msg.Prepare, msg.Prepared, samples=samples, settings=settings, retrain=retrain
-        )
+        per_layer = self.config.step_mode == "per_layer"  # it writes while serving goes on
+        async with self._tears(paused=False) if per_layer else contextlib.nullcontext():
+            prepared, prepare_ms = await self._call(
+                msg.Prepare, msg.Prepared, samples=samples, settings=settings, retrain=retrain
+            )
         version = self.weight_version + 1
         computed = time.perf_counter()
         applied, apply_ms, pause_ms, repack = await self._write(msg.Apply, msg.Applied, version)
@@ -364,6 +368,7 @@ class TrainerSupervisor:
             weight_version=version,
             optimizer_steps=applied.optimizer.optimizer_steps,
             moments_reset=prepared.moments_reset,
+            refused_tensors=prepared.refused_tensors,
             guard=prepared.guard,
             undo_available=self.undo_available,
             pause_ms=pause_ms,
@@ -395,8 +400,7 @@ class TrainerSupervisor:
             await vllm.pause_engine(self.engine)
         paused = started
         try:
-            self._writing = True
-            try:
+            async with self._tears(paused=not self._unfenced_writes):
                 body, trainer_ms = await self._call(
                     request,
                     expected,
@@ -404,17 +408,6 @@ class TrainerSupervisor:
                     weight_version=version,
                     **fields,
                 )
-            except TrainerUnavailable as exc:
-                self._torn = self.state != "failed"  # a restart restores, then resumes
-                if self._torn and self._unfenced_writes:
-                    await vllm.pause_engine(self.engine)  # paused until restored, as fenced
-                raise TrainerUnavailable(
-                    f"{exc}; the weights are being restored from the model files"
-                    if self._torn
-                    else str(exc)
-                ) from None
-            finally:
-                self._writing = False
             if self._unfenced_writes:
                 await self._pack_ahead(version)
                 paused = time.perf_counter()
@@ -429,6 +422,26 @@ class TrainerSupervisor:
             if not self._torn:
                 await self.engine.resume_generation()
         return body, trainer_ms, (time.perf_counter() - paused) * 1000, repacked
+
+    @contextlib.asynccontextmanager
+    async def _tears(self, paused: bool) -> AsyncIterator[None]:
+        """Around a trainer call that writes the served weights: a trainer lost inside
+        it leaves them torn, so generation is paused (if it was not) until the next
+        trainer has restored them from the files."""
+        self._writing = True
+        try:
+            yield
+        except TrainerUnavailable as exc:
+            self._torn = self.state != "failed"  # a restart restores, then resumes
+            if self._torn and not paused:
+                await vllm.pause_engine(self.engine)  # paused until restored, as fenced
+            raise TrainerUnavailable(
+                f"{exc}; the weights are being restored from the model files"
+                if self._torn
+                else str(exc)
+            ) from None
+        finally:
+            self._writing = False
 
     async def _pack_ahead(self, version: int) -> None:
         """Have the worker pack fresh copies of the written weights in the background,
@@ -495,6 +508,12 @@ class TrainerSupervisor:
         return await self._serialised("guard", lambda: self._set_guard(guard))
 
     async def _set_guard(self, guard: msg.Guard | None) -> replies.GuardReply:
+        if guard is not None and self.config.step_mode == "per_layer":
+            raise StepRefused(
+                "a per-layer step (LIVETRAIN_STEP_MODE=per_layer) is written during its "
+                "backward pass, so no guard set can judge it first",
+                status=409,
+            )
         answer, _ = await self._call(msg.SetGuard, msg.GuardSet, guard=guard)
         self.guard, self.guard_loss = guard, answer.loss
         return replies.GuardReply(guard=self.guard_status())

@@ -212,6 +212,7 @@ class Attach(_Request, frozen=True, tag="attach"):
     guard: Guard | None  # the guard set in force (it outlives trainer restarts)
     undo_steps: int  # steps whose previous weights are kept in memory for an undo
     recompute_above_tokens: int  # longer (padded) batches recompute block activations
+    step_mode: str  # "fenced" or "per_layer" (config.PluginConfig.step_mode)
 
 
 class Prepare(_Request, frozen=True, tag="prepare"):
@@ -320,6 +321,8 @@ class Prepared(msgspec.Struct, frozen=True, tag="prepared"):
     skipped_samples: int
     moments_reset: list[str]
     guard: GuardCheck | None
+    # per-layer steps (written already): tensors whose update failed a check -> why
+    refused_tensors: dict[str, str] = {}
 
 
 class Applied(msgspec.Struct, frozen=True, tag="applied"):

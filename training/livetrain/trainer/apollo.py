@@ -395,6 +395,29 @@ class Apollo:
         """
         assert settings.rank >= 1, "settings.rank must be >= 1"
         self._require_grads()
+        step, lr, decay = self._schedule(settings)
+        checks: list[tuple[str, str, torch.Tensor]] = []
+        moves: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # name, ||delta||, ||W||
+        guarded = math.isfinite(max_update_ratio)
+        apollo: dict[str, ApolloTensorStep] = {}
+        adamw: dict[str, AdamWTensorStep] = {}
+        for name in {**self._apollo_params, **self._adamw_params}:
+            result, tensor_checks, move = self._prepare_tensor(name, settings, lr, decay, guarded)
+            if isinstance(result, ApolloTensorStep):
+                apollo[name] = result
+            else:
+                adamw[name] = result
+            checks += tensor_checks
+            moves += move
+        _raise_first_failure(checks)
+        if guarded:
+            _refuse_large_moves(moves, max_update_ratio)
+        reset = [name for name, result in apollo.items() if self._rank_changed(name, result)]
+        return PendingStep(step, lr, decay, apollo, adamw, reset)
+
+    def _schedule(self, settings: OptimizerSettings) -> tuple[int, float, float]:
+        """(the step's number, its lr after warmup, its decay factor), or a
+        DestructiveUpdate when the decay factor is not in (0, 1]."""
         step = self._steps + 1
         lr = _effective_lr(settings, step)
         decay = 1.0 - lr * settings.weight_decay
@@ -402,34 +425,58 @@ class Apollo:
             raise DestructiveUpdate(
                 "weight_decay", f"decay factor 1 - lr * weight_decay = {decay:g} is not in (0, 1]"
             )
-        checks: list[tuple[str, str, torch.Tensor]] = []
-        moves: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # name, ||delta||, ||W||
+        return step, lr, decay
+
+    def _prepare_tensor(
+        self, name: str, settings: OptimizerSettings, lr: float, decay: float, guarded: bool
+    ) -> tuple[
+        ApolloTensorStep | AdamWTensorStep,
+        list[tuple[str, str, torch.Tensor]],
+        list[tuple[str, torch.Tensor, torch.Tensor]],
+    ]:
+        """One tensor's step, its checks, and (`guarded`) how far it would move it."""
+        param = self._param(name)
+        prepare = self._prepare_apollo if name in self._apollo_params else self._prepare_adamw
+        result, tensor_checks, step_norm = prepare(name, param, settings, lr, decay)
+        checks = [(name, reason, ok) for reason, ok in tensor_checks]
+        # one weight-norm reduction per tensor, only when it is checked
+        moves = [(name, *_movement(param, step_norm, decay))] if guarded else []
+        return result, checks, moves
+
+    def _rank_changed(self, name: str, result: ApolloTensorStep) -> bool:
+        old = self._apollo_state.get(name)
+        return old is not None and old.rank != result.state.rank
+
+    @torch.no_grad()
+    def step_tensor(
+        self, name: str, settings: OptimizerSettings, max_update_ratio: float = math.inf
+    ) -> bool:
+        """The per-layer step: take the next step (the one `prepare` would compute) for
+        tensor `name` alone, as soon as its gradient exists, and write it at once; the
+        other tensors are untouched until their turn, and `end_step` then counts the
+        step. A tensor whose update fails a check raises RefusedUpdate with nothing of
+        it written. Returns whether its moments restarted for a new rank."""
+        param = self._param(name)
+        if param.grad is None:
+            raise ValueError(f"{name}: no gradient")
+        _, lr, decay = self._schedule(settings)
         guarded = math.isfinite(max_update_ratio)
-        apollo: dict[str, ApolloTensorStep] = {}
-        adamw: dict[str, AdamWTensorStep] = {}
-        for name, param in self._apollo_params.items():
-            apollo[name], tensor_checks, step_norm = self._prepare_apollo(
-                name, param, settings, lr, decay
-            )
-            checks += [(name, reason, ok) for reason, ok in tensor_checks]
-            if guarded:  # one weight-norm reduction per tensor, only when it is checked
-                moves.append((name, *_movement(param, step_norm, decay)))
-        for name, param in self._adamw_params.items():
-            adamw[name], tensor_checks, step_norm = self._prepare_adamw(
-                name, param, settings, lr, decay
-            )
-            checks += [(name, reason, ok) for reason, ok in tensor_checks]
-            if guarded:  # one weight-norm reduction per tensor, only when it is checked
-                moves.append((name, *_movement(param, step_norm, decay)))
+        result, checks, moves = self._prepare_tensor(name, settings, lr, decay, guarded)
         _raise_first_failure(checks)
         if guarded:
             _refuse_large_moves(moves, max_update_ratio)
-        reset = [
-            name
-            for name, result in apollo.items()
-            if name in self._apollo_state and self._apollo_state[name].rank != result.state.rank
-        ]
-        return PendingStep(step, lr, decay, apollo, adamw, reset)
+        direction = result.grad if isinstance(result, ApolloTensorStep) else result.update
+        _write_weight(param, direction, result.coef, decay)
+        if isinstance(result, ApolloTensorStep):
+            reset = self._rank_changed(name, result)
+            self._apollo_state[name] = result.state
+            return reset
+        self._adamw_state[name] = result.state
+        return False
+
+    def end_step(self) -> None:
+        """Count a per-layer step whose tensors `step_tensor` has written."""
+        self._steps += 1
 
     @torch.no_grad()
     def apply(self, pending: PendingStep) -> None:

@@ -23,7 +23,9 @@ Sample = tuple[Sequence[int], Sequence[int]]  # (context_ids, continuation_ids)
 log = logging.getLogger("livetrain.trainer")
 
 
-HEAD_CHUNK = 256  # continuation tokens whose logits exist at once (x vocabulary x 4 B)
+# Continuation tokens whose logits exist at once (x vocabulary x 4 B: 12.6 MB for the
+# built-in model). 64 and 256 took the same time per step there (bench/RESULTS.md).
+HEAD_CHUNK = 64
 _PROBE = [([1, 2, 3], [4, 5]), ([6], [7, 8, 9])]
 _HEAD_IN_CHUNKS: WeakKeyDictionary[nn.Module, bool] = WeakKeyDictionary()
 

@@ -36,6 +36,7 @@ from livetrain.trainer.model import (
     restore_weights,
     writes_landed,
 )
+from livetrain.trainer.per_layer import PerLayerStep
 from livetrain.trainer.plan import train_plan
 from livetrain.trainer.shards import copy_of
 from livetrain.trainer.tensor_parallel import attach_sharded
@@ -58,7 +59,7 @@ class UndoRecord:
 class PreparedStep:
     """A step between prepare and apply, and what applying it records."""
 
-    update: PendingStep
+    update: PendingStep | None  # None: a per-layer step, written already
     keys: set[bytes]  # sample_key of the samples it trains
     guard: msg.GuardCheck | None
     undo: UndoRecord | None  # None: no undo history is kept
@@ -92,6 +93,7 @@ class Trainer:
         guard: msg.Guard | None = None,
         undo_steps: int = PluginConfig().undo_steps,
         recompute_above_tokens: int = PluginConfig().recompute_above_tokens,
+        step_mode: str = PluginConfig().step_mode,
     ) -> None:
         self.attached, self.model_dir, self.state_dir = attached, model_dir, state_dir
         self.optimizer = Apollo(attached.apollo_params, attached.adamw_params)
@@ -104,6 +106,7 @@ class Trainer:
         self.max_update_ratio = max_update_ratio
         self.sync_on_exit = sync_on_exit
         self.recompute_above_tokens = recompute_above_tokens
+        self.step_mode = step_mode
         self.saved_version: int | None = None
         self.save_error: str | None = None
         self._saver: threading.Thread | None = None
@@ -133,6 +136,7 @@ class Trainer:
             guard=request.guard,
             undo_steps=request.undo_steps,
             recompute_above_tokens=request.recompute_above_tokens,
+            step_mode=request.step_mode,
         )
         if request.restore_from_files:
             restored = trainer.rollback(request.weight_version + 1)
@@ -295,7 +299,8 @@ class Trainer:
     def prepare(
         self, samples: Sequence[msg.Sample], settings: OptimizerSettings, retrain: bool = False
     ) -> msg.Prepared | msg.Failed:
-        """Forward, backward and optimizer math for one step; nothing served changes."""
+        """Forward, backward and optimizer math for one step; nothing served changes
+        (but for a per-layer step, which writes each tensor during the backward pass)."""
         self.discard()
         keys = [sample_key(ctx, cont) for ctx, cont in samples]
         given = len(samples)
@@ -315,6 +320,8 @@ class Trainer:
             loss = mean_loss(continuation_logprobs(model, samples))
             if not torch.isfinite(loss):
                 return refused(f"non-finite loss ({loss.item()})", reason="nonfinite_loss")
+            if self.step_mode == "per_layer":
+                return self._per_layer(loss, settings, samples, keys, given - len(samples))
             loss.backward()
         try:
             update = self.optimizer.prepare(settings, self.max_update_ratio)
@@ -342,6 +349,43 @@ class Trainer:
             skipped_samples=given - len(samples),
             moments_reset=list(update.moments_reset),
             guard=guard,
+        )
+
+    def _per_layer(
+        self,
+        loss: torch.Tensor,
+        settings: OptimizerSettings,
+        samples: Sequence[msg.Sample],
+        keys: list[bytes],
+        skipped: int,
+    ) -> msg.Prepared | msg.Failed:
+        """The backward pass of a per-layer step, which writes each tensor's update as
+        its gradient becomes whole (trainer/per_layer.py); apply() then only commits."""
+        step = PerLayerStep(
+            self.optimizer,
+            self.attached.model,
+            self.attached.trainable,
+            settings,
+            self.max_update_ratio,
+        )
+        with step.hooks():
+            loss.backward()
+        step.finish()
+        if not step.written:
+            self.discard()
+            reasons = "; ".join(f"{n}: {r}" for n, r in sorted(step.refused.items()))
+            return refused(
+                f"every tensor's update was refused ({reasons}); nothing was written",
+                reason="update_too_large" if step.too_large else "nonfinite_update",
+            )
+        self.pending = PreparedStep(None, set(keys), None, None)
+        return msg.Prepared(
+            loss=loss.item(),
+            tokens=sum(len(cont) for _, cont in samples),
+            skipped_samples=skipped,
+            moments_reset=step.moments_reset,
+            guard=None,
+            refused_tensors=step.refused,
         )
 
     def _judge(self, update: PendingStep, guard: msg.Guard) -> msg.GuardCheck:
@@ -382,7 +426,10 @@ class Trainer:
             return refused("no prepared step to apply")
         step = self.pending
         with torch.no_grad():
-            self.optimizer.apply(step.update)
+            if step.update is None:
+                self.optimizer.end_step()
+            else:
+                self.optimizer.apply(step.update)
         writes_landed(self.attached)
         self.weight_version = weight_version
         self.dirty.update(id(p) for p in self.attached.trainable.values())
