@@ -18,8 +18,8 @@ measured; the larger is printed.
 
 Modes: every linear weight, fenced (the default); the same recomputing block
 activations in the backward pass (LIVETRAIN_RECOMPUTE_ABOVE_TOKENS=0); a quarter of
-the blocks (LIVETRAIN_TRAIN_LAYERS); the per-layer step (LIVETRAIN_STEP_MODE=per_layer),
-without and with recompute. `--rank 1` is APOLLO-Mini's state (a request's `rank`).
+the blocks (LIVETRAIN_TRAIN_LAYERS); the per-layer step (LIVETRAIN_STEP_MODE=per_layer,
+which recomputes every batch). `--rank 1` is APOLLO-Mini's state (a request's `rank`).
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ MODES = {
     "all linear": {},
     "all linear, recomputed": {"recompute_above_tokens": 0},
     "last quarter of the blocks": {"layers": "quarter"},
-    "all linear, per layer": {"step_mode": "per_layer"},
-    "all linear, per layer, recomputed": {"step_mode": "per_layer", "recompute_above_tokens": 0},
+    "all linear, per layer (recomputes)": {"step_mode": "per_layer"},
 }
 
 

@@ -52,13 +52,15 @@ def test_the_report_says_what_trains_and_what_it_costs():
         ],
         trainable_bytes=6_000_000_000,
         gradient_bytes=6_000_000_000,
+        largest_gradient_bytes=200_000_000,
         optimizer_bytes=250_000_000,
         rank=64,
         logits_bytes_per_token=1_200_000,
     )
     text = render(CheckReport("/m", "Qwen3MoeForCausalLM", "bfloat16", plan, ["a", "b"]))
     assert "experts     apollo     48 tensors  3,000,000,000 params     6.0 GB" in text
-    assert "gradients 6.0 GB, optimizer state 250.0 MB (APOLLO rank 64)" in text
+    assert "gradients 6.0 GB (per-layer steps: one tensor's at a time, at most 200.0 MB)" in text
+    assert "optimizer state 250.0 MB (APOLLO rank 64)" in text
     assert text.endswith("result: trains in place")
     blocked = CheckReport("/m", blockers=["the model is quantised (gptq): ..."])
     assert render(blocked).endswith(
@@ -76,6 +78,8 @@ def test_the_plans_optimizer_memory_is_what_a_step_allocates(models):
     trainer.apply(1)
     moments = sum(t.nbytes for k, t in trainer.optimizer.state_dict().items() if "exp_avg" in k)
     assert plan.optimizer_bytes == moments and plan.gradient_bytes == grads
+    largest = max(p.numel() * p.element_size() for p in trainer.attached.trainable.values())
+    assert plan.largest_gradient_bytes == largest
     assert {(g.kind, g.optimizer) for g in plan.groups} == {
         ("linear", "apollo"),
         ("embeddings", "frozen"),

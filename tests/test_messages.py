@@ -30,6 +30,7 @@ PLAN = msg.TrainPlan(
     groups=[msg.PlanGroup("linear", "apollo", 14, 1000, 4000)],
     trainable_bytes=4000,
     gradient_bytes=4000,
+    largest_gradient_bytes=1000,
     optimizer_bytes=512,
     rank=64,
     logits_bytes_per_token=8000,

@@ -20,6 +20,7 @@ from test_trainer_failures import wait_queue
 from livetrain.config import OptimizerSettings, PluginConfig, TrainableFamilies
 from livetrain.formats import messages as msg
 from livetrain.tools.client import LivetrainClient
+from livetrain.trainer import loss
 
 EVERYTHING = TrainableFamilies(embeddings=True, norms=True, lm_head=True)
 SAMPLES = [([5, 9, 14, 22, 31], [40, 41, 42, 43]), ([7, 3, 11], [50, 51, 60, 61, 62])]
@@ -69,6 +70,21 @@ def test_a_per_layer_step_holds_one_gradient_at_a_time(models):
             handle.remove()
     assert len(held) == len(params) and max(held) == 1
     assert all(p.grad is None for p in params)
+
+
+def test_a_per_layer_step_recomputes_every_batch(models):
+    """Its memory gain needs the blocks' activations recomputed too: a short batch, far
+    under LIVETRAIN_RECOMPUTE_ABOVE_TOKENS, still runs each block twice."""
+    trainer = make_trainer(models["llama"], step_mode="per_layer", recompute_above_tokens=1024)
+    loss._head_in_chunks(trainer.attached.model)  # its one-off probe runs the model
+    mlp = trainer.attached.model.model.layers[0].mlp  # inside a block
+    calls: list[int] = []
+    handle = mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        assert isinstance(trainer.prepare(SAMPLES, OptimizerSettings(lr=1e-3)), msg.Prepared)
+    finally:
+        handle.remove()
+    assert len(calls) == 2
 
 
 def test_a_refused_tensor_is_left_while_the_others_are_written(models):

@@ -126,9 +126,11 @@ class PluginConfig:
     # "fenced": a step's update is computed whole, checked whole, and written in one
     # pause (inference sees all of it or none). "per_layer": each tensor's update is
     # written as soon as its gradient exists and the gradient freed, so no whole
-    # gradient is ever held; inference may see a step half-applied while the backward
-    # pass runs, a tensor whose update fails a check is left as it was while the others
-    # are written, and a guard set or undo (which need the whole step first) is refused.
+    # gradient is ever held (and every batch recomputes block activations, whatever
+    # recompute_above_tokens: otherwise they, not gradients, set the peak); inference
+    # may see a step half-applied while the backward pass runs, a tensor whose update
+    # fails a check is left as it was while the others are written, and a guard set or
+    # undo (which need the whole step first) is refused.
     step_mode: str = "fenced"
     trainer_start_timeout_s: float = 600.0
     # Deadlines of trainer calls: a trainer that misses one is killed (and restarted).

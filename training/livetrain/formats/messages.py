@@ -287,6 +287,7 @@ class TrainPlan(msgspec.Struct, frozen=True):
     groups: list[PlanGroup]
     trainable_bytes: int
     gradient_bytes: int  # one gradient of every trainable tensor, at the served dtype
+    largest_gradient_bytes: int  # the most a per-layer step holds: the largest tensor's
     optimizer_bytes: int  # fp32 moments at `rank` (APOLLO) and AdamW's
     rank: int
     logits_bytes_per_token: int  # fp32 logits and their gradient, per padded token

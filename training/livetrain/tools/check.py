@@ -159,9 +159,13 @@ def render(report: CheckReport) -> str:
                 f"  {group.kind:<11} {group.optimizer:<7} {group.tensors:>5} tensors "
                 f"{group.params:>14,} params {_size(group.bytes):>10}"
             )
+        gradients = (
+            f"gradients {_size(plan.gradient_bytes)} (per-layer steps: one tensor's at a time, "
+            f"at most {_size(plan.largest_gradient_bytes)})"
+        )
         lines.append(
             f"trains {_size(plan.trainable_bytes)} of weights in place; memory beside the "
-            f"served weights: gradients {_size(plan.gradient_bytes)}, optimizer state "
+            f"served weights: {gradients}, optimizer state "
             f"{_size(plan.optimizer_bytes)} (APOLLO rank {plan.rank}), activations per "
             f"step, of which logits {_size(plan.logits_bytes_per_token)} per token"
         )

@@ -72,6 +72,9 @@ def train_plan(attached: AttachedModel, rank: int = OptimizerSettings().rank) ->
         ],
         trainable_bytes=trainable,
         gradient_bytes=trainable,
+        largest_gradient_bytes=max(
+            (p.numel() * p.element_size() for p in attached.trainable.values()), default=0
+        ),
         optimizer_bytes=_optimizer_bytes(attached, rank),
         rank=rank,
         logits_bytes_per_token=2 * vocab * _FP32,

@@ -315,7 +315,9 @@ class Trainer:
             samples, keys = [samples[i] for i in fresh], [keys[i] for i in fresh]
         model = self.attached.model
         padded = len(samples) * max(len(ctx) + len(cont) for ctx, cont in samples)
-        recompute = padded > self.recompute_above_tokens
+        # a per-layer step frees each gradient at once; the blocks' activations, held
+        # until the backward pass reaches them, are then what is left to free
+        recompute = self.step_mode == "per_layer" or padded > self.recompute_above_tokens
         with torch.enable_grad(), recomputed_blocks(model) if recompute else nullcontext():
             loss = mean_loss(continuation_logprobs(model, samples))
             if not torch.isfinite(loss):
