@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from livetrain.config import TrainableFamilies
+from livetrain.formats import messages as msg
 from livetrain.formats import readout_format
 from livetrain.tools.client import LivetrainClient
 from livetrain.tools.launch import Server, plugin_env
@@ -163,6 +164,35 @@ def make_trainer(
     model.requires_grad_(False)
     attached = own_model(model, model_dir, families or TrainableFamilies())
     return Trainer(attached, model_dir, state_dir, weight_version=weight_version, **settings)
+
+
+def attach_request(
+    model: Path,
+    exports: list[msg.WeightExport],
+    state: Path,
+    restore: bool = False,
+    families: TrainableFamilies | None = None,
+    undo_steps: int = 0,
+) -> msg.Attach:
+    """The Attach the API server sends, for weights this process exports itself."""
+    state.mkdir(parents=True, exist_ok=True)
+    return msg.Attach(
+        id=0,
+        protocol_version=msg.PROTOCOL_VERSION,
+        model_dir=str(model),
+        state_dir=str(state),
+        exports=exports,
+        families=families or TrainableFamilies(),
+        weight_version=0,
+        sync_block_bytes=4096,
+        max_update_ratio=2.0,
+        sync_on_exit=False,
+        restore_from_files=restore,
+        guard=None,
+        undo_steps=undo_steps,
+        recompute_above_tokens=1024,
+        step_mode="fenced",
+    )
 
 
 def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:

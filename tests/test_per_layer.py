@@ -5,17 +5,14 @@ a trainer lost while it writes is a torn write, restored from the files."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import LOGPROB_ATOL, make_trainer, start_server
-from test_trainer_failures import wait_queue
+from test_trainer_failures import killed_in_prepare
 
 from livetrain.config import OptimizerSettings, PluginConfig, TrainableFamilies
 from livetrain.formats import messages as msg
@@ -159,12 +156,7 @@ def test_a_trainer_lost_in_a_per_layer_step_is_a_torn_write(per_layer_server):
     client.http.post("/train/rollback", json={}).raise_for_status()
     files = client.continuation_logprobs(context, continuation)
     before = client.wait_trainer()
-    os.kill(before["trainer_pid"], signal.SIGSTOP)  # so that it dies inside prepare
-    with ThreadPoolExecutor(1) as pool:
-        step = pool.submit(client.train, context, continuation, lr=1e-3, retrain=True)
-        wait_queue(client, operation="train", trainer_call="prepare", waiting=0)
-        os.kill(before["trainer_pid"], signal.SIGKILL)
-        reply = step.result()
+    reply = killed_in_prepare(client, before["trainer_pid"], context, continuation)
     assert reply.status_code == 503, reply.text
     assert "restored from the model files" in reply.json()["error"]["message"]
     deadline = time.monotonic() + 120

@@ -18,7 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import API_KEY, LOGPROB_ATOL, make_trainer, start_server, write_readout
+from conftest import (
+    API_KEY,
+    LOGPROB_ATOL,
+    attach_request,
+    make_trainer,
+    start_server,
+    write_readout,
+)
 from safetensors.torch import load_file
 from test_live_readout import check_parity, complete, tokenize
 from torch import nn
@@ -34,6 +41,7 @@ from livetrain.trainer.trainer import Trainer
 from livetrain.worker.export import export_weights
 
 EVERYTHING = TrainableFamilies(embeddings=True, norms=True, lm_head=True)
+TP_ATTACH = {"families": EVERYTHING, "undo_steps": 1}
 ENV_EVERYTHING = {f"LIVETRAIN_TRAIN_{f}": "1" for f in ("EMBEDDINGS", "NORMS", "LM_HEAD")}
 SAMPLES = [([5, 9, 14, 22, 31], [40, 41, 42, 43]), ([7, 3, 11], [50, 51, 60, 61, 62])]
 # rows of q/gate/up, the vocabulary; columns of o/down; K/V (1 head) and norms: copies
@@ -71,27 +79,6 @@ def exports_of(ranks: list[dict[str, torch.Tensor]], files: dict[str, torch.Tens
     return exports
 
 
-def attach_request(model: Path, exports: list, state: Path, restore: bool = False) -> msg.Attach:
-    state.mkdir(parents=True, exist_ok=True)
-    return msg.Attach(
-        id=0,
-        protocol_version=msg.PROTOCOL_VERSION,
-        model_dir=str(model),
-        state_dir=str(state),
-        exports=exports,
-        families=EVERYTHING,
-        weight_version=0,
-        sync_block_bytes=4096,
-        max_update_ratio=2.0,
-        sync_on_exit=False,
-        restore_from_files=restore,
-        guard=None,
-        undo_steps=1,
-        recompute_above_tokens=1024,
-        step_mode="fenced",
-    )
-
-
 @pytest.fixture
 def two_ranks(models: dict[str, Path]) -> tuple[dict, list[dict[str, torch.Tensor]]]:
     files = load_file(models["llama"] / "model.safetensors")
@@ -114,7 +101,7 @@ def test_the_split_is_the_one_tested_on_a_real_server(two_ranks):
 def test_steps_on_two_ranks_equal_steps_on_one(models, two_ranks, tmp_path):
     files, ranks = two_ranks
     trainer, attached = Trainer.from_attach(
-        attach_request(models["llama"], exports_of(ranks, files), tmp_path / "tp")
+        attach_request(models["llama"], exports_of(ranks, files), tmp_path / "tp", **TP_ATTACH)
     )
     reference = make_trainer(models["llama"], families=EVERYTHING, max_update_ratio=2.0)
     assert attached.trainable_names == sorted(reference.attached.trainable)
@@ -140,7 +127,7 @@ def test_steps_on_two_ranks_equal_steps_on_one(models, two_ranks, tmp_path):
 def test_undo_on_two_ranks_is_exact(models, two_ranks, tmp_path):
     files, ranks = two_ranks
     trainer, _ = Trainer.from_attach(
-        attach_request(models["llama"], exports_of(ranks, files), tmp_path / "tp")
+        attach_request(models["llama"], exports_of(ranks, files), tmp_path / "tp", **TP_ATTACH)
     )
     before = [{n: t.clone() for n, t in memory.items()} for memory in ranks]
     assert isinstance(trainer.prepare(SAMPLES, OptimizerSettings(lr=1e-3)), msg.Prepared)
@@ -159,7 +146,7 @@ def test_a_guard_judges_the_step_on_two_ranks_before_it_is_written(models, two_r
     the parts the model computes with; it is then exactly the served loss."""
     files, ranks = two_ranks
     trainer, _ = Trainer.from_attach(
-        attach_request(models["llama"], exports_of(ranks, files), tmp_path / "tp")
+        attach_request(models["llama"], exports_of(ranks, files), tmp_path / "tp", **TP_ATTACH)
     )
     guard = msg.Guard(samples=[([8, 9, 10], [11, 12, 13])], max_rise=50.0)
     assert isinstance(trainer.set_guard(guard), msg.GuardSet)
@@ -181,9 +168,11 @@ def test_a_torn_copy_on_one_rank_is_restored_or_refused(models, two_ranks, tmp_p
     norm = "model.norm.weight"
     ranks[1][norm][:3] += 1.0
     with pytest.raises(AttachError, match="copies of .*model.norm.weight.* differ"):
-        Trainer.from_attach(attach_request(models["llama"], exports_of(ranks, files), tmp_path))
+        Trainer.from_attach(
+            attach_request(models["llama"], exports_of(ranks, files), tmp_path, **TP_ATTACH)
+        )
     trainer, attached = Trainer.from_attach(
-        attach_request(models["llama"], exports_of(ranks, files), tmp_path / "r", restore=True)
+        attach_request(models["llama"], exports_of(ranks, files), tmp_path / "r", True, **TP_ATTACH)
     )
     trainer.finish_save()
     assert attached.weight_version == 1

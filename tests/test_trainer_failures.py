@@ -19,11 +19,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import LOGPROB_ATOL, files_logprobs, start_server
+from conftest import LOGPROB_ATOL, attach_request, files_logprobs, start_server
 from safetensors.torch import load_file
 
 from livetrain.api.endpoints import load_guard
-from livetrain.config import PluginConfig, TrainableFamilies
+from livetrain.config import PluginConfig
 from livetrain.formats import messages as msg
 from livetrain.formats.shared_tensors import export_tensor
 from livetrain.tools.client import LivetrainClient
@@ -81,6 +81,18 @@ def wait_queue(client: LivetrainClient, **expected: object) -> dict:
             return status
         assert time.monotonic() < deadline, status["queue"]
         time.sleep(0.02)
+
+
+def killed_in_prepare(
+    client: LivetrainClient, pid: int, context: list[int], continuation: list[int]
+) -> httpx.Response:
+    """A step whose trainer (`pid`) is SIGKILLed inside prepare; its reply."""
+    os.kill(pid, signal.SIGSTOP)  # so that it dies inside prepare
+    with ThreadPoolExecutor(1) as pool:
+        step = pool.submit(client.train, context, continuation, lr=1e-3, retrain=True)
+        wait_queue(client, operation="train", trainer_call="prepare", waiting=0)
+        os.kill(pid, signal.SIGKILL)
+        return step.result()
 
 
 def sample(client: LivetrainClient) -> tuple[list[int], list[int]]:
@@ -169,23 +181,7 @@ def test_a_trainer_attaching_after_a_torn_write_restores_rather_than_refuses(mod
     served[torn][:2] += 1.0  # half a write: the first rows only
 
     def attach(restore: bool, state: str) -> None:
-        request = msg.Attach(
-            id=0,
-            protocol_version=msg.PROTOCOL_VERSION,
-            model_dir=str(models["llama"]),
-            state_dir=str(tmp_path / state),
-            exports=[export],
-            families=TrainableFamilies(),
-            weight_version=0,
-            sync_block_bytes=4096,
-            max_update_ratio=2.0,
-            sync_on_exit=False,
-            restore_from_files=restore,
-            guard=None,
-            undo_steps=0,
-            recompute_above_tokens=1024,
-            step_mode="fenced",
-        )
+        request = attach_request(models["llama"], [export], tmp_path / state, restore)
         trainer, attached = Trainer.from_attach(request)
         trainer.finish_save()
         assert attached.weight_version == 1  # the restore is a write
@@ -260,12 +256,7 @@ def test_a_trainer_killed_during_a_step_before_its_write_changes_nothing(strict_
     original = strict_server.continuation_logprobs(context, continuation)
     before = strict_server.wait_trainer()
     time.sleep(HEALTHY_S + 0.5)  # this death is not part of a crash loop
-    os.kill(before["trainer_pid"], signal.SIGSTOP)  # so that it dies inside prepare
-    with ThreadPoolExecutor(1) as pool:
-        step = pool.submit(strict_server.train, context, continuation, lr=1e-3, retrain=True)
-        wait_queue(strict_server, operation="train", trainer_call="prepare", waiting=0)
-        os.kill(before["trainer_pid"], signal.SIGKILL)
-        reply = step.result()
+    reply = killed_in_prepare(strict_server, before["trainer_pid"], context, continuation)
     assert reply.status_code == 503 and "exited" in reply.json()["error"]["message"], reply.text
     after = strict_server.wait_trainer()
     assert after["trainer_pid"] != before["trainer_pid"]
