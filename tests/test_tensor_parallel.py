@@ -182,6 +182,16 @@ def test_a_torn_copy_on_one_rank_is_restored_or_refused(models, two_ranks, tmp_p
             assert torch.equal(tensor, files[name][box]), name
 
 
+def test_a_split_the_sharded_layers_cannot_compute_is_refused(models, tmp_path, monkeypatch):
+    """An embedding split along its width (no vLLM layout does that) is refused by name."""
+    monkeypatch.setitem(globals(), "ROWS", tuple(r for r in ROWS if r != "embed_tokens"))
+    monkeypatch.setitem(globals(), "COLUMNS", (*COLUMNS, "embed_tokens"))
+    files = load_file(models["llama"] / "model.safetensors")
+    ranks = split_like_vllm(files)
+    with pytest.raises(AttachError, match="model.embed_tokens: an embedding split along its"):
+        Trainer.from_attach(attach_request(models["llama"], exports_of(ranks, files), tmp_path))
+
+
 def test_untested_parallel_layouts_are_refused_with_the_reason():
     with pytest.raises(RuntimeError, match="tensor parallel sizes \\[1, 2\\]; 4 is refused"):
         export_weights(nn.Linear(2, 2), [], 4, 1)

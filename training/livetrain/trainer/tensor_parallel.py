@@ -120,19 +120,25 @@ def _install(model: nn.Module, by_id: dict[int, Shards]) -> None:
             continue
         parent_name, _, child = module_name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        weight = by_id[id(own["weight"])] if "weight" in own else None
-        if type(module) is nn.Embedding and split == ["weight"] and weight is not None:
-            setattr(parent, child, ShardedEmbedding(weight, module.padding_idx))
-        elif type(module) is nn.Linear and "weight" in split and weight is not None:
-            bias = by_id[id(module.bias)] if module.bias is not None else None
-            whole = bias is not None and len(bias.parts) == 1
-            setattr(parent, child, ShardedLinear(weight, bias.parts[0] if whole else bias))
-        else:
-            raise AttachError(
-                f"{module_name}: a {type(module).__name__} whose {split} the ranks split; "
-                "tensor parallel training supports split Linear and Embedding layers, and "
-                "refuses others until tested"
-            )
+        try:
+            setattr(parent, child, _sharded(module, split, by_id))
+        except ValueError as exc:  # a split the sharded modules do not compute
+            raise AttachError(f"{module_name}: {exc}") from None
+
+
+def _sharded(module: nn.Module, split: list[str], by_id: dict[int, Shards]) -> nn.Module:
+    """The sharded module computing what `module` does, on its parameters' parts."""
+    weight = by_id[id(module.weight)] if isinstance(module, nn.Linear | nn.Embedding) else None
+    if type(module) is nn.Embedding and split == ["weight"] and weight is not None:
+        return ShardedEmbedding(weight, module.padding_idx)
+    if type(module) is nn.Linear and "weight" in split and weight is not None:
+        bias = by_id[id(module.bias)] if module.bias is not None else None
+        whole = bias is not None and len(bias.parts) == 1
+        return ShardedLinear(weight, bias.parts[0] if whole else bias)
+    raise ValueError(
+        f"a {type(module).__name__} whose {split} the ranks split; tensor parallel "
+        "training supports split Linear and Embedding layers, and refuses others until tested"
+    )
 
 
 def attach_sharded(
