@@ -173,6 +173,7 @@ def attach_request(
     restore: bool = False,
     families: TrainableFamilies | None = None,
     undo_steps: int = 0,
+    step_mode: str = "fenced",
 ) -> msg.Attach:
     """The Attach the API server sends, for weights this process exports itself."""
     state.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,7 @@ def attach_request(
         guard=None,
         undo_steps=undo_steps,
         recompute_above_tokens=1024,
-        step_mode="fenced",
+        step_mode=step_mode,
     )
 
 

@@ -98,10 +98,14 @@ def test_the_split_is_the_one_tested_on_a_real_server(two_ranks):
     assert torch.equal(ranks[1][k], files[k])
 
 
-def test_steps_on_two_ranks_equal_steps_on_one(models, two_ranks, tmp_path):
+@pytest.mark.parametrize("step_mode", ["fenced", "per_layer"])
+def test_steps_on_two_ranks_equal_steps_on_one(models, two_ranks, tmp_path, step_mode):
+    """Against a fenced trainer on one rank's whole tensors; the per-layer step steps
+    a tensor when every part's gradient is in."""
     files, ranks = two_ranks
+    settings = {**TP_ATTACH, "undo_steps": 0, "step_mode": step_mode}
     trainer, attached = Trainer.from_attach(
-        attach_request(models["llama"], exports_of(ranks, files), tmp_path / "tp", **TP_ATTACH)
+        attach_request(models["llama"], exports_of(ranks, files), tmp_path / "tp", **settings)
     )
     reference = make_trainer(models["llama"], families=EVERYTHING, max_update_ratio=2.0)
     assert attached.trainable_names == sorted(reference.attached.trainable)
