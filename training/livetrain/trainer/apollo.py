@@ -285,7 +285,10 @@ def _write_weight(
 
 
 def _weight_absmax(param: Weight) -> torch.Tensor:
-    return param.absmax() if isinstance(param, Shards) else _absmax(param)
+    """max |W| as fp32; of a tensor split across ranks, the largest of its parts'."""
+    if isinstance(param, Shards):
+        return torch.stack([_absmax(part.detach()) for part in param.parts]).amax()
+    return _absmax(param)
 
 
 def _decay_and_subtract(

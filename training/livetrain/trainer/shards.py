@@ -118,10 +118,6 @@ class Shards:
             for copy in copies
         )
 
-    def absmax(self) -> torch.Tensor:
-        """max |W| as fp32 (NaN if a part has a NaN)."""
-        return torch.stack([_absmax(p.detach()) for p in self.parts]).amax()
-
     def norm(self) -> torch.Tensor:
         """||W||_F in fp32."""
         norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in self.parts]
@@ -129,11 +125,6 @@ class Shards:
 
 
 Weight = nn.Parameter | Shards  # a trainable tensor: one rank's, or every rank's parts
-
-
-def _absmax(t: torch.Tensor) -> torch.Tensor:
-    low, high = torch.aminmax(t)
-    return torch.maximum(-low, high).float()
 
 
 def copy_of(weight: torch.Tensor | Shards) -> torch.Tensor:
