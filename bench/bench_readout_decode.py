@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     bench_model,
     decode_tokens_per_s,
     model_config,
+    paired_ratios,
 )
 
 from livetrain.formats import readout_format  # noqa: E402
@@ -103,7 +104,6 @@ def main() -> None:
             server.wait_healthy()
             rate(None)
             plain = [rate(None) for _ in range(cli.rounds)]
-    ratios = [a / b for a, b in zip(on, off, strict=True)]
     steps = after["steps"] - before["steps"]
     seconds = after["seconds"] - before["seconds"]
     print(
@@ -112,11 +112,7 @@ def main() -> None:
     )
     print(f"readout on : {statistics.median(on):.0f} tok/s (rounds {[round(x) for x in on]})")
     print(f"readout off: {statistics.median(off):.0f} tok/s (rounds {[round(x) for x in off]})")
-    quartiles = statistics.quantiles(ratios, n=4)
-    print(
-        f"on / off (median of paired rounds): {statistics.median(ratios):.3f}x "
-        f"(quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}; target >= 0.97)"
-    )
+    print(f"on / off (median of paired rounds): {paired_ratios(on, off)}; target >= 0.97")
     print(
         f"worker time in the readout: {1e3 * seconds / max(steps, 1):.2f} ms/step over {steps} "
         f"steps = {seconds / on_seconds:.1%} of the readout-on rounds' wall time "

@@ -20,7 +20,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import add_model_argument, bench_model, model_config, random_samples  # noqa: E402
+from common import (  # noqa: E402
+    add_model_argument,
+    bench_model,
+    model_config,
+    paired_ratios,
+    random_samples,
+)
 
 MODES = {
     "fenced": {},
@@ -69,11 +75,9 @@ def main() -> None:
                 times[name].append(time.perf_counter() - started)
     print(f"model {args.model}, fp32, {args.samples} x {args.tokens} tokens, {args.steps} rounds")
     for name, ts in times.items():
-        ratios = [t / f for t, f in zip(ts, times["fenced"], strict=True)]
-        quartiles = statistics.quantiles(ratios, n=4)
         print(
             f"{name:<20} {statistics.median(ts):6.2f} s/step  x fenced: "
-            f"{statistics.median(ratios):.2f} (quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f})"
+            f"{paired_ratios(ts, times['fenced'])}"
         )
 
 

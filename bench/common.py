@@ -11,6 +11,7 @@ import argparse
 import json
 import random
 import re
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -125,6 +126,15 @@ def decode_tokens_per_s(
     with ThreadPoolExecutor(streams) as pool:
         generated = sum(pool.map(one, range(1 if one_request else streams)))
     return generated / (time.perf_counter() - started)
+
+
+def paired_ratios(values: list[float], baseline: list[float]) -> str:
+    """The median and quartiles of value / baseline over rounds measured in pairs: the
+    figure this machine's drift (10-20 % between runs) leaves meaningful."""
+    ratios = [a / b for a, b in zip(values, baseline, strict=True)]
+    q = statistics.quantiles(ratios, n=4)
+    median = statistics.median(ratios)
+    return f"{median:.3f}x (quartiles {q[0]:.3f}-{q[2]:.3f}, {len(ratios)} pairs)"
 
 
 def _model_name(url: str) -> str:

@@ -7,8 +7,11 @@ Three measures, pure functions of scores and vectors:
 - top-1: for each held-out story of a trained concept, whether its own concept has the
   highest z-score (projection standardised on training neutral text, as the live
   readout reports it) among all concepts;
-- valence: Pearson r between the concept vectors' leading principal axes and human
-  valence ratings of the concept names.
+- valence: Pearson r between the concept directions' leading principal axes and human
+  valence ratings of the concept names, and a probe: ridge regression from a direction
+  to its concept's rating, each concept predicted by a fit that left it out, with the
+  share of shuffled ratings that predict as well (how much valence the directions
+  carry in any direction, and whether that is more than chance).
 
 The valence ratings are data from the `vadersentiment` package: its lexicon rates each
 word as the mean of 10 human raters on -4..+4 (Hutto and Gilbert, 2014). Concept names
@@ -29,6 +32,8 @@ from readout.dataset import TrainingSet
 from readout.quality import auroc
 
 VALENCE_AXES = 3  # leading principal axes of the concept vectors tried against valence
+VALENCE_RIDGE = 1.0  # probe penalty, times the centred rows' squared norm per hidden unit
+VALENCE_SHUFFLES = 200  # shuffled ratings the probe's r is compared with
 VALENCE_SOURCE = "vadersentiment 3.3.2 vader_lexicon.txt: mean of 10 human raters, -4..+4"
 
 
@@ -72,6 +77,48 @@ def valence_axes(vectors: Tensor, concepts: list[str], ratings: dict[str, float]
         "best_r": r[best],
         "scores": coords.T.tolist(),
     }
+
+
+def valence_probe(
+    vectors: Tensor,
+    concepts: list[str],
+    ratings: dict[str, float],
+    lam: float = VALENCE_RIDGE,
+    shuffles: int = VALENCE_SHUFFLES,
+    seed: int = 0,
+) -> dict:
+    """Leave-one-concept-out ridge from each rated concept's row of `vectors` to its
+    rating: Pearson r of the predictions, and `p`, the share of `shuffles` random
+    permutations of the ratings whose r is at least as high (+1 smoothing)."""
+    rows = [k for k, c in enumerate(concepts) if c in ratings]
+    x = vectors.double()[rows]
+    y = torch.tensor([ratings[concepts[k]] for k in rows], dtype=torch.float64)
+    if len(rows) < 4:
+        return {"n_rated": len(rows), "r": math.nan, "p": math.nan, "ridge": lam}
+    r = pearson(_loo_ridge(x, y, lam), y)
+    gen = torch.Generator().manual_seed(seed)
+    null = [pearson(_loo_ridge(x, yp, lam), yp) for yp in _shuffled(y, shuffles, gen)]
+    beaten = sum(value >= r for value in null if math.isfinite(value))
+    return {"n_rated": len(rows), "r": r, "p": (beaten + 1) / (shuffles + 1), "ridge": lam}
+
+
+def _shuffled(y: Tensor, count: int, gen: torch.Generator) -> list[Tensor]:
+    return [y[torch.randperm(len(y), generator=gen)] for _ in range(count)]
+
+
+def _loo_ridge(x: Tensor, y: Tensor, lam: float) -> Tensor:
+    """Each row's prediction by a ridge fit (with intercept) on all the other rows, in
+    the dual (rows x rows) form: there are far fewer concepts than hidden dimensions."""
+    predictions = []
+    for i in range(len(y)):
+        keep = [j for j in range(len(y)) if j != i]
+        xm, ym = x[keep].mean(dim=0), y[keep].mean()
+        xc = x[keep] - xm
+        gram = xc @ xc.T
+        ridge = lam * gram.trace() / x.shape[1]
+        alpha = torch.linalg.solve(gram + ridge * torch.eye(len(keep), dtype=x.dtype), y[keep] - ym)
+        predictions.append(((x[i] - xm) @ (xc.T @ alpha) + ym).item())
+    return torch.tensor(predictions, dtype=torch.float64)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from readout.whitening import Whitener
 # Chosen on held-out stories of the real model (research/concept-extraction.md).
 DEFAULT_READ_POSITION = activations.ReadPosition("mean", 4)
 DEFAULT_SHRINKAGE = None  # Ledoit-Wolf, per layer (readout/whitening.py)
+UNIT_FLOOR = 1e-6  # smallest steering unit written (readout_format: units > 0)
 # (recorded activations, layer, one concept's pairs) -> (unit direction [hidden], diagnostics)
 Direction = Callable[[activations.Recorded, int, list[tuple[int, int]]], tuple[Tensor, dict]]
 
@@ -48,13 +49,24 @@ class Method:
 
 
 @dataclass
+class Fit:
+    """One concept at one layer: what scores it and what it is (readout_format.py)."""
+
+    detector: Tensor  # unit, fitted in whitened space and mapped back (or = direction)
+    direction: Tensor  # unit, the method's result on raw activations
+    extra: dict  # the method's diagnostics, of the detector's fit
+
+
+@dataclass
 class Fitter:
-    """A method applied in whitened space (when it whitens), its directions mapped back.
-    The whitener is fitted on every training text once per layer, so cross-validated
-    refits (quality.py) share it: they leave a text out of the direction only."""
+    """A method applied twice: in whitened space (when it whitens), mapped back, for the
+    detector, and on raw activations for the direction. The whitener is fitted on every
+    training text once per layer, so cross-validated refits (quality.py) share it: they
+    leave a text out of the detector only."""
 
     method: Method
-    recorded: activations.Recorded  # as the method sees it (whitened when whitening)
+    raw: activations.Recorded
+    recorded: activations.Recorded  # as the detector's fit sees it (whitened when whitening)
     whiteners: dict[int, Whitener]
 
     @classmethod
@@ -63,16 +75,23 @@ class Fitter:
     ) -> Fitter:
         """`shrink`: None for the Ledoit-Wolf estimate, 1 for no whitening."""
         if shrink == 1.0 or not method.whiten:
-            return cls(method, rec, {})
+            return cls(method, rec, rec, {})
         groups = [ts.positives[c] for c in ts.concepts] + [ts.neutral]
         whiteners = {i: Whitener.fit(rec.acts[i], groups, shrink) for i in layers}
         reads = {p: {i: whiteners[i].apply(a[i]) for i in layers} for p, a in rec.reads.items()}
-        return cls(method, dataclasses.replace(rec, reads=reads), whiteners)
+        return cls(method, rec, dataclasses.replace(rec, reads=reads), whiteners)
 
-    def direction(self, layer: int, pairs: list[tuple[int, int]]) -> tuple[Tensor, dict]:
+    def detector(self, layer: int, pairs: list[tuple[int, int]]) -> tuple[Tensor, dict]:
         w, extra = self.method.direction(self.recorded, layer, pairs)
         whitener = self.whiteners.get(layer)
         return (whitener.back(w) if whitener else F.normalize(w.float(), dim=0)), extra
+
+    def fit(self, layer: int, pairs: list[tuple[int, int]]) -> Fit:
+        detector, extra = self.detector(layer, pairs)
+        if not self.whiteners:
+            return Fit(detector, detector, extra)
+        direction, _ = self.method.direction(self.raw, layer, pairs)
+        return Fit(detector, F.normalize(direction.float(), dim=0), extra)
 
 
 @dataclass
@@ -221,21 +240,24 @@ def run(args: argparse.Namespace, method: Method, progress: bool = True) -> Run:
     seconds["forward"] = recorded.forward_seconds
     started = time.perf_counter()
     fitter = Fitter.of(method, recorded, training_set, layers, args.shrinkage)
-    vectors, extra = {}, {c: {} for c in training_set.concepts}
-    for i in layers:
-        rows = []
-        for concept in training_set.concepts:
-            vector, extra[concept][i] = fitter.direction(i, training_set.pairs[concept])
-            if not torch.isfinite(vector).all() or vector.norm() == 0:
-                raise SystemExit(f"{method.name}: no direction for {concept!r} at layer {i}")
-            rows.append(vector.float())
-        vectors[i] = torch.stack(rows)
+    concepts = training_set.concepts
+    fits = {i: [fitter.fit(i, training_set.pairs[c]) for c in concepts] for i in layers}
+    for i, row in fits.items():
+        for concept, fit in zip(training_set.concepts, row, strict=True):
+            for vector in (fit.detector, fit.direction):
+                if not torch.isfinite(vector).all() or vector.norm() == 0:
+                    raise SystemExit(f"{method.name}: no direction for {concept!r} at layer {i}")
+    detectors = {i: torch.stack([f.detector for f in row]).float() for i, row in fits.items()}
+    directions = {i: torch.stack([f.direction for f in row]).float() for i, row in fits.items()}
+    extra = {c: {i: fits[i][k].extra for i in layers} for k, c in enumerate(training_set.concepts)}
     seconds["directions"] = time.perf_counter() - started
     readout = readout_format.Readout(
         concepts=training_set.concepts,
         layers=layers,
-        vectors=vectors,
-        **_calibration(training_set, recorded, vectors),
+        detectors=detectors,
+        directions=directions,
+        units=_steering_units(training_set, recorded, directions),
+        **_calibration(training_set, recorded, detectors),
         read_position=args.read_position.describe(),
         provenance=_provenance(model, model_path, fitter, args, training_set),
     )
@@ -248,11 +270,29 @@ def run(args: argparse.Namespace, method: Method, progress: bool = True) -> Run:
     return result
 
 
+def _steering_units(
+    ts: dataset.TrainingSet, rec: activations.Recorded, directions: dict[int, Tensor]
+) -> dict[int, Tensor]:
+    """Per layer and concept: the mean gap along the direction between the concept's
+    texts and their paired negatives, read at the read position, the unit of a steering
+    scale. Positive by construction of every method (each orients its direction along
+    the pairs' mean difference); floored so a degenerate concept cannot divide by 0."""
+    units = {}
+    for i, d in directions.items():
+        gaps = []
+        for k, c in enumerate(ts.concepts):
+            pos, neg = pair_rows(ts.pairs[c])
+            delta = rec.acts[i][pos].double().mean(dim=0) - rec.acts[i][neg].double().mean(dim=0)
+            gaps.append(delta @ d[k].double())
+        units[i] = torch.stack(gaps).clamp_min(UNIT_FLOOR).float()
+    return units
+
+
 def _calibration(
     ts: dataset.TrainingSet, rec: activations.Recorded, vectors: dict[int, Tensor]
 ) -> dict:
-    """Centre and per-concept projection statistics on neutral prose, for runtime
-    z-scores: of whole texts read at the read position, and of single tokens (what one
+    """Centre and per-concept detector projection statistics on neutral prose, for
+    runtime z-scores: of whole texts read at the read position, and of single tokens (what one
     row of the live readout is)."""
     if len(ts.neutral) < 2:
         return {}
@@ -316,7 +356,8 @@ def write_quality(result: Run, model: nn.Module, fitter: Fitter, extra: dict) ->
     layer_data = [
         quality.LayerData(
             layer=i,
-            vectors=readout.vectors[i],
+            detectors=readout.detectors[i],
+            directions=readout.directions[i],
             acts=rec.acts[i],
             centre=readout.centres.get(i, rec.acts[i].mean(dim=0)),
             down_proj=_weight(blocks[i], "mlp.down_proj"),
@@ -339,7 +380,7 @@ def write_quality(result: Run, model: nn.Module, fitter: Fitter, extra: dict) ->
     ]
 
     def refit(concept: str, layer: int, pairs: list[tuple[int, int]]) -> Tensor:
-        return fitter.direction(layer, pairs)[0]
+        return fitter.detector(layer, pairs)[0]
 
     report = quality.quality_report(
         concepts, layer_data, ts.names, extra=extra, refit=refit, reference=ts.neutral
@@ -349,7 +390,7 @@ def write_quality(result: Run, model: nn.Module, fitter: Fitter, extra: dict) ->
     (result.out / "quality.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     for i in readout.layers:
         plots.similarity_heatmap(
-            readout.vectors[i],
+            readout.directions[i],
             readout.concepts,
             result.out / f"similarity_layer{i}.png",
             f"concept cosine similarity, layer {i}",
@@ -367,18 +408,23 @@ def write_quality(result: Run, model: nn.Module, fitter: Fitter, extra: dict) ->
             report["valence"]["ratings"],
             readout.concepts,
             result.out / f"valence_layer{i}.png",
-            f"layer {i}, principal axis {valence['best_axis'] + 1} of the concept vectors",
+            f"layer {i}, principal axis {valence['best_axis'] + 1} of the concept directions",
         )
     print(quality.triage_summary(report))
     for i in readout.layers:
         held, valence = report["held_out"]["layers"][str(i)], report["valence"]["layers"][str(i)]
         auroc = "n/a" if held["mean_auroc"] is None else f"{held['mean_auroc']:.3f}"
+        probe = valence["probe"]
         print(
             f"layer {i}: held-out AUROC {auroc}, top-1 {held['top1']:.3f}; valence r "
-            f"{valence['best_r']:+.2f} (axis {valence['best_axis'] + 1}, "
-            f"{valence['n_rated']} rated concepts)"
+            f"{valence['best_r']:+.2f} (axis {valence['best_axis'] + 1}), probe r "
+            f"{_number(probe['r'])} (p {_number(probe['p'])}; {valence['n_rated']} rated concepts)"
         )
     return report
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _held_out_report(result: Run) -> dict:
@@ -388,7 +434,7 @@ def _held_out_report(result: Run) -> dict:
     held = evaluation.HeldOut.of(ts)
     layers = {}
     for i in readout.layers:
-        scores = result.recorded.acts[i].double() @ readout.vectors[i].double().T
+        scores = result.recorded.acts[i].double() @ readout.detectors[i].double().T
         neutral = scores[ts.neutral]
         z = (scores - neutral.mean(dim=0)) / neutral.std(dim=0).clamp_min(1e-12)
         per_concept = evaluation.held_out_auroc(scores, held)
@@ -406,13 +452,19 @@ def _held_out_report(result: Run) -> dict:
 
 
 def _valence_report(result: Run) -> dict:
+    """Valence on the concept directions (not the detectors, whose geometry is the
+    whitening's): leading principal axes, and the left-out-concept ridge probe."""
     readout = result.readout
     ratings = evaluation.valence_ratings(readout.concepts)
     return {
         "source": evaluation.VALENCE_SOURCE,
+        "vectors": "directions",
         "ratings": ratings,
         "layers": {
-            str(i): evaluation.valence_axes(readout.vectors[i], readout.concepts, ratings)
+            str(i): {
+                **evaluation.valence_axes(readout.directions[i], readout.concepts, ratings),
+                "probe": evaluation.valence_probe(readout.directions[i], readout.concepts, ratings),
+            }
             for i in readout.layers
         },
     }

@@ -5,7 +5,9 @@ separate the concept's stories from the rest (separation, pair agreement, held-o
 is the signal one direction or several (the two spectra), does it duplicate other concepts
 (nearest, ridge), and what in the model writes it (single neuron, attention heads).
 `quality_report` gathers them and gives every direction one triage label, so the end of a
-training run can point at the few directions worth a look (`triage_summary`).
+training run can point at the few directions worth a look (`triage_summary`). The
+scoring questions are asked of the detectors the live readout projects onto, the
+geometric ones of the concept directions (readout_format.py has the difference).
 
 All maths runs in float64 whatever the input dtype: several metrics are ratios of small
 differences (R^2 near 1, eigenvalue shares) that float32 or bf16 would blur.
@@ -53,7 +55,11 @@ DEFAULT_THRESHOLDS = TriageThresholds()
 @dataclass
 class LayerData:
     layer: int
-    vectors: Tensor  # [n_concepts, hidden] unit rows, in the order of the concepts list
+    # [n_concepts, hidden] unit rows, in the order of the concepts list: what scores
+    # (separation, agreement, AUROC) and what the concepts are (geometry: cosines,
+    # nearest, ridge, neurons, heads, alignment); readout_format.py says why both
+    detectors: Tensor
+    directions: Tensor
     acts: Tensor  # [n_texts, hidden] last-token activation of every unique text at this layer
     centre: Tensor  # [hidden] reference centre (mean activation of neutral text)
     # [hidden, intermediate] MLP down-projection; columns are the neurons' write directions
@@ -459,8 +465,9 @@ def _layer_entries(
 ) -> list[dict]:
     """The metrics of every concept at one layer (without triage), in the concepts' order."""
     names = [c.name for c in concepts]
-    vectors, acts, centre = _f64(layer.vectors), _f64(layer.acts), _f64(layer.centre)
-    scores = (acts - centre) @ vectors.T  # [n_texts, n_concepts]
+    acts, centre = _f64(layer.acts), _f64(layer.centre)
+    detectors, vectors = _f64(layer.detectors), _f64(layer.directions)
+    scores = (acts - centre) @ detectors.T  # [n_texts, n_concepts]
     cos = _cosine_matrix(vectors)
     nearest = nearest_concepts(vectors, names)
     seps = [
@@ -501,7 +508,7 @@ def _layer_entries(
                 "ridge": ridge[i],
                 "per_head": per_head,
                 **seps[i],
-                "pair_agreement": (deltas @ vectors[i] > 0).to(torch.float64).mean().item(),
+                "pair_agreement": (deltas @ detectors[i] > 0).to(torch.float64).mean().item(),
                 "held_out_auroc": auroc(_rows(score, c.held_out_pos), _rows(score, c.held_out_neg)),
                 "cluster_cosine": (
                     cos[i, mates].mean().item()

@@ -157,22 +157,12 @@ def subsample(ts: dataset.TrainingSet, k: int) -> dataset.TrainingSet:
     return dataclasses.replace(ts, positives=positives, pairs=pairs)
 
 
-def valence_ceiling(acts: torch.Tensor, ts: dataset.TrainingSet, lam: float = 1.0) -> float:
+def valence_ceiling(acts: torch.Tensor, ts: dataset.TrainingSet) -> float:
     """Leave-one-concept-out ridge from class means to the ratings: how much valence
     the concept vectors carry in any direction, an upper bound for a principal axis."""
+    means = torch.stack([acts[ts.positives[c]].double().mean(dim=0) for c in ts.concepts])
     ratings = evaluation.valence_ratings(ts.concepts)
-    rated = [c for c in ts.concepts if c in ratings]
-    x = torch.stack([acts[ts.positives[c]].double().mean(dim=0) for c in rated])
-    y = torch.tensor([ratings[c] for c in rated], dtype=torch.float64)
-    predictions = []
-    for i in range(len(rated)):
-        keep = [j for j in range(len(rated)) if j != i]
-        xm, ym = x[keep].mean(dim=0), y[keep].mean()
-        xc = x[keep] - xm
-        ridge = lam * xc.pow(2).sum() / x.shape[1] * torch.eye(x.shape[1], dtype=torch.float64)
-        w = torch.linalg.solve(xc.T @ xc + ridge, xc.T @ (y[keep] - ym))
-        predictions.append(((x[i] - xm) @ w + ym).item())
-    return evaluation.pearson(torch.tensor(predictions), y)
+    return evaluation.valence_probe(means, ts.concepts, ratings, shuffles=0)["r"]
 
 
 def per_token_vectors(cache: dict, ts: dataset.TrainingSet, layer: int, start: int):

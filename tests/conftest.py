@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,7 +258,8 @@ def write_readout(
     calibrated: bool = True,
     read_position: dict | None = None,
 ) -> Path:
-    """A readout with random unit directions (and calibrations), in the trainers' format."""
+    """A readout with random unit detectors and directions, steering units and
+    calibrations, in the trainers' format."""
     gen = torch.Generator().manual_seed(seed)
 
     def calibration() -> readout_format.Calibration:
@@ -269,9 +271,13 @@ def write_readout(
     readout = readout_format.Readout(
         concepts=concepts,
         layers=layers,
-        vectors={
+        detectors={
             i: F.normalize(torch.randn(len(concepts), hidden, generator=gen), dim=1) for i in layers
         },
+        directions={
+            i: F.normalize(torch.randn(len(concepts), hidden, generator=gen), dim=1) for i in layers
+        },
+        units={i: torch.rand(len(concepts), generator=gen) + 0.5 for i in layers},
         calibration=calibration() if calibrated else None,
     )
     if read_position is not None:
@@ -327,3 +333,15 @@ def readout_server(
             workdir,
             client,
         )
+
+
+@pytest.fixture(scope="module")
+def readout_hf(readout_server: ReadoutServer):
+    """The readout server's model in transformers: the reference its rows are checked against."""
+    return AutoModelForCausalLM.from_pretrained(str(readout_server.model)).eval()
+
+
+@pytest.fixture(scope="module")
+def readout_http(readout_server: ReadoutServer) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {readout_server.api_key}"}
+    return httpx.Client(base_url=readout_server.url, headers=headers, timeout=120)

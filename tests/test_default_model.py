@@ -169,6 +169,9 @@ def test_built_in_readout_is_the_trainers_output_for_this_corpus():
     assert readout.read_position == pipeline.DEFAULT_READ_POSITION.describe()
     assert manifest["method"]["aggregator"] == "pca" and manifest["method"]["seed"] == 0
     assert readout.calibration is not None and readout.token_calibration is not None
+    assert manifest["format"] == readout_format.FORMAT and readout.steerable, (
+        "the built-in readout predates directions and steering units: regenerate it"
+    )
 
 
 @pytest.mark.server
@@ -184,5 +187,6 @@ def test_the_demo_proves_what_it_says(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     out = done.stdout
-    assert out.count("[yes]") == 4 and "[NO ]" not in out
+    assert out.count("[yes]") == 5 and "[NO ]" not in out
     assert "live readout" in out and "whole story" in out
+    assert "A (steered):" in out and "readout z of joyful" in out

@@ -37,6 +37,7 @@ import pytest
 import torch
 from conftest import LOGPROB_ATOL, SAMPLE_TEXT, start_server, write_readout
 from safetensors import safe_open
+from steering_reference import HookedSteering, steer_vectors
 from transformers import AutoModelForCausalLM
 
 from livetrain.formats import readout_format
@@ -287,24 +288,29 @@ def block_outputs(hf: torch.nn.Module, ids: list[int]) -> list[torch.Tensor]:
 
 
 def assert_readout_is_the_block_outputs(client: LivetrainClient, model_dir: Path) -> None:
-    """Every generated token's scores are the readout's directions applied to the block
+    """Every generated token's scores are the readout's detectors applied to the block
     outputs Hugging Face computes for the same tokens (the served weights are the
-    files' again after the rollback above)."""
+    files' again after the rollback above); and so for a request steered at block 0,
+    against Hugging Face with the same vector added there by a hook."""
     prompt = client.tokenize("The lamp flickered twice and the room went quiet.")
-    body = {"model": client.model, "prompt": prompt, "max_tokens": 6, "temperature": 0}
-    body |= {"return_token_ids": True, "vllm_xargs": {"readout": True}}
-    completion = client.http.post("/v1/completions", json=body).raise_for_status().json()
-    got = client.readout(completion["id"])
-    generated = [row["token_id"] for row in got["tokens"]]
-    assert generated == completion["choices"][0]["token_ids"] and len(generated) == 6
     readout = readout_format.load(client.workdir / "readout")  # type: ignore[attr-defined]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
-    blocks = block_outputs(hf, prompt + generated[:-1])
-    for k, row in enumerate(got["tokens"]):
-        for layer in readout.layers:
-            want = blocks[layer][len(prompt) - 1 + k] @ readout.vectors[layer].double().T
-            have = torch.tensor(row["scores"][str(layer)], dtype=torch.float64)
-            torch.testing.assert_close(have, want, atol=5e-4, rtol=1e-4)
+    scales = {CONCEPTS[0]: 6.0, CONCEPTS[1]: -3.0}
+    for steer in (None, {"steer": scales, "steer_layers": [0]}):
+        body = {"model": client.model, "prompt": prompt, "max_tokens": 6, "temperature": 0}
+        body |= {"return_token_ids": True, "vllm_xargs": {"readout": True, **(steer or {})}}
+        completion = client.http.post("/v1/completions", json=body).raise_for_status().json()
+        got = client.readout(completion["id"])
+        generated = [row["token_id"] for row in got["tokens"]]
+        assert generated == completion["choices"][0]["token_ids"] and len(generated) == 6
+        vectors = steer_vectors(readout, scales, [0]) if steer else {}
+        with HookedSteering(hf, vectors):
+            blocks = block_outputs(hf, prompt + generated[:-1])
+        for k, row in enumerate(got["tokens"]):
+            for layer in readout.layers:
+                want = blocks[layer][len(prompt) - 1 + k] @ readout.detectors[layer].double().T
+                have = torch.tensor(row["scores"][str(layer)], dtype=torch.float64)
+                torch.testing.assert_close(have, want, atol=5e-4, rtol=1e-4)
 
 
 def test_fused_and_per_expert_checkpoints_of_a_moe_train_alike(checks, family_models):

@@ -25,14 +25,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from livetrain.api.readout_store import ReadoutStore, client_choice
 from livetrain.formats import readout_format
 from livetrain.formats.messages import ScoreRecord
 from livetrain.formats.score_ring import HEADER_BYTES, RingError, ScoreRing
 from livetrain.worker.readout_tap import _project
-from tests.conftest import ReadoutServer, write_readout
+from tests.conftest import write_readout
 
 
 def record(k: int) -> bytes:
@@ -140,18 +139,7 @@ def test_launch_refuses_a_ring_too_small_to_hold_a_step(monkeypatch, tmp_path):
 ATOL = 1e-4  # fp32 end to end; measured differences are ~1e-6
 
 
-@pytest.fixture(scope="module")
-def hf(readout_server: ReadoutServer):
-    return AutoModelForCausalLM.from_pretrained(str(readout_server.model)).eval()
-
-
-@pytest.fixture(scope="module")
-def http(readout_server: ReadoutServer) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {readout_server.api_key}"}
-    return httpx.Client(base_url=readout_server.url, headers=headers, timeout=120)
-
-
-def block_outputs(hf, ids: list[int]) -> dict[int, torch.Tensor]:
+def block_outputs(readout_hf, ids: list[int]) -> dict[int, torch.Tensor]:
     """Output of every decoder block at every position, float64."""
     outputs: dict[int, torch.Tensor] = {}
     hooks = [
@@ -160,20 +148,20 @@ def block_outputs(hf, ids: list[int]) -> dict[int, torch.Tensor]:
                 i, (out[0] if isinstance(out, tuple) else out)[0].double()
             )
         )
-        for i, block in enumerate(hf.model.layers)
+        for i, block in enumerate(readout_hf.model.layers)
     ]
     with torch.no_grad():
-        hf(torch.tensor([ids]))
+        readout_hf(torch.tensor([ids]))
     for hook in hooks:
         hook.remove()
     return outputs
 
 
 def complete(
-    http: httpx.Client, prompt, readout: bool = True, prompt_rows: bool = False, **params
+    readout_http: httpx.Client, prompt, readout: bool = True, prompt_rows: bool = False, **params
 ) -> dict:
     body = {
-        "model": http.get("/v1/models").json()["data"][0]["id"],
+        "model": readout_http.get("/v1/models").json()["data"][0]["id"],
         "prompt": prompt,
         "max_tokens": 8,
         "temperature": 0,
@@ -182,7 +170,7 @@ def complete(
     }
     if readout:
         body["vllm_xargs"] = {"readout": True, **({"readout_prompt": True} if prompt_rows else {})}
-    return http.post("/v1/completions", json=body).raise_for_status().json()
+    return readout_http.post("/v1/completions", json=body).raise_for_status().json()
 
 
 def _assert_row(row: dict, expected: dict[int, torch.Tensor], cal) -> None:
@@ -201,8 +189,8 @@ def _assert_row(row: dict, expected: dict[int, torch.Tensor], cal) -> None:
 
 
 def check_parity(
-    http,
-    hf,
+    readout_http,
+    readout_hf,
     readout: readout_format.Readout,
     completion: dict,
     prompt_ids: list[int],
@@ -211,7 +199,7 @@ def check_parity(
 ) -> dict:
     """Every row of a completion's readout against Hugging Face; returns the readout."""
     got = (
-        http.get(f"/readout/{completion['id']}", params={"choice": choice})
+        readout_http.get(f"/readout/{completion['id']}", params={"choice": choice})
         .raise_for_status()
         .json()
     )
@@ -221,9 +209,9 @@ def check_parity(
     # the tokens vLLM returned for this choice (a piece's text alone can be half a character)
     returned = next(c for c in completion["choices"] if c["index"] == choice)
     assert generated == returned["token_ids"]
-    blocks = block_outputs(hf, prompt_ids + generated[:-1])
+    blocks = block_outputs(readout_hf, prompt_ids + generated[:-1])
     project = lambda position: {  # noqa: E731
-        layer: blocks[layer][position] @ readout.vectors[layer].double().T
+        layer: blocks[layer][position] @ readout.detectors[layer].double().T
         for layer in readout.layers
     }
     token_cal = readout.token_calibration or readout.calibration
@@ -252,11 +240,11 @@ def check_parity(
     return got
 
 
-def tokenize(http, text: str) -> list[int]:
-    return http.post("/tokenize", json={"prompt": text}).raise_for_status().json()["tokens"]
+def tokenize(readout_http, text: str) -> list[int]:
+    return readout_http.post("/tokenize", json={"prompt": text}).raise_for_status().json()["tokens"]
 
 
-def test_readout_and_training_metrics_in_multiprocess_mode(readout_server, http):
+def test_readout_and_training_metrics_in_multiprocess_mode(readout_server, readout_http):
     """With PROMETHEUS_MULTIPROC_DIR (vLLM then reads every process's metric files),
     livetrain's counters and gauges are in /metrics all the same: records collected
     move with a readout completion, none dropped; a refused step is counted; the
@@ -269,8 +257,8 @@ def test_readout_and_training_metrics_in_multiprocess_mode(readout_server, http)
         return scraped.get((name, frozenset({label, *labels.items()})), 0.0)
 
     before = client.metrics()
-    completion = complete(http, "The lighthouse keeper", max_tokens=6)
-    rows = http.get(f"/readout/{completion['id']}").raise_for_status().json()["tokens"]
+    completion = complete(readout_http, "The lighthouse keeper", max_tokens=6)
+    rows = readout_http.get(f"/readout/{completion['id']}").raise_for_status().json()["tokens"]
     assert client.train(client.tokenize("A gull"), [10**9]).status_code == 422
     after = client.metrics()
     status = client.status()
@@ -289,18 +277,18 @@ def test_readout_and_training_metrics_in_multiprocess_mode(readout_server, http)
     assert list((readout_server.workdir / "prometheus").glob("gauge_mostrecent_*.db"))
 
 
-def test_scores_match_hugging_face(readout_server, http, hf):
+def test_scores_match_hugging_face(readout_server, readout_http, readout_hf):
     readout = readout_format.load(readout_server.readout_dir)
     prompt = "The lamp flickered twice and the room went quiet."
-    before = http.get("/readout").json()["worker"]
-    completion = complete(http, prompt, max_tokens=10)
-    check_parity(http, hf, readout, completion, tokenize(http, prompt))
-    after = http.get("/readout").json()["worker"]
+    before = readout_http.get("/readout").json()["worker"]
+    completion = complete(readout_http, prompt, max_tokens=10)
+    check_parity(readout_http, readout_hf, readout, completion, tokenize(readout_http, prompt))
+    after = readout_http.get("/readout").json()["worker"]
     assert after["steps"] >= before["steps"] + 10  # one message per generated token here
     assert after["dropped"] == 0
 
 
-def test_concurrent_requests_each_get_their_own_rows(readout_server, http, hf):
+def test_concurrent_requests_each_get_their_own_rows(readout_server, readout_http, readout_hf):
     """Continuous batching with chunked prefill (prompts longer than the 64-token step
     budget), n=2, requests without readout mixed in, then a second wave that hits the
     prefix cache: every row must belong to its own request."""
@@ -323,8 +311,8 @@ def test_concurrent_requests_each_get_their_own_rows(readout_server, http, hf):
         params = {"max_tokens": 4 + k % 5}
         if k == 3:
             params |= {"n": 2, "temperature": 1.0, "seed": None}
-        read = complete(http, prompts[k], **params)
-        return read, complete(http, prompts[k], readout=False, max_tokens=3)
+        read = complete(readout_http, prompts[k], **params)
+        return read, complete(readout_http, prompts[k], readout=False, max_tokens=3)
 
     for _wave in range(2):  # the second wave reuses the first wave's cached prefixes
         with ThreadPoolExecutor(len(prompts)) as pool:
@@ -333,24 +321,33 @@ def test_concurrent_requests_each_get_their_own_rows(readout_server, http, hf):
         plain = {k: unread for k, (_, unread) in enumerate(done)}
         for k, completion in results.items():
             for choice in range(len(completion["choices"])):
-                check_parity(http, hf, readout, completion, tokenize(http, prompts[k]), choice)
+                check_parity(
+                    readout_http,
+                    readout_hf,
+                    readout,
+                    completion,
+                    tokenize(readout_http, prompts[k]),
+                    choice,
+                )
         for completion in plain.values():
-            assert http.get(f"/readout/{completion['id']}").status_code == 404
+            assert readout_http.get(f"/readout/{completion['id']}").status_code == 404
 
 
 LONG_PROMPT = " ".join(["the tide came in over the flats while the gulls argued"] * 7)
 
 
-def test_prompt_rows_match_hugging_face_chunked_and_cached(readout_server, http, hf, tmp_path):
+def test_prompt_rows_match_hugging_face_chunked_and_cached(
+    readout_server, readout_http, readout_hf, tmp_path
+):
     """readout_prompt adds one row per prompt token. The prompt (> 64 tokens) is
     prefilled in chunks; asked again, its prefix is in vLLM's cache, and the rows must
     still all be there (such requests do not read the prefix cache)."""
-    prompt_ids = tokenize(http, LONG_PROMPT)
+    prompt_ids = tokenize(readout_http, LONG_PROMPT)
     assert len(prompt_ids) > 64  # the step budget: several prefill chunks
     readout = readout_format.load(readout_server.readout_dir)
     for _ in range(2):  # the second time, the prefix is cached
-        completion = complete(http, LONG_PROMPT, prompt_rows=True, max_tokens=5)
-        check_parity(http, hf, readout, completion, prompt_ids, prompt_rows=True)
+        completion = complete(readout_http, LONG_PROMPT, prompt_rows=True, max_tokens=5)
+        check_parity(readout_http, readout_hf, readout, completion, prompt_ids, prompt_rows=True)
     # a readout trained on the mean from token 4: its summary is that mean
     pooled = write_readout(
         tmp_path / "pooled",
@@ -360,35 +357,47 @@ def test_prompt_rows_match_hugging_face_chunked_and_cached(readout_server, http,
         seed=5,
         read_position={"pooling": "mean", "start": 4},
     )
-    http.post("/readout/load", json={"path": str(pooled)}).raise_for_status()
+    readout_http.post("/readout/load", json={"path": str(pooled)}).raise_for_status()
     try:
-        completion = complete(http, LONG_PROMPT, prompt_rows=True, max_tokens=3)
+        completion = complete(readout_http, LONG_PROMPT, prompt_rows=True, max_tokens=3)
         got = check_parity(
-            http, hf, readout_format.load(pooled), completion, prompt_ids, prompt_rows=True
+            readout_http,
+            readout_hf,
+            readout_format.load(pooled),
+            completion,
+            prompt_ids,
+            prompt_rows=True,
         )
         assert got["summary"]["rows"] == len(prompt_ids) - 4 + 2
         # rows=false: the same summary, no rows
-        brief = http.get(f"/readout/{completion['id']}", params={"rows": "false"}).json()
+        brief = readout_http.get(f"/readout/{completion['id']}", params={"rows": "false"}).json()
         assert brief["summary"] == got["summary"]
         assert "tokens" not in brief and "prompt_tokens" not in brief
     finally:
-        http.post(
+        readout_http.post(
             "/readout/load", json={"path": str(readout_server.readout_dir)}
         ).raise_for_status()
 
 
-def test_several_prompts_with_several_choices(readout_server, http, hf):
+def test_several_prompts_with_several_choices(readout_server, readout_http, readout_hf):
     """Choice k of a multi-prompt completion is prompt k // n, sample k % n."""
     readout = readout_format.load(readout_server.readout_dir)
     prompts = ["The ferry left late", "Snow had covered the tracks by noon and"]
-    completion = complete(http, prompts, n=2, temperature=1.0, max_tokens=5)
+    completion = complete(readout_http, prompts, n=2, temperature=1.0, max_tokens=5)
     assert len(completion["choices"]) == 4
     for choice in range(4):
-        check_parity(http, hf, readout, completion, tokenize(http, prompts[choice // 2]), choice)
+        check_parity(
+            readout_http,
+            readout_hf,
+            readout,
+            completion,
+            tokenize(readout_http, prompts[choice // 2]),
+            choice,
+        )
 
 
-def test_stream_delivers_every_token_while_generating(readout_server, http):
-    model = http.get("/v1/models").json()["data"][0]["id"]
+def test_stream_delivers_every_token_while_generating(readout_server, readout_http):
+    model = readout_http.get("/v1/models").json()["data"][0]["id"]
     body = {
         "model": model,
         "prompt": "Once upon a time",
@@ -398,11 +407,11 @@ def test_stream_delivers_every_token_while_generating(readout_server, http):
         "vllm_xargs": {"readout": True, "readout_prompt": True},
     }
     events: list[tuple[str, dict]] = []
-    with http.stream("POST", "/v1/completions", json=body) as response:
+    with readout_http.stream("POST", "/v1/completions", json=body) as response:
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         completion_id = json.loads(first[6:])["id"]
-        with http.stream("GET", f"/readout/{completion_id}/stream") as sse:
+        with readout_http.stream("GET", f"/readout/{completion_id}/stream") as sse:
             assert sse.headers["content-type"].startswith("text/event-stream")
             event = "message"
             for line in sse.iter_lines():
@@ -414,8 +423,8 @@ def test_stream_delivers_every_token_while_generating(readout_server, http):
         for _ in lines:
             pass
     kinds = [kind for kind, _ in events]
-    stored = http.get(f"/readout/{completion_id}").json()
-    n_prompt = len(tokenize(http, "Once upon a time"))
+    stored = readout_http.get(f"/readout/{completion_id}").json()
+    n_prompt = len(tokenize(readout_http, "Once upon a time"))
     # meta, the prompt's rows, the generated ones, the whole-text summary, done
     assert kinds == ["meta"] + ["prompt"] * n_prompt + ["message"] * 12 + ["summary", "done"]
     assert [data for kind, data in events if kind == "prompt"] == stored["prompt_tokens"]
@@ -423,8 +432,8 @@ def test_stream_delivers_every_token_while_generating(readout_server, http):
     assert events[-2][1] == stored["summary"]
 
 
-def test_chat_completions_are_read_out(readout_server, http):
-    model = http.get("/v1/models").json()["data"][0]["id"]
+def test_chat_completions_are_read_out(readout_server, readout_http):
+    model = readout_http.get("/v1/models").json()["data"][0]["id"]
     body = {
         "model": model,
         "messages": [{"role": "user", "content": "hello there"}],
@@ -432,13 +441,13 @@ def test_chat_completions_are_read_out(readout_server, http):
         "temperature": 0,
         "vllm_xargs": {"readout": True},
     }
-    chat = http.post("/v1/chat/completions", json=body).raise_for_status().json()
-    got = http.get(f"/readout/{chat['id']}").raise_for_status().json()
+    chat = readout_http.post("/v1/chat/completions", json=body).raise_for_status().json()
+    got = readout_http.get(f"/readout/{chat['id']}").raise_for_status().json()
     assert len(got["tokens"]) == chat["usage"]["completion_tokens"]
     assert "".join(t["text"] for t in got["tokens"]) == chat["choices"][0]["message"]["content"]
 
 
-def test_swap_readout_and_refuse_bad_ones(readout_server, http, hf, tmp_path):
+def test_swap_readout_and_refuse_bad_ones(readout_server, readout_http, readout_hf, tmp_path):
     original = readout_format.load(readout_server.readout_dir)
     prompt = "A gull landed on the rail."
     bad = {
@@ -448,65 +457,81 @@ def test_swap_readout_and_refuse_bad_ones(readout_server, http, hf, tmp_path):
     }
     (bad["bad-json"] / readout_format.MANIFEST_FILE).write_text("{")
     for name, folder in bad.items():
-        response = http.post("/readout/load", json={"path": str(folder)})
+        response = readout_http.post("/readout/load", json={"path": str(folder)})
         assert response.status_code == 422, name
         assert response.json()["error"]["field"] == "path", name
     uncaptured = write_readout(tmp_path / "layer-5", ["a"], [5], 128, seed=2)
-    response = http.post("/readout/load", json={"path": str(uncaptured)})
+    response = readout_http.post("/readout/load", json={"path": str(uncaptured)})
     assert response.status_code == 422 and "not captured" in response.json()["error"]["message"]
     for body in ({}, {"path": ""}, {"path": "x", "extra": 1}, {"path": 3}):
-        response = http.post("/readout/load", json=body)
+        response = readout_http.post("/readout/load", json=body)
         assert response.status_code == 422 and response.json()["error"]["field"], body
     # nothing changed: the launch readout still answers, and still scores correctly
-    assert http.get("/readout").json()["path"] == str(readout_server.readout_dir)
-    check_parity(http, hf, original, complete(http, prompt), tokenize(http, prompt))
+    assert readout_http.get("/readout").json()["path"] == str(readout_server.readout_dir)
+    check_parity(
+        readout_http,
+        readout_hf,
+        original,
+        complete(readout_http, prompt),
+        tokenize(readout_http, prompt),
+    )
 
     # a readout without calibration: scores stay raw projections, no z
     swapped = write_readout(
         tmp_path / "second", ["x", "y", "z"], [1], 128, seed=3, calibrated=False
     )
-    loaded = http.post("/readout/load", json={"path": str(swapped)}).raise_for_status().json()
+    loaded = (
+        readout_http.post("/readout/load", json={"path": str(swapped)}).raise_for_status().json()
+    )
     assert loaded["concepts"] == ["x", "y", "z"] and loaded["layers"] == [1]
     assert loaded["calibrated"] is False
     try:
         check_parity(
-            http, hf, readout_format.load(swapped), complete(http, prompt), tokenize(http, prompt)
+            readout_http,
+            readout_hf,
+            readout_format.load(swapped),
+            complete(readout_http, prompt),
+            tokenize(readout_http, prompt),
         )
     finally:
-        http.post(
+        readout_http.post(
             "/readout/load", json={"path": str(readout_server.readout_dir)}
         ).raise_for_status()
 
 
-def test_loading_is_confined_bounded_and_pruned(readout_server, http, tmp_path, tmp_path_factory):
+def test_loading_is_confined_bounded_and_pruned(
+    readout_server, readout_http, tmp_path, tmp_path_factory
+):
     """Only folders under the allowed roots, only tensors up to the size limit (checked
     before any is read), and readouts no row uses any more are dropped."""
     outside = Path(tempfile.mkdtemp(prefix="livetrain-outside-"))
     try:
         write_readout(outside / "r", ["a"], [1], 128, seed=4)
-        refused = http.post("/readout/load", json={"path": str(outside / "r")})
+        refused = readout_http.post("/readout/load", json={"path": str(outside / "r")})
         assert refused.status_code == 422 and refused.json()["error"]["field"] == "path"
         assert "not under an allowed readout root" in refused.json()["error"]["message"]
         sneaky = tmp_path / "link"  # inside a root, pointing outside: resolved first
         sneaky.symlink_to(outside / "r")
-        assert http.post("/readout/load", json={"path": str(sneaky)}).status_code == 422
+        assert readout_http.post("/readout/load", json={"path": str(sneaky)}).status_code == 422
     finally:
         shutil.rmtree(outside)
     concepts = [f"c{k}" for k in range(1100)]  # 1100 x 128 x 2 x 4 bytes > 1 MiB
     big = write_readout(tmp_path / "big", concepts, [0, 1], 128, seed=5)
-    too_big = http.post("/readout/load", json={"path": str(big)})
+    too_big = readout_http.post("/readout/load", json={"path": str(big)})
     assert too_big.status_code == 422 and "over the limit of 1048576" in too_big.text
-    assert http.get("/readout").json()["path"] == str(readout_server.readout_dir)
+    assert readout_http.get("/readout").json()["path"] == str(readout_server.readout_dir)
 
-    before = http.get("/readout").json()
+    before = readout_http.get("/readout").json()
     for k in range(3):  # nothing is generated with these: each is dropped by the next
         folder = write_readout(tmp_path / f"v{k}", ["p", "q"], [1], 128, seed=10 + k)
-        http.post("/readout/load", json={"path": str(folder)}).raise_for_status()
-    after = http.get("/readout").json()
+        readout_http.post("/readout/load", json={"path": str(folder)}).raise_for_status()
+    after = readout_http.get("/readout").json()
     assert after["version"] == before["version"] + 3
     assert after["version"] in after["versions_kept"]
     assert not {before["version"] + 1, before["version"] + 2} & set(after["versions_kept"])
-    http.post("/readout/load", json={"path": str(readout_server.readout_dir)}).raise_for_status()
+    readout_http.post(
+        "/readout/load", json={"path": str(readout_server.readout_dir)}
+    ).raise_for_status()
 
 
 def test_every_readout_route_needs_the_key_but_the_page(readout_server):
@@ -519,22 +544,22 @@ def test_every_readout_route_needs_the_key_but_the_page(readout_server):
     assert page.status_code == 200 and "<html" in page.text.lower()
 
 
-def test_unknown_ids_and_bad_queries(http):
-    assert http.get("/readout/cmpl-doesnotexist").status_code == 404
-    response = http.get("/readout/cmpl-x", params={"choice": -1})
+def test_unknown_ids_and_bad_queries(readout_http):
+    assert readout_http.get("/readout/cmpl-doesnotexist").status_code == 404
+    response = readout_http.get("/readout/cmpl-x", params={"choice": -1})
     assert response.status_code == 422 and response.json()["error"]["field"] == "choice"
 
 
-def test_memory_is_bounded(readout_server, http):
+def test_memory_is_bounded(readout_server, readout_http):
     """The server keeps at most 40 requests' scores (LIVETRAIN_READOUT_MAX_REQUESTS)."""
-    first = complete(http, "first of many", max_tokens=1)
-    assert http.get(f"/readout/{first['id']}").status_code == 200
+    first = complete(readout_http, "first of many", max_tokens=1)
+    assert readout_http.get(f"/readout/{first['id']}").status_code == 200
     for k in range(41):
-        complete(http, f"filler {k}", max_tokens=1)
-    assert http.get(f"/readout/{first['id']}").status_code == 404
+        complete(readout_http, f"filler {k}", max_tokens=1)
+    assert readout_http.get(f"/readout/{first['id']}").status_code == 404
 
 
-def test_score_ring_leaves_nothing_behind(readout_server, http):
+def test_score_ring_leaves_nothing_behind(readout_server, readout_http):
     """The API server unlinks the ring file once every worker has it mapped (a crash
     leaves nothing in /dev/shm), and records still flow afterwards."""
     state = str(readout_server.workdir / "state")
@@ -553,8 +578,8 @@ def test_score_ring_leaves_nothing_behind(readout_server, http):
     assert len(mapped) == 1, mapped  # one ring, mapped by the API server and the worker
     (ring,) = mapped
     assert ring.endswith(" (deleted)") and not Path(ring.removesuffix(" (deleted)")).parent.exists()
-    completion = complete(http, "After the rain", max_tokens=3)
-    assert len(http.get(f"/readout/{completion['id']}").json()["tokens"]) == 3
+    completion = complete(readout_http, "After the rain", max_tokens=3)
+    assert len(readout_http.get(f"/readout/{completion['id']}").json()["tokens"]) == 3
 
 
 def test_store_expires_idle_requests():

@@ -13,12 +13,18 @@ from safetensors.torch import save_file
 from livetrain.formats import readout_format as rf
 
 
+def _units(n: int, hidden: int, gen: torch.Generator) -> torch.Tensor:
+    return F.normalize(torch.randn(n, hidden, generator=gen), dim=1)
+
+
 def _readout(n: int = 3, hidden: int = 8, layers=(1, 3)) -> rf.Readout:
     gen = torch.Generator().manual_seed(0)
     return rf.Readout(
         concepts=[f"c{k}" for k in range(n)],
         layers=list(layers),
-        vectors={i: F.normalize(torch.randn(n, hidden, generator=gen), dim=1) for i in layers},
+        detectors={i: _units(n, hidden, gen) for i in layers},
+        directions={i: _units(n, hidden, gen) for i in layers},
+        units={i: torch.rand(n, generator=gen) + 0.5 for i in layers},
         centres={i: torch.randn(hidden, generator=gen) for i in layers},
         calibration=rf.Calibration(
             mean={i: [0.1 * k for k in range(n)] for i in layers},
@@ -42,8 +48,10 @@ def test_round_trip(tmp_path):
     loaded = rf.load(tmp_path)
     assert loaded.concepts == original.concepts and loaded.layers == original.layers
     for i in original.layers:
-        assert torch.equal(loaded.vectors[i], original.vectors[i])
+        for kind in ("detectors", "directions", "units"):
+            assert torch.equal(getattr(loaded, kind)[i], getattr(original, kind)[i]), kind
         assert torch.equal(loaded.centres[i], original.centres[i])
+    assert loaded.steerable
     assert loaded.calibration.std == original.calibration.std
     assert loaded.token_calibration.mean == original.token_calibration.mean
     assert loaded.token_calibration.reference == "neutral tokens"
@@ -51,7 +59,33 @@ def test_round_trip(tmp_path):
     assert loaded.provenance == original.provenance
     manifest = json.loads((tmp_path / rf.MANIFEST_FILE).read_text())
     assert manifest["hidden_size"] == 8 and manifest["dtype"] == "float32"
+    assert manifest["format"] == "livetrain-readout/2"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_readouts_without_directions_score_but_cannot_steer(tmp_path):
+    readout = _readout()
+    readout.directions, readout.units = {}, {}
+    rf.save(tmp_path, readout)
+    loaded = rf.load(tmp_path)
+    assert not loaded.steerable and loaded.directions == {} and loaded.units == {}
+    assert torch.equal(loaded.detectors[1], readout.detectors[1])
+
+
+def test_format_1_files_load_their_vectors_as_detectors(tmp_path):
+    """A folder as format 1 wrote it: `layer_<i>.vectors`, format livetrain-readout/1."""
+    readout = _readout()
+    rf.save(tmp_path, readout)
+    tensors = {f"layer_{i}.vectors": readout.detectors[i] for i in readout.layers}
+    tensors |= {f"layer_{i}.centre": readout.centres[i] for i in readout.layers}
+    save_file(tensors, str(tmp_path / rf.TENSORS_FILE), metadata={"format": rf.FORMAT_1})
+    _edit_manifest(tmp_path, format=rf.FORMAT_1)
+    loaded = rf.load(tmp_path)
+    assert not loaded.steerable
+    for i in readout.layers:
+        assert torch.equal(loaded.detectors[i], readout.detectors[i])
+        assert torch.equal(loaded.centres[i], readout.centres[i])
+    assert loaded.calibration.mean == readout.calibration.mean
 
 
 def test_calibration_is_optional(tmp_path):
@@ -89,7 +123,7 @@ def _edit_manifest(folder, **changes):
         (lambda d: _edit_manifest(d, concepts=None), "missing field 'concepts'"),
         (lambda d: _edit_manifest(d, concepts=["a", "a", "b"]), "duplicates"),
         (lambda d: _edit_manifest(d, concepts=["a", "b"]), "shape (3, 8)"),
-        (lambda d: _edit_manifest(d, layers=[1, 2]), "missing tensor(s) layer_2.vectors"),
+        (lambda d: _edit_manifest(d, layers=[1, 2]), "missing tensor(s) layer_2.detectors"),
         (lambda d: _edit_manifest(d, layers="1"), "'layers' must be list"),
         (lambda d: _edit_manifest(d, hidden_size=9), "hidden_size 9"),
         (lambda d: _edit_manifest(d, format="other/2"), "format 'other/2'"),
@@ -114,18 +148,31 @@ def test_damaged_folder_is_refused_with_reason(tmp_path, damage, message):
 
 
 @pytest.mark.parametrize(
-    ("tensor", "message"),
+    ("name", "tensor", "message"),
     [
-        (torch.ones(3, 8), "unit vectors"),
-        (torch.full((3, 8), float("nan")), "non-finite"),
-        (F.normalize(torch.ones(3, 4), dim=1), "hidden size 4 differs"),
+        ("detectors", torch.ones(3, 8), "layer_3.detectors: rows must be unit vectors"),
+        ("detectors", torch.full((3, 8), float("nan")), "non-finite"),
+        ("detectors", F.normalize(torch.ones(3, 4), dim=1), "hidden size 4 differs"),
+        ("directions", torch.ones(3, 8), "layer_3.directions: rows must be unit vectors"),
+        ("directions", F.normalize(torch.ones(2, 8), dim=1), "shape (2, 8)"),
+        ("units", torch.tensor([1.0, 0.0, 1.0]), "layer_3.units: must be 3 finite values > 0"),
+        ("units", torch.tensor([1.0, float("inf"), 1.0]), "layer_3.units"),
+        ("units", None, "units must be given exactly where directions are"),
+        ("directions", None, "directions must be given for every listed layer or none"),
     ],
 )
-def test_bad_vectors_are_refused(tmp_path, tensor, message):
+def test_bad_vectors_are_refused(tmp_path, name, tensor, message):
     readout = _readout()
     rf.save(tmp_path, readout)
-    tensors = {f"layer_{i}.vectors": readout.vectors[i] for i in readout.layers}
-    tensors["layer_3.vectors"] = tensor
+    tensors = {
+        f"layer_{i}.{kind}": getattr(readout, kind)[i]
+        for i in readout.layers
+        for kind in ("detectors", "directions", "units")
+    }
+    if tensor is None:
+        del tensors[f"layer_3.{name}"]
+    else:
+        tensors[f"layer_3.{name}"] = tensor
     save_file(tensors, str(tmp_path / rf.TENSORS_FILE))
     with pytest.raises(rf.ReadoutError, match=_literal(message)):
         rf.load(tmp_path)

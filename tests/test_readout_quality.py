@@ -289,7 +289,8 @@ def build_world(
         layers.append(
             LayerData(
                 layer=layer,
-                vectors=f32(vectors),
+                detectors=f32(vectors),
+                directions=f32(vectors),
                 acts=f32(acts),
                 centre=f32(CENTRE),
                 down_proj=f32(rng.normal(size=(HIDDEN, 64))) if weights else None,
@@ -381,19 +382,33 @@ def test_agreement_compares_training_evidence_with_held_out(report: dict):
     assert -1.0 <= agreement["spearman_separation_vs_held_out_auroc"] <= 1.0
 
 
-def test_report_entries_match_independent_computation(world, report: dict):
+def test_report_entries_match_independent_computation(world):
     concepts, layers, text_names = world
+    # Detectors unlike the directions, so each metric shows which of the two it reads:
+    # scoring metrics the detectors, geometric ones the directions.
+    gen = torch.Generator().manual_seed(5)
+    layers = [
+        dataclasses.replace(
+            layer,
+            detectors=torch.nn.functional.normalize(
+                layer.directions + 0.7 * torch.randn(layer.directions.shape, generator=gen), dim=1
+            ),
+        )
+        for layer in layers
+    ]
+    report = quality_report(concepts, layers, text_names)
     i = 7  # fragmented
     c, layer = concepts[i], layers[0]
     entry = report["concepts"][c.name]["layers"]["0"]
     acts, centre = layer.acts.double().numpy(), layer.centre.double().numpy()
-    vectors = layer.vectors.double().numpy()
-    v = vectors[i]
-    score = (acts - centre) @ v
+    vectors = layer.directions.double().numpy()
+    v, detector = vectors[i], layer.detectors[i].double().numpy()
+    assert abs(v @ detector) < 0.9
+    score = (acts - centre) @ detector
     pos, neg = c.positives, [b for _, b in c.pairs]
     pooled = np.sqrt((score[pos].var(ddof=1) + score[neg].var(ddof=1)) / 2)
     assert entry["separation"] == pytest.approx((score[pos].mean() - score[neg].mean()) / pooled)
-    assert entry["pair_agreement"] == np.mean((acts[pos] - acts[neg]) @ v > 0)
+    assert entry["pair_agreement"] == np.mean((acts[pos] - acts[neg]) @ detector > 0)
     labels = np.r_[np.ones(N_HELD), np.zeros(N_HELD)]
     held = np.r_[score[c.held_out_pos], score[c.held_out_neg]]
     assert entry["held_out_auroc"] == pytest.approx(roc_auc_score(labels, held))
@@ -558,7 +573,7 @@ def test_cross_validated_separation_sees_through_overfitting(signal: float):
     concept = ConceptData("c", None, list(range(8)), [(i, 8 + i) for i in range(8)], [], [])
     refit = _mean_diff_refit(acts_t)
     v = refit("c", 0, concept.pairs)
-    layer = LayerData(0, v[None], acts_t, torch.zeros(HIDDEN), None, None, None, 1)
+    layer = LayerData(0, v[None], v[None], acts_t, torch.zeros(HIDDEN), None, None, None, 1)
     entry = quality_report([concept], [layer], [str(i) for i in range(16)], refit=refit)
     entry = entry["concepts"]["c"]["layers"]["0"]
     # independent leave-one-out: refit by hand with numpy, score the left-out pair
@@ -589,9 +604,8 @@ def test_a_concept_without_signal_is_weak_against_neutral_text():
     acts_t = f32(acts)
     concept = ConceptData("c", None, list(range(8)), [(i, 8 + i) for i in range(8)], [], [])
     refit = _mean_diff_refit(acts_t)
-    layer = LayerData(
-        0, refit("c", 0, concept.pairs)[None], acts_t, torch.zeros(HIDDEN), None, None, None, 1
-    )
+    v = refit("c", 0, concept.pairs)[None]
+    layer = LayerData(0, v, v, acts_t, torch.zeros(HIDDEN), None, None, None, 1)
     names = [str(i) for i in range(24)]
     entry = quality_report([concept], [layer], names, refit=refit, reference=list(range(16, 24)))
     entry = entry["concepts"]["c"]["layers"]["0"]

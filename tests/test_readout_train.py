@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from livetrain.formats import readout_format
-from readout import corpus
+from readout import corpus, dataset
 from tests import planted
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,9 +33,10 @@ PLANTED_TRIAGE = {
 
 
 # The planted answers are directions in raw activation space. Whitening (the default)
-# tilts each toward the best discriminant instead, and this corpus has fewer texts than
-# the model has dimensions; tests/test_readout_whitening.py checks whitening on its own,
-# test_default_run_whitens_and_still_finds_the_plant the default end to end.
+# tilts the detectors toward the best discriminant instead, and this corpus has fewer
+# texts than the model has dimensions; the directions are fitted on raw activations
+# either way. tests/test_readout_whitening.py checks whitening on its own,
+# test_default_run_whitens_detectors_and_finds_the_plant the default end to end.
 RAW = ("--shrinkage", "1")
 
 
@@ -78,9 +79,12 @@ def pca_run(corpus_and_model, tmp_path_factory):
     return out, readout, json.loads((out / "quality.json").read_text())
 
 
-def _cosines(readout: readout_format.Readout, p: planted.Planted) -> dict[str, list[float]]:
+def _cosines(
+    readout: readout_format.Readout, p: planted.Planted, kind: str = "directions"
+) -> dict[str, list[float]]:
+    vectors = getattr(readout, kind)
     return {
-        c: [torch.dot(readout.vectors[i][k], p.directions[c]).item() for i in readout.layers]
+        c: [torch.dot(vectors[i][k], p.directions[c]).item() for i in readout.layers]
         for k, c in enumerate(readout.concepts)
     }
 
@@ -95,12 +99,13 @@ def test_output_format(pca_run, corpus_and_model):
     assert manifest["method"]["aggregator"] == "pca" and manifest["method"]["seed"] == 3
     assert manifest["model"]["path"] == str(corpus_and_model.model.resolve())
     assert len(manifest["corpus"]["sha256"]) == 64
+    assert manifest["format"] == "livetrain-readout/2"
     for i in readout.layers:
-        assert readout.vectors[i].shape == (8, 128)
-        torch.testing.assert_close(readout.vectors[i].norm(dim=1), torch.ones(8))
+        assert readout.detectors[i].shape == readout.directions[i].shape == (8, 128)
+        torch.testing.assert_close(readout.detectors[i].norm(dim=1), torch.ones(8))
         # calibration: raw projections of the neutral texts have the recorded mean
         assert len(readout.calibration.mean[i]) == 8 and min(readout.calibration.std[i]) > 0
-        centre_score = readout.vectors[i].double() @ readout.centres[i].double()
+        centre_score = readout.detectors[i].double() @ readout.centres[i].double()
         torch.testing.assert_close(
             centre_score, torch.tensor(readout.calibration.mean[i]).double(), atol=1e-5, rtol=1e-4
         )
@@ -112,7 +117,7 @@ def test_output_format(pca_run, corpus_and_model):
     outputs = [_block_outputs(model, tokenizer(text, return_tensors="pt")) for text in neutral]
     for i in readout.layers:
         tokens = torch.cat([out[i][4:] for out in outputs]).double()
-        projected = tokens @ readout.vectors[i].double().T
+        projected = tokens @ readout.detectors[i].double().T
         cal = readout.token_calibration
         torch.testing.assert_close(
             torch.tensor(cal.mean[i]).double(), projected.mean(dim=0), atol=1e-4, rtol=1e-4
@@ -127,6 +132,17 @@ def test_output_format(pca_run, corpus_and_model):
     for i in readout.layers:
         for plot in ("similarity", "spectra", "valence"):
             assert (out / f"{plot}_layer{i}.png").read_bytes()[:4] == b"\x89PNG", plot
+    # steering units: the mean gap along each direction between a concept's texts and
+    # their paired negatives, each text read as the mean of its block outputs from token 4
+    ts = dataset.build(corpus.load(corpus_and_model.stories), 3, 4)
+    texts = [_block_outputs(model, tokenizer(t.text, return_tensors="pt")) for t in ts.texts]
+    for i in readout.layers:
+        reads = torch.stack([out[i][4:].mean(dim=0) for out in texts]).double()
+        for k, c in enumerate(readout.concepts):
+            pos, neg = zip(*ts.pairs[c], strict=True)
+            delta = reads[list(pos)].mean(dim=0) - reads[list(neg)].mean(dim=0)
+            gap = delta @ readout.directions[i][k].double()
+            assert readout.units[i][k].item() == pytest.approx(max(gap.item(), 1e-6), rel=1e-3)
 
 
 def _block_outputs(model, inputs) -> dict[int, torch.Tensor]:
@@ -211,7 +227,7 @@ def test_other_aggregators_recover_the_plant(corpus_and_model, tmp_path, aggrega
         return
     # L1 keeps few coordinates of a dense planted direction; on those it agrees with the plant.
     for concept in STRONG:
-        v = readout.vectors[1][readout.concepts.index(concept)]
+        v = readout.detectors[1][readout.concepts.index(concept)]
         kept = v != 0
         assert kept.float().mean() < 0.5, (concept, kept.sum())
         on_support = corpus_and_model.directions[concept] * kept
@@ -245,18 +261,30 @@ def test_own_methods_recover_the_plant(corpus_and_model, tmp_path, method):
         assert "subspace_eigvals" not in layer
 
 
-def test_default_run_whitens_and_still_finds_the_plant(corpus_and_model, tmp_path):
+def test_default_run_whitens_detectors_and_finds_the_plant(pca_run, corpus_and_model, tmp_path):
     out = tmp_path / "default"
-    readout = train("train_with_library.py", corpus_and_model, out, "--quality-report")
+    readout = train(
+        "train_with_library.py", corpus_and_model, out, "--quality-report", "--seed", "3"
+    )
     shrinkage = readout.provenance["method"]["whitening_shrinkage"]
     assert set(shrinkage) == {"0", "1"} and all(0 < s < 1 for s in shrinkage.values())
-    cosines = _cosines(readout, corpus_and_model)
-    assert min(min(cosines[c]) for c in STRONG) > 0.7, cosines
+    # The directions are the method's own on raw activations, whitening or not ...
+    _, raw, _ = pca_run
+    for i in readout.layers:
+        torch.testing.assert_close(readout.directions[i], raw.directions[i], atol=1e-5, rtol=0)
+        assert not torch.allclose(readout.detectors[i], raw.detectors[i], atol=1e-2)
+    directions = _cosines(readout, corpus_and_model)
+    detectors = _cosines(readout, corpus_and_model, "detectors")
+    assert min(min(directions[c]) for c in STRONG) > 0.85, directions
+    assert sum(sum(directions[c]) for c in STRONG) / (2 * len(STRONG)) > 0.88, directions
+    assert sum(map(sum, directions.values())) > sum(map(sum, detectors.values()))
+    # ... the geometry is theirs (beta and gamma share one planted direction) ...
     report = json.loads((out / "quality.json").read_text())
+    assert report["summary"] == PLANTED_TRIAGE, report["summary"]
+    # ... and the detectors score held-out stories.
     for c in STRONG:
         for layer in ("0", "1"):
             assert report["concepts"][c]["layers"][layer]["held_out_auroc"] > 0.9, (c, layer)
-    assert report["concepts"]["epsilon"]["triage"] == "sign-flipped"
     assert report["held_out"]["concepts"] == len(planted.CLUSTERS)
     assert report["held_out"]["layers"]["1"]["mean_auroc"] > 0.7
 

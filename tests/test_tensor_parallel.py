@@ -27,6 +27,7 @@ from conftest import (
     write_readout,
 )
 from safetensors.torch import load_file
+from steering_reference import HookedSteering, steer_vectors
 from test_live_readout import check_parity, complete, tokenize
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -245,6 +246,15 @@ def test_the_live_readout_reads_the_replicated_stream_once(tp2, http):
     assert len(got["tokens"]) == 8
     collected = tp2.metrics()[records] - before
     assert 8 <= collected < 16  # a record per engine step, from one rank only
+    # steered at block 0: every rank adds the vector (a rank that did not would compute
+    # block 1 from another stream than its peer, and the rows would not match)
+    scales = {readout.concepts[0]: 6.0}
+    steer = {"steer": scales, "steer_layers": [0], "readout": True}
+    body = {"model": tp2.model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    body |= {"return_token_ids": True, "vllm_xargs": steer}
+    steered = http.post("/v1/completions", json=body).raise_for_status().json()
+    with HookedSteering(hf, steer_vectors(readout, scales, [0])):
+        check_parity(http, hf, readout, steered, tokenize(http, prompt))
 
 
 @pytest.mark.server

@@ -171,6 +171,10 @@ class PluginConfig:
     # tensors file may be at most readout_max_bytes.
     readout_roots: tuple[Path, ...] = ()
     readout_max_bytes: int = 1 << 30
+    # Largest |scale| a request may steer a concept by, in steering units (the mean shift
+    # its stories make along its direction; api/steering.py). Far past where text stays
+    # fluent on the built-in model (bench/bench_steering.py), below where bf16 overflows.
+    steer_max_scale: float = 50.0
 
     def __post_init__(self) -> None:
         if self.cpu_kernels not in CPU_KERNELS:

@@ -650,15 +650,17 @@ class RunnerTap(Protocol):
     """What the live readout does around each model-runner step (worker/readout_tap.py)."""
 
     def before_step(self, scheduler_output: Any) -> None: ...
+    def before_forward(self, runner: Any) -> None: ...  # the step's batch is laid out
     def after_forward(self, runner: Any) -> None: ...
     def after_sample(self, output: Any) -> None: ...
 
 
 def install_runner_tap(make_tap: Callable[[Any], RunnerTap | None]) -> None:
-    """Wrap the V1 model runner's load, forward and sampling: after the model loads,
-    `make_tap(runner)` decides whether this runner has a tap (None: the step methods
-    run untouched but for one attribute read). On CPU, CPUModelRunner's load_model
-    replaces the base one, so that is the one wrapped."""
+    """Wrap the V1 model runner's load, step, forward and sampling: after the model
+    loads, `make_tap(runner)` decides whether this runner has a tap (None: the step
+    methods run untouched but for one attribute read). `_model_forward` is where the
+    step's batch is laid out (rows per request) and the model not yet run. On CPU,
+    CPUModelRunner's load_model replaces the base one, so that is the one wrapped."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if not _once(GPUModelRunner, "_livetrain_patched"):
@@ -668,6 +670,7 @@ def install_runner_tap(make_tap: Callable[[Any], RunnerTap | None]) -> None:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner as loader
     load_model = loader.load_model
     execute_model, sample_tokens = GPUModelRunner.execute_model, GPUModelRunner.sample_tokens
+    model_forward = GPUModelRunner._model_forward
 
     def patched_load_model(self, *args, **kwargs):
         load_model(self, *args, **kwargs)
@@ -682,6 +685,11 @@ def install_runner_tap(make_tap: Callable[[Any], RunnerTap | None]) -> None:
         tap.after_forward(self)
         return result
 
+    def patched_model_forward(self, *args, **kwargs):
+        if (tap := getattr(self, "_livetrain_tap", None)) is not None:
+            tap.before_forward(self)
+        return model_forward(self, *args, **kwargs)
+
     def patched_sample_tokens(self, *args, **kwargs):
         output = sample_tokens(self, *args, **kwargs)
         if (tap := getattr(self, "_livetrain_tap", None)) is not None:
@@ -691,6 +699,7 @@ def install_runner_tap(make_tap: Callable[[Any], RunnerTap | None]) -> None:
     _patch(loader, "load_model", patched_load_model)
     _patch(GPUModelRunner, "execute_model", patched_execute_model)
     _patch(GPUModelRunner, "sample_tokens", patched_sample_tokens)
+    _patch(GPUModelRunner, "_model_forward", patched_model_forward)
 
 
 def worker_tap(worker: Any) -> Any:
@@ -711,6 +720,21 @@ def worker_parallel(worker: Any) -> tuple[int, int]:
     return int(config.tensor_parallel_size), int(config.pipeline_parallel_size)
 
 
+def steer_block_outputs(runner: Any, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Make each of `blocks` (0-based) add the first rows of its own static buffer
+    `[max_num_tokens, hidden]` to its output, every step; returns the zeroed buffers.
+
+    The add is a custom op on a buffer whose address never changes, so compiled graphs
+    keep it and CUDA graphs replay it reading whatever the buffer holds: which rows
+    are steered is data, written before the forward (worker/steering.py), never a
+    Python branch that a captured graph would freeze. Call before
+    `capture_block_outputs`, so a captured output is the steered one."""
+    layers, buffers = _block_buffers(runner, blocks)
+    for block, buffer in zip(blocks, buffers, strict=True):
+        _add_into_output(layers[block], buffer)
+    return dict(zip(blocks, buffers, strict=True))
+
+
 def capture_block_outputs(runner: Any, blocks: Sequence[int]) -> None:
     """Make the loaded model also give the outputs of `blocks` (0-based) every step.
 
@@ -729,13 +753,21 @@ def capture_block_outputs(runner: Any, blocks: Sequence[int]) -> None:
         model.set_aux_hidden_state_layers(tuple(i + 1 for i in blocks))
         runner.use_aux_hidden_state_outputs = True
         return
+    layers, buffers = _block_buffers(runner, blocks)
+    for block, buffer in zip(blocks, buffers, strict=True):
+        _write_output_into(layers[block], buffer)
+    runner._livetrain_block_buffers = buffers
+
+
+def _block_buffers(runner: Any, blocks: Sequence[int]) -> tuple[nn.ModuleList, list[torch.Tensor]]:
+    """The model's decoder blocks, and one zeroed [max_num_tokens, hidden] buffer per block
+    in `blocks`, in the model's dtype and on its device."""
+    model = runner.get_model()
     layers = _decoder_blocks(model, runner.model_config.hf_text_config.num_hidden_layers)
     device = next(model.parameters()).device
     shape = (runner.max_num_tokens, runner.model_config.get_hidden_size())
     buffers = [torch.zeros(shape, dtype=runner.model_config.dtype, device=device) for _ in blocks]
-    for block, buffer in zip(blocks, buffers, strict=True):
-        _write_output_into(layers[block], buffer)
-    runner._livetrain_block_buffers = buffers
+    return layers, buffers
 
 
 def _decoder_blocks(model: nn.Module, count: int) -> nn.ModuleList:
@@ -772,6 +804,41 @@ def _capture_op() -> Any:
 
         _CAPTURE_OP = block_output
     return _CAPTURE_OP
+
+
+_STEER_OP: Any = None
+
+
+def _steer_op() -> Any:
+    """`livetrain::add_rows(hidden, rows) -> hidden + rows[:len(hidden)]`, registered
+    once per process. Opaque to the compiler, like the capture op."""
+    global _STEER_OP
+    if _STEER_OP is None:
+
+        @torch.library.custom_op("livetrain::add_rows", mutates_args=())
+        def add_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return hidden + rows.narrow(0, 0, hidden.shape[0])
+
+        @add_rows.register_fake
+        def _(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return torch.empty_like(hidden)
+
+        _STEER_OP = add_rows
+    return _STEER_OP
+
+
+def _add_into_output(block: nn.Module, buffer: torch.Tensor) -> None:
+    """After each call, `block`'s output (hidden + residual) gains `buffer`'s first rows:
+    added to `hidden`, which the next block's fused add-and-norm sums with `residual`."""
+    forward, add = block.forward, _steer_op()
+
+    def forward_and_add(*args: Any, **kwargs: Any) -> Any:
+        out = forward(*args, **kwargs)
+        if isinstance(out, tuple):
+            return (add(out[0], buffer), *out[1:])
+        return add(out, buffer)
+
+    _patch(block, "forward", forward_and_add)
 
 
 def _write_output_into(block: nn.Module, buffer: torch.Tensor) -> None:

@@ -40,6 +40,7 @@ from livetrain.api.replies import (
     to_json,
 )
 from livetrain.api.requests import ReadoutLoadRequest, ReadoutQuery
+from livetrain.api.steering import SteeringGate, SteeringMiddleware
 from livetrain.config import PluginConfig
 from livetrain.formats import readout_format
 from livetrain.formats.messages import ReadoutLoaded, TapStats, decode
@@ -77,6 +78,7 @@ class ReadoutRoutes:
         self.captured: list[int] = []
         self.collector: ScoreCollector | None = None
         self.roots = readout_roots(config)
+        self.steering = SteeringGate(self.versions, config.steer_max_scale)
         self._loading = asyncio.Lock()  # one swap at a time: versions are handed out in order
 
     def attach(self, app: FastAPI, authorize: Callable[[Request], Awaitable[None]]) -> None:
@@ -87,6 +89,7 @@ class ReadoutRoutes:
         router.add_api_route("/readout/{request_id}/stream", self._stream, methods=["GET"])
         router.add_api_route("/readout/{request_id}", self._get, methods=["GET"])
         app.include_router(router)
+        app.add_middleware(SteeringMiddleware, gate=self.steering)
 
     async def start(self, engine_client: Any, metrics: Metrics) -> None:
         """When the launch captured blocks: create the score ring, have the workers open
@@ -104,6 +107,7 @@ class ReadoutRoutes:
         if error := first_error(answers):
             raise readout_format.ReadoutError(f"live readout: {error}")
         self.engine = engine_client
+        self.steering.enabled = True
         self.collector = ScoreCollector(ring, self.store, metrics)
         vllm.watch_added_requests(engine_client, self.collector.note_fanout)
         tokenizer = engine_client.get_tokenizer()

@@ -127,6 +127,7 @@ class LoadedReadout:
     read_position: dict[str, Any]
     calibration: readout_format.Calibration | None  # of texts read at read_position
     token_calibration: readout_format.Calibration | None  # of single tokens
+    steerable: bool  # has concept directions (format 2)
 
     @classmethod
     def of(cls, path: str, readout: readout_format.Readout) -> LoadedReadout:
@@ -137,6 +138,7 @@ class LoadedReadout:
             readout.read_position,
             readout.calibration,
             readout.token_calibration,
+            readout.steerable,
         )
 
     def describe(self) -> ReadoutInfo:
@@ -147,6 +149,7 @@ class LoadedReadout:
             layers=self.layers,
             read_position=self.read_position,
             calibrated=self.calibration is not None,
+            steerable=self.steerable,
         )
 
     def z(self, scores: np.ndarray, cal: readout_format.Calibration | None) -> Scores | None:

@@ -178,6 +178,7 @@ class ReadoutInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     layers: list[int] | None = None
     read_position: dict[str, Any] | None = None
     calibrated: bool | None = None
+    steerable: bool | None = None  # its directions can steer requests (vllm_xargs "steer")
 
 
 class ReadoutStatus(ReadoutInfo, frozen=True, kw_only=True):

@@ -8,6 +8,8 @@ one model class serves every server. Types are strict: JSON "8" is not a number 
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import fields
 from typing import Annotated, Any
 
@@ -204,3 +206,57 @@ class ReadoutQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     choice: Annotated[int, Field(ge=0)] = 0
     rows: bool = True
+
+
+def _known(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"{name!r} is not a concept of the loaded readout{hint}"
+
+
+class SteerArgs(BaseModel):
+    """The steering keys of a completion's `vllm_xargs` (other keys pass through).
+
+    `steer`: concept -> scale, in units of the concept's steering unit at each layer
+    (readout_format.py: the mean shift its stories make along its direction);
+    `steer_layers`: blocks whose outputs get the sum; `steer_prompt`: false steers the
+    generated tokens only (the prompt is read unsteered, from its last token on every
+    row is steered, so the first generated token is too). The readout's concepts,
+    layers and the largest scale come in through the validation context."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    steer: Annotated[dict[str, Annotated[float, Field(strict=True)]], Field(min_length=1)]
+    steer_layers: Annotated[list[StrictInt], Field(min_length=1)]
+    steer_prompt: StrictBool | Annotated[StrictInt, Field(ge=0, le=1)] = True
+
+    @field_validator("steer")
+    @classmethod
+    def _known_and_bounded(cls, steer: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        context = info.context or {}
+        concepts, limit = context.get("concepts", []), context.get("max_scale", math.inf)
+        for name, scale in steer.items():
+            if name not in concepts:
+                raise ValueError(_known(name, concepts))
+            if not math.isfinite(scale) or abs(scale) > limit:
+                raise ValueError(f"{name}: scale {scale} is not finite and within ±{limit}")
+        return steer
+
+    @field_validator("steer_layers")
+    @classmethod
+    def _steerable_layers(cls, layers: list[int], info: ValidationInfo) -> list[int]:
+        readout_layers = (info.context or {}).get("layers", [])
+        if missing := sorted(set(layers) - set(readout_layers)):
+            raise ValueError(
+                f"layers {missing} have no directions in the loaded readout (steerable: "
+                f"{readout_layers}; a block steers only where the readout captures it)"
+            )
+        return sorted(set(layers))
+
+
+class SteeredCompletion(BaseModel):
+    """The part of a completion body that steering reads: field names in errors then
+    start at `vllm_xargs`, as the client wrote them."""
+
+    model_config = ConfigDict(extra="ignore")
+    vllm_xargs: SteerArgs

@@ -14,6 +14,9 @@ Boundaries, and who writes what:
 - vLLM worker -> API server (the shared-memory score ring): one `ScoreRecord` per step.
 - API server -> engine and workers (vLLM's own config, `additional_config["livetrain"]`):
   `WorkerSettings`, fixed at launch.
+- API server -> workers (a completion's `vllm_xargs["steer"]`, carried by vLLM): a
+  `SteerSpec` as JSON text, written by api/steering.py once it has validated the
+  request (vLLM's xargs hold no objects, and the worker must not re-validate names).
 """
 
 from __future__ import annotations
@@ -151,6 +154,24 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     readout_layers: list[int] = []  # decoder blocks whose outputs the readout captures
 
 
+class SteerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One request's steering: `scales[c]` steering units of concept `c`'s direction
+    added to the output of each block in `layers`, on every row (`prompt`) or from the
+    prompt's last token on; named against readout `version`."""
+
+    version: int
+    scales: dict[str, float]
+    layers: list[int]
+    prompt: bool
+
+    def to_text(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+    @classmethod
+    def from_text(cls, text: str) -> SteerSpec:
+        return msgspec.json.decode(text, type=cls)
+
+
 class TapStats(msgspec.Struct, frozen=True):
     """What the live readout has cost a worker so far (GET /readout's `worker`)."""
 
@@ -158,6 +179,8 @@ class TapStats(msgspec.Struct, frozen=True):
     seconds: float
     dropped: int
     active_requests: int
+    steered_requests: int = 0  # running requests that steer
+    steered_steps: int = 0  # steps that added a steering vector to any row
 
 
 # ---- vLLM worker -> API server (score ring) ------------------------------------------

@@ -1,21 +1,36 @@
-"""The readout folder: concept directions per layer, as trainers write it and the plugin loads it.
+"""The readout folder: concept vectors per layer, as trainers write it and the plugin loads it.
+
+Two kinds of vector per concept and layer, because one vector cannot do both jobs:
+- a *detector* scores: the live readout projects activations onto it. Trainers fit it
+  on whitened activations (readout/whitening.py), so it is a discriminant filter,
+  dominated by low-variance dimensions: it ranks held-out text well, but its geometry
+  is the filters' and adding it to the residual stream steers little.
+- a *direction* is the concept as the activations carry it: the extraction method's
+  own result on raw activations. Geometry (similarity, redundancy, valence) is
+  computed on directions, and steering adds them, `units` times the scale asked for.
 
 A readout is two files in one folder:
-- `readout.safetensors`: `layer_<i>.vectors` `[n_concepts, hidden]` float32 unit rows
-  for each layer i, and optionally `layer_<i>.centre` `[hidden]` (mean activation of
-  the calibration text).
-- `readout.json`: `concepts` (row order), `layers`, `hidden_size`, `dtype`,
-  `read_position` (how the trainer read a text: `{"pooling": "last"}`, or
-  `{"pooling": "mean", "start": k}` for the mean over its tokens from k on; the live
-  readout scores whole texts the same way), provenance (`model`, `method`, `corpus`)
-  and optional calibrations: `calibration`, per layer the mean and std of the raw
-  projection `h . v` of neutral texts read at `read_position`, and
+- `readout.safetensors`, per layer i: `layer_<i>.detectors` `[n_concepts, hidden]`
+  float32 unit rows; `layer_<i>.directions` (same shape, unit rows) with
+  `layer_<i>.units` `[n_concepts]` (> 0: the steering unit, the mean shift along the
+  direction from neutral text to the concept's texts, read at `read_position`), both
+  or neither; optionally `layer_<i>.centre` `[hidden]` (mean activation of the
+  calibration text).
+- `readout.json`: `format` (`livetrain-readout/2`), `concepts` (row order), `layers`,
+  `hidden_size`, `dtype`, `read_position` (how the trainer read a text:
+  `{"pooling": "last"}`, or `{"pooling": "mean", "start": k}` for the mean over its
+  tokens from k on; the live readout scores whole texts the same way), provenance
+  (`model`, `method`, `corpus`) and optional calibrations: `calibration`, per layer the
+  mean and std of the raw detector projection `h . v` of neutral texts read at
+  `read_position`, and
   `token_calibration`, the same over single tokens of neutral text (what one row of
   the live readout is), so runtime can report z-scores of both.
 
 Layer i is the output of decoder block i (the residual stream after it, before any
 final norm). `load` validates everything and raises `ReadoutError` naming the problem,
-because a malformed readout must never replace a working one.
+because a malformed readout must never replace a working one. Format 1 files (one
+`layer_<i>.vectors` per layer, the detectors) still load, without directions: they
+score as before and cannot steer.
 """
 
 from __future__ import annotations
@@ -34,7 +49,8 @@ from safetensors.torch import save_file
 
 TENSORS_FILE = "readout.safetensors"
 MANIFEST_FILE = "readout.json"
-FORMAT = "livetrain-readout/1"
+FORMAT = "livetrain-readout/2"
+FORMAT_1 = "livetrain-readout/1"  # detectors only, named `layer_<i>.vectors`
 UNIT_TOLERANCE = 1e-3
 
 
@@ -59,7 +75,10 @@ LAST_TOKEN = {"pooling": "last", "start": 0}  # how readouts without the field w
 class Readout:
     concepts: list[str]
     layers: list[int]
-    vectors: dict[int, torch.Tensor]  # layer -> [n_concepts, hidden] float32 unit rows
+    detectors: dict[int, torch.Tensor]  # layer -> [n_concepts, hidden] float32 unit rows
+    # layer -> [n_concepts, hidden] float32 unit rows; empty for a readout without them
+    directions: dict[int, torch.Tensor] = field(default_factory=dict)
+    units: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n_concepts] > 0
     centres: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [hidden]
     calibration: Calibration | None = None  # of texts read at read_position
     token_calibration: Calibration | None = None  # of single tokens
@@ -68,19 +87,21 @@ class Readout:
 
     @property
     def hidden_size(self) -> int:
-        return int(next(iter(self.vectors.values())).shape[1])
+        return int(next(iter(self.detectors.values())).shape[1])
+
+    @property
+    def steerable(self) -> bool:
+        return bool(self.directions)
 
 
 def save(out_dir: Path, readout: Readout) -> None:
     """Write both files (each atomically: a reader never sees half a readout file)."""
     _validate(readout)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        f"layer_{i}.vectors": readout.vectors[i].float().contiguous() for i in readout.layers
-    }
-    tensors.update(
-        {f"layer_{i}.centre": c.float().contiguous() for i, c in readout.centres.items()}
-    )
+    tensors = {}
+    for kind in ("detectors", "directions", "units", "centre"):
+        per_layer = readout.centres if kind == "centre" else getattr(readout, kind)
+        tensors.update({f"layer_{i}.{kind}": t.float().contiguous() for i, t in per_layer.items()})
     tmp = out_dir / f".{TENSORS_FILE}.tmp"
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, out_dir / TENSORS_FILE)
@@ -124,19 +145,27 @@ def load(folder: Path, max_bytes: int | None = None) -> Readout:
         raise ReadoutError("readout.json: concepts has duplicates")
     if not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
         raise ReadoutError("readout.json: layers must be a non-empty list of layer indices")
-    vectors, centres = _read_tensors(folder, layers, max_bytes)
+    tensors = _read_tensors(folder, layers, max_bytes, manifest.get("format", FORMAT))
     provenance = {
         k: v
         for k, v in manifest.items()
         if k not in ("format", "concepts", "layers", "hidden_size", "dtype", "read_position")
         and k not in ("calibration", "token_calibration")
     }
-    readout = Readout(concepts, layers, vectors, centres, provenance=provenance)
+    readout = Readout(
+        concepts,
+        layers,
+        detectors=tensors["detectors"],
+        directions=tensors.get("directions", {}),
+        units=tensors.get("units", {}),
+        centres=tensors["centres"],
+        provenance=provenance,
+    )
     readout.read_position = _read_position(manifest.get("read_position", LAST_TOKEN))
     _validate(readout)
     if readout.hidden_size != hidden:
         raise ReadoutError(
-            f"readout.json: hidden_size {hidden} but vectors have {readout.hidden_size}"
+            f"readout.json: hidden_size {hidden} but detectors have {readout.hidden_size}"
         )
     readout.calibration = _calibration(manifest, "calibration", layers, len(concepts))
     readout.token_calibration = _calibration(manifest, "token_calibration", layers, len(concepts))
@@ -180,8 +209,10 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise ReadoutError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise ReadoutError(f"{path}: must hold a JSON object")
-    if manifest.get("format", FORMAT) != FORMAT:
-        raise ReadoutError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}")
+    if manifest.get("format", FORMAT_1) not in (FORMAT, FORMAT_1):
+        raise ReadoutError(
+            f"{path}: format {manifest['format']!r}, expected {FORMAT!r} or {FORMAT_1!r}"
+        )
     return manifest
 
 
@@ -195,28 +226,37 @@ def _field(manifest: dict[str, Any], name: str, kind: type) -> Any:
 
 
 def _read_tensors(
-    folder: Path, layers: list[int], max_bytes: int | None
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    folder: Path, layers: list[int], max_bytes: int | None, format_: str
+) -> dict[str, dict[int, torch.Tensor]]:
+    """The per-layer tensors, by Readout field name."""
     path = folder / TENSORS_FILE
     if not path.is_file():
         raise ReadoutError(f"{path}: missing")
     if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
         raise ReadoutError(f"{path}: {size} bytes, over the limit of {max_bytes}")
+    # field -> tensor name; detectors are required, the rest read where present
+    names = {"detectors": "vectors" if format_ == FORMAT_1 else "detectors", "centres": "centre"}
+    if format_ != FORMAT_1:
+        names |= {"directions": "directions", "units": "units"}
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
-            missing = [f"layer_{i}.vectors" for i in layers if f"layer_{i}.vectors" not in keys]
+            wanted = [f"layer_{i}.{names['detectors']}" for i in layers]
+            missing = [name for name in wanted if name not in keys]
             if missing:
                 raise ReadoutError(f"{path}: missing tensor(s) {', '.join(missing)}")
-            vectors = {i: f.get_tensor(f"layer_{i}.vectors") for i in layers}
-            centres = {
-                i: f.get_tensor(f"layer_{i}.centre") for i in layers if f"layer_{i}.centre" in keys
+            return {
+                field_: {
+                    i: f.get_tensor(f"layer_{i}.{name}")
+                    for i in layers
+                    if f"layer_{i}.{name}" in keys
+                }
+                for field_, name in names.items()
             }
     except ReadoutError:
         raise
     except Exception as e:  # safetensors raises several types for a damaged file
         raise ReadoutError(f"{path}: unreadable ({e})") from None
-    return vectors, centres
 
 
 def _calibration(
@@ -243,22 +283,33 @@ def _calibration(
 
 def _validate(readout: Readout) -> None:
     n = len(readout.concepts)
-    if sorted(readout.vectors) != sorted(readout.layers):
-        raise ReadoutError("vectors must be given for exactly the listed layers")
-    hidden = None
+    if not readout.layers:
+        raise ReadoutError("a readout needs at least one layer")
+    if sorted(readout.detectors) != sorted(readout.layers):
+        raise ReadoutError("detectors must be given for exactly the listed layers")
+    if readout.directions and sorted(readout.directions) != sorted(readout.layers):
+        raise ReadoutError("directions must be given for every listed layer or none")
+    if sorted(readout.units) != sorted(readout.directions):
+        raise ReadoutError("units must be given exactly where directions are")
+    hidden = readout.hidden_size
     for i in readout.layers:
-        v = readout.vectors[i]
-        name = f"layer_{i}.vectors"
-        if v.dim() != 2 or v.shape[0] != n:
-            raise ReadoutError(f"{name}: shape {tuple(v.shape)}, expected [{n}, hidden]")
-        if hidden is not None and v.shape[1] != hidden:
-            raise ReadoutError(f"{name}: hidden size {v.shape[1]} differs from other layers")
-        hidden = v.shape[1]
-        if not torch.isfinite(v).all():
-            raise ReadoutError(f"{name}: contains non-finite values")
-        norms = v.double().norm(dim=1)
-        if ((norms - 1).abs() > UNIT_TOLERANCE).any():
-            raise ReadoutError(f"{name}: rows must be unit vectors")
+        for kind in ("detectors", "directions"):
+            if (v := getattr(readout, kind).get(i)) is not None:
+                _check_unit_rows(v, f"layer_{i}.{kind}", n, hidden)
+        u = readout.units.get(i)
+        if u is not None and (u.shape != (n,) or not torch.isfinite(u).all() or (u <= 0).any()):
+            raise ReadoutError(f"layer_{i}.units: must be {n} finite values > 0")
         c = readout.centres.get(i)
         if c is not None and (c.shape != (hidden,) or not torch.isfinite(c).all()):
             raise ReadoutError(f"layer_{i}.centre: must be finite with shape [{hidden}]")
+
+
+def _check_unit_rows(v: torch.Tensor, name: str, n: int, hidden: int) -> None:
+    if v.dim() != 2 or v.shape[0] != n:
+        raise ReadoutError(f"{name}: shape {tuple(v.shape)}, expected [{n}, hidden]")
+    if v.shape[1] != hidden:
+        raise ReadoutError(f"{name}: hidden size {v.shape[1]} differs from other layers")
+    if not torch.isfinite(v).all():
+        raise ReadoutError(f"{name}: contains non-finite values")
+    if ((v.double().norm(dim=1) - 1).abs() > UNIT_TOLERANCE).any():
+        raise ReadoutError(f"{name}: rows must be unit vectors")

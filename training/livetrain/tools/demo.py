@@ -3,18 +3,20 @@
 On SmolLM2-135M-Instruct served by vLLM with livetrain: ask a question the model cannot
 answer, teach the answer through POST /train (chat template, loss on the answer only),
 ask it again and in other words, check that an unrelated answer and the log-probability
-of held-out text barely moved, then show the live concept readout of a short
-frightened story. Every claim is checked and printed; the exit status says whether all
-held.
+of held-out text barely moved, show the live concept readout of a short frightened
+story, and steer one answer toward a concept. Every claim is checked and printed; the
+exit status says whether all held.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from livetrain.tools.client import LivetrainClient
 from livetrain.tools.default_model import DEFAULT_READOUT, ensure_default_model
@@ -43,6 +45,8 @@ FRIGHTENED = (
     "in the silence, waiting for the lock to give."
 )
 FEAR = {"afraid", "terrified", "panicked", "startled", "dread", "anxious", "nervous"}
+STEER_PROMPT = "Describe your morning in a few sentences."
+STEER_CONCEPT, STEER_SCALE = "joyful", 8.0  # bench/RESULTS.md: fluent up to about 8 units
 LR = 1e-4
 LEARNED_LOGPROB = -0.005  # mean per answer token at which teaching stops
 HELD_OUT_TOLERANCE = 0.1  # nats per token the held-out text may lose
@@ -77,14 +81,15 @@ def run_demo(port: int, max_steps: int) -> int:
         client.wait_trainer()
         checks = _teach(client, max_steps)
         checks.append(_show_readout(client))
+        checks.append(_steer(client))
     print("\nwhat this run showed:")
     for check in checks:
         print(f"  [{'yes' if check.held else 'NO '}] {check.claim}: {check.evidence}")
     return 0 if all(c.held for c in checks) else 1
 
 
-def _answer(client: LivetrainClient, question: str) -> str:
-    return client.chat(question)["choices"][0]["message"]["content"].strip()
+def _answer(client: LivetrainClient, question: str, **extra: Any) -> str:
+    return client.chat(question, **extra)["choices"][0]["message"]["content"].strip()
 
 
 def _held_out_logprob(client: LivetrainClient) -> float:
@@ -159,7 +164,7 @@ def _show_readout(client: LivetrainClient) -> Check:
     start = client.http.get("/readout").json()["read_position"]["start"]
 
     def ranked(z: dict[str, list[float]]) -> list[int]:
-        mean = [sum(z[layer][k] for layer in layers) / len(layers) for k in range(len(concepts))]
+        mean = _mean_over_blocks(z)
         return sorted(range(len(concepts)), key=mean.__getitem__, reverse=True)
 
     rows = [r for r in scores["prompt_tokens"] if r["index"] >= start]
@@ -177,3 +182,31 @@ def _show_readout(client: LivetrainClient) -> Check:
         bool(FEAR & set(leaders)),
         f"top 5 of {len(concepts)}: {', '.join(leaders)}",
     )
+
+
+def _steer(client: LivetrainClient) -> Check:
+    """One request steered toward a concept along the readout's direction at its first
+    block; both answers then read by the readout, unsteered, as whole texts."""
+    block = client.http.get("/readout").json()["layers"][0]
+    steer = {"steer": {STEER_CONCEPT: STEER_SCALE}, "steer_layers": [block]}
+    plain = _answer(client, STEER_PROMPT)
+    steered = _answer(client, STEER_PROMPT, vllm_xargs=steer)
+    before, after = _concept_z(client, plain), _concept_z(client, steered)
+    print(f"\nsteering one request: {json.dumps({'vllm_xargs': steer})}")
+    print(f"Q: {STEER_PROMPT}\nA (plain):   {plain}\nA (steered): {steered}")
+    return Check(
+        f"steering toward {STEER_CONCEPT} makes the answer read as {STEER_CONCEPT}",
+        after > before + 1,
+        f"readout z of {STEER_CONCEPT} {before:+.1f} -> {after:+.1f} (answers read unsteered)",
+    )
+
+
+def _concept_z(client: LivetrainClient, text: str) -> float:
+    """The readout's whole-text z of STEER_CONCEPT for `text`, mean over its blocks."""
+    extra = {"vllm_xargs": {"readout": True, "readout_prompt": True}}
+    scores = client.readout(client.complete(text, max_tokens=1, **extra)["id"])
+    return _mean_over_blocks(scores["summary"]["z"])[scores["concepts"].index(STEER_CONCEPT)]
+
+
+def _mean_over_blocks(z: dict[str, list[float]]) -> list[float]:
+    return [statistics.fmean(column) for column in zip(*z.values(), strict=True)]

@@ -13,8 +13,9 @@ a memcpy, never blocking; a full ring costs a dropped record, not inference time
 
 The captured blocks are fixed at launch (api/readout_launch.py puts them into vLLM's
 config); the score ring and the concept vectors arrive by RPC (worker/rpc.py), and the
-vectors can be swapped at any time. Everything read from vLLM's model runner goes
-through vllm_internals.py.
+vectors can be swapped at any time. The same blocks are the ones a request can steer
+(worker/steering.py): the tap tells it which requests do, and when each step's batch
+is laid out. Everything read from vLLM's model runner goes through vllm_internals.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from livetrain import vllm_internals as vllm
 from livetrain.formats import readout_format
 from livetrain.formats.messages import ScoreRecord, TapStats, encode
 from livetrain.formats.score_ring import ScoreRing
+from livetrain.worker.steering import Steering
 
 log = logging.getLogger("livetrain.readout")
 
@@ -59,6 +61,7 @@ class Tap:
     captured: list[int]
     hidden_size: int
     device: torch.device
+    steering: Steering
     ring: ScoreRing | None = None  # opened when the API server starts collecting
     version: int = -1
     layers: list[int] = field(default_factory=list)  # readout layers (subset of captured)
@@ -77,10 +80,11 @@ class Tap:
         """Swap in a readout (validated; its layers must have been captured at launch)."""
         readout = readout_format.load(Path(folder))
         readout_format.check_fits(readout, self.hidden_size, self.captured)
-        vectors = torch.stack([readout.vectors[i].float().T for i in readout.layers])
+        vectors = torch.stack([readout.detectors[i].float().T for i in readout.layers])
         self.matrices = vectors.to(self.device).contiguous()
         self.slots = [self.captured.index(i) for i in readout.layers]
         self.layers, self.version = list(readout.layers), version
+        self.steering.load(readout)
 
     def stats(self) -> TapStats:
         return TapStats(
@@ -88,6 +92,8 @@ class Tap:
             seconds=self.seconds,
             dropped=self.ring.dropped if self.ring else 0,
             active_requests=len(self.active),
+            steered_requests=len(self.steering.requests),
+            steered_steps=self.steering.steps,
         )
 
     def before_step(self, scheduler_output: Any) -> None:
@@ -96,9 +102,17 @@ class Tap:
                 self.active.add(req_id)
                 if extra.get("readout_prompt"):
                     self.prompt_active.add(req_id)
-        if self.active and (finished := vllm.finished_requests(scheduler_output)):
+            if "steer" in extra:
+                self.steering.add(req_id, extra["steer"])
+        if (self.active or self.steering.requests) and (
+            finished := vllm.finished_requests(scheduler_output)
+        ):
             self.active.difference_update(finished)
             self.prompt_active.difference_update(finished)
+            self.steering.finish(finished)
+
+    def before_forward(self, runner: Any) -> None:
+        self.steering.before_forward(runner)
 
     def after_forward(self, runner: Any) -> None:
         """Score the rows that will produce a token, for opted-in requests, and the rows
@@ -192,6 +206,7 @@ def make_tap(runner: Any) -> Tap | None:
     blocks = settings.readout_layers
     if not blocks:
         return None
+    steering = Steering(vllm.steer_block_outputs(runner, blocks))  # inside the capture
     vllm.capture_block_outputs(runner, blocks)
-    log.info("live readout: capturing blocks %s", blocks)
-    return Tap(blocks, hidden_size, device, records=vllm.tensor_parallel_rank() == 0)
+    log.info("live readout: capturing (and steerable at) blocks %s", blocks)
+    return Tap(blocks, hidden_size, device, steering, records=vllm.tensor_parallel_rank() == 0)
