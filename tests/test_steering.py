@@ -14,6 +14,7 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 
@@ -222,3 +223,35 @@ def test_a_body_that_only_mentions_steering_passes_untouched(readout_http):
         readout_http, "steer the boat to the steering wall", {"readout": True}, max_tokens=2
     )
     assert response.status_code == 200, response.text
+
+
+def test_streamed_steering_equals_the_whole_reply(readout_http):
+    """`stream: true` goes through the same rewrite: the streamed text is the steered one."""
+    xargs = {"steer": SCALES, "steer_layers": [0, 1]}
+    whole = complete(readout_http, LONG, xargs).raise_for_status().json()["choices"][0]["text"]
+    plain = complete(readout_http, LONG).raise_for_status().json()["choices"][0]["text"]
+    assert whole != plain
+    with readout_http.stream(
+        "POST",
+        "/v1/completions",
+        json={
+            "model": readout_http.get("/v1/models").json()["data"][0]["id"],
+            "prompt": LONG,
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "vllm_xargs": xargs,
+        },
+    ) as response:
+        assert response.status_code == 200
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == whole
+
+
+def test_steering_without_the_api_key_is_refused_before_it_is_read(readout_server):
+    """vLLM's key check runs first: an outsider learns nothing about concepts or layers."""
+    body = {"model": "x", "prompt": "hi", "vllm_xargs": {"steer": {"nope": 1e9}}}
+    response = httpx.post(f"{readout_server.url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 401, response.text
+    assert "nope" not in response.text
