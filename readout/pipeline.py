@@ -243,16 +243,16 @@ def run(args: argparse.Namespace, method: Method, progress: bool = True) -> Run:
     concepts = training_set.concepts
     fits = {i: [fitter.fit(i, training_set.pairs[c]) for c in concepts] for i in layers}
     for i, row in fits.items():
-        for concept, fit in zip(training_set.concepts, row, strict=True):
+        for concept, fit in zip(concepts, row, strict=True):
             for vector in (fit.detector, fit.direction):
                 if not torch.isfinite(vector).all() or vector.norm() == 0:
                     raise SystemExit(f"{method.name}: no direction for {concept!r} at layer {i}")
     detectors = {i: torch.stack([f.detector for f in row]).float() for i, row in fits.items()}
     directions = {i: torch.stack([f.direction for f in row]).float() for i, row in fits.items()}
-    extra = {c: {i: fits[i][k].extra for i in layers} for k, c in enumerate(training_set.concepts)}
+    extra = {c: {i: fits[i][k].extra for i in layers} for k, c in enumerate(concepts)}
     seconds["directions"] = time.perf_counter() - started
     readout = readout_format.Readout(
-        concepts=training_set.concepts,
+        concepts=concepts,
         layers=layers,
         detectors=detectors,
         directions=directions,

@@ -466,23 +466,23 @@ def _layer_entries(
     """The metrics of every concept at one layer (without triage), in the concepts' order."""
     names = [c.name for c in concepts]
     acts, centre = _f64(layer.acts), _f64(layer.centre)
-    detectors, vectors = _f64(layer.detectors), _f64(layer.directions)
+    detectors, directions = _f64(layer.detectors), _f64(layer.directions)
     scores = (acts - centre) @ detectors.T  # [n_texts, n_concepts]
-    cos = _cosine_matrix(vectors)
-    nearest = nearest_concepts(vectors, names)
+    cos = _cosine_matrix(directions)
+    nearest = nearest_concepts(directions, names)
     seps = [
         _separations(c, layer.layer, acts, centre, scores[:, i], refit, reference)
         for i, c in enumerate(concepts)
     ]
     usable = [_weakness(sep, th) is None for sep in seps]
-    ridge = ridge_on_others(vectors, names, th.ridge_lambda, usable=usable)
+    ridge = ridge_on_others(directions, names, th.ridge_lambda, usable=usable)
     neuron_cos = None
     if layer.down_proj is not None:
-        dots, norms = _project(_unit(vectors), layer.down_proj)
+        dots, norms = _project(_unit(directions), layer.down_proj)
         neuron_cos = dots / norms.clamp_min(_TINY)
     head_write = head_inputs = None
     if layer.o_proj is not None and layer.head_inputs is not None:
-        head_write, _ = _project(vectors, layer.o_proj)
+        head_write, _ = _project(directions, layer.o_proj)
         head_inputs = _f64(layer.head_inputs).to(head_write.device)
 
     entries = []
@@ -501,7 +501,8 @@ def _layer_entries(
                 "first_pc_variance_ratio": first_pc_variance_ratio(pos_acts),
                 "spectrum": spectrum(deltas),
                 "alignment": _alignment_summary(
-                    alignments(vectors[i], pos_acts, centre), [text_names[j] for j in c.positives]
+                    alignments(directions[i], pos_acts, centre),
+                    [text_names[j] for j in c.positives],
                 ),
                 "single_neuron": None if neuron_cos is None else _best_neuron(neuron_cos[i]),
                 "nearest": nearest[i],

@@ -45,9 +45,7 @@ def hf_greedy(readout_hf, prompt_ids: list[int], steps: int) -> tuple[list[int],
     return ids[len(prompt_ids) :], logprobs
 
 
-def complete(
-    readout_http, prompt: str, xargs: dict | None = None, route: str = "completions", **params
-):
+def completion_body(readout_http, prompt: str, xargs: dict | None = None, **params) -> dict:
     body = {
         "model": readout_http.get("/v1/models").json()["data"][0]["id"],
         "max_tokens": 8,
@@ -59,6 +57,13 @@ def complete(
     body["prompt"] = prompt
     if xargs is not None:
         body["vllm_xargs"] = xargs
+    return body
+
+
+def complete(
+    readout_http, prompt: str, xargs: dict | None = None, route: str = "completions", **params
+):
+    body = completion_body(readout_http, prompt, xargs, **params)
     # json.dumps writes NaN and Infinity (as Python's json reads them); httpx's json= refuses
     headers = {"Content-Type": "application/json"}
     return readout_http.post(f"/v1/{route}", content=json.dumps(body), headers=headers)
@@ -231,18 +236,8 @@ def test_streamed_steering_equals_the_whole_reply(readout_http):
     whole = complete(readout_http, LONG, xargs).raise_for_status().json()["choices"][0]["text"]
     plain = complete(readout_http, LONG).raise_for_status().json()["choices"][0]["text"]
     assert whole != plain
-    with readout_http.stream(
-        "POST",
-        "/v1/completions",
-        json={
-            "model": readout_http.get("/v1/models").json()["data"][0]["id"],
-            "prompt": LONG,
-            "max_tokens": 8,
-            "temperature": 0,
-            "stream": True,
-            "vllm_xargs": xargs,
-        },
-    ) as response:
+    body = completion_body(readout_http, LONG, xargs, stream=True)
+    with readout_http.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"

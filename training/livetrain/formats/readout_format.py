@@ -12,8 +12,9 @@ Two kinds of vector per concept and layer, because one vector cannot do both job
 A readout is two files in one folder:
 - `readout.safetensors`, per layer i: `layer_<i>.detectors` `[n_concepts, hidden]`
   float32 unit rows; `layer_<i>.directions` (same shape, unit rows) with
-  `layer_<i>.units` `[n_concepts]` (> 0: the steering unit, the mean shift along the
-  direction from neutral text to the concept's texts, read at `read_position`), both
+  `layer_<i>.units` `[n_concepts]` (> 0: the steering unit, the mean gap along the
+  direction between the concept's texts and their paired negatives, read at
+  `read_position`), both
   or neither; optionally `layer_<i>.centre` `[hidden]` (mean activation of the
   calibration text).
 - `readout.json`: `format` (`livetrain-readout/2`), `concepts` (row order), `layers`,
@@ -52,6 +53,15 @@ MANIFEST_FILE = "readout.json"
 FORMAT = "livetrain-readout/2"
 FORMAT_1 = "livetrain-readout/1"  # detectors only, named `layer_<i>.vectors`
 UNIT_TOLERANCE = 1e-3
+# Readout field -> tensor name in the file (`layer_<i>.<name>`); format 1 names its
+# detectors `vectors` and has no directions or units.
+TENSOR_NAMES = {
+    "detectors": "detectors",
+    "directions": "directions",
+    "units": "units",
+    "centres": "centre",
+}
+FORMAT_1_NAMES = {"detectors": "vectors", "centres": "centre"}
 
 
 class ReadoutError(ValueError):
@@ -98,10 +108,11 @@ def save(out_dir: Path, readout: Readout) -> None:
     """Write both files (each atomically: a reader never sees half a readout file)."""
     _validate(readout)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for kind in ("detectors", "directions", "units", "centre"):
-        per_layer = readout.centres if kind == "centre" else getattr(readout, kind)
-        tensors.update({f"layer_{i}.{kind}": t.float().contiguous() for i, t in per_layer.items()})
+    tensors = {
+        f"layer_{i}.{name}": t.float().contiguous()
+        for field_, name in TENSOR_NAMES.items()
+        for i, t in getattr(readout, field_).items()
+    }
     tmp = out_dir / f".{TENSORS_FILE}.tmp"
     save_file(tensors, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, out_dir / TENSORS_FILE)
@@ -234,10 +245,7 @@ def _read_tensors(
         raise ReadoutError(f"{path}: missing")
     if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
         raise ReadoutError(f"{path}: {size} bytes, over the limit of {max_bytes}")
-    # field -> tensor name; detectors are required, the rest read where present
-    names = {"detectors": "vectors" if format_ == FORMAT_1 else "detectors", "centres": "centre"}
-    if format_ != FORMAT_1:
-        names |= {"directions": "directions", "units": "units"}
+    names = FORMAT_1_NAMES if format_ == FORMAT_1 else TENSOR_NAMES  # detectors required
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
